@@ -1,0 +1,93 @@
+"""The four actor roles of a campaign.
+
+Every stage method returns ``(result, timing)`` where ``timing`` holds the wall-clock
+``start``/``end`` (``time.time()``, seconds) of the work inside the actor, so that the driver can
+tell compute time from orchestration time. Actors keep no job state between calls: a restarted
+actor (which re-runs ``__init__``) loses nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from boltzgen import pipeline
+
+Timing = dict[str, float]
+
+
+class _StageWorker:
+    """Common set-up: torch threads equal to the CPUs Ray gave this actor."""
+
+    def __init__(self, cpus: float = 1.0, gpus: float = 0.0) -> None:
+        self.threads = max(1, math.ceil(cpus))
+        torch.set_num_threads(self.threads)
+        os.environ["OMP_NUM_THREADS"] = str(self.threads)
+        self.gpus = gpus
+
+    def ready(self) -> dict[str, Any]:
+        """Called once by the driver: the actor is constructed and its imports are done."""
+        return {"pid": os.getpid(), "host": socket.gethostname(), "threads": self.threads,
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    @staticmethod
+    def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, Timing]:
+        start = time.time()
+        result = fn(*args)
+        return result, {"start": start, "end": time.time()}
+
+
+class McmcActor(_StageWorker):
+    """Reference data: replica-exchange MCMC over a temperature ladder, MBAR/exact reference."""
+
+    def run_reference(self, config: Mapping[str, Any]) -> tuple[pipeline.ReferenceData, Timing]:
+        return self._timed(pipeline.run_reference, config)
+
+
+class TrainerActor(_StageWorker):
+    """Fits a flow (PyTorch)."""
+
+    def train(self, config: Mapping[str, Any], reference: pipeline.ReferenceData
+              ) -> tuple[pipeline.TrainedFlow, Timing]:
+        return self._timed(pipeline.train, config, reference)
+
+
+class SamplerActor(_StageWorker):
+    """Draws base samples, maps them through a trained flow, and pulls target samples back."""
+
+    def sample(self, config: Mapping[str, Any], trained: pipeline.TrainedFlow,
+               reference: pipeline.ReferenceData) -> tuple[pipeline.SampleSet, Timing]:
+        return self._timed(pipeline.sample, config, trained, reference)
+
+
+class EnergyEvaluatorActor(_StageWorker):
+    """Potential energies of batches of configurations (one of a pool)."""
+
+    def potential(self, config: Mapping[str, Any], x: np.ndarray) -> tuple[np.ndarray, Timing]:
+        return self._timed(pipeline.potential_energy, config, x)
+
+
+ROLE_CLASSES: dict[str, type[_StageWorker]] = {
+    "mcmc": McmcActor,
+    "trainer": TrainerActor,
+    "sampler": SamplerActor,
+    "energy_evaluator": EnergyEvaluatorActor,
+}
+
+
+def make_actor(role: str, cpus: float, gpus: float, name: str | None = None) -> Any:
+    """Create one Ray actor of ``role`` holding ``cpus`` CPUs and ``gpus`` GPUs."""
+    cls = ROLE_CLASSES[role]
+    remote_cls = ray.remote(cls)
+    options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
+    if name:
+        options["name"] = name
+    return remote_cls.options(**options).remote(cpus=cpus, gpus=gpus)

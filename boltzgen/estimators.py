@@ -1,0 +1,215 @@
+"""Free-energy estimators in reduced units (kT); formulas of DESIGN.md §3.
+
+Conventions: f = -ln Z (dimensionless, kT), ΔF = f_B - f_A for a map T from state A to state B.
+
+- LFEP / importance weighting (Jarzynski 1997; Wirnsberger et al., J. Chem. Phys. 153, 144112,
+  2020), x ~ A:  log w(x) = u_A(x) + log|det J_T(x)| - u_B(T(x)),
+  ΔF ≈ ln N - logsumexp(log w). With a normalized base (f_A = 0) this is the BG estimate
+  f_B ≈ -(logsumexp(log w) - ln N) with log w = -u_B(y) - log q(y).
+- Kish effective sample size fraction: ESS/N = exp(2 logsumexp(log w) - logsumexp(2 log w)) / N.
+- LBAR: Bennett's acceptance ratio (Bennett 1976; Shirts et al., PRL 91, 140601, 2003) on the
+  generalized works of the map and its inverse (pymbar ``other_estimators.bar``).
+- MBAR (Shirts & Chodera, J. Chem. Phys. 129, 124105, 2008) over a temperature ladder,
+  errors by bootstrap.
+
+Samples with non-finite log weight get weight zero, are counted and reported; a non-finite
+estimate is never reported as valid.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.special import logsumexp
+
+from boltzgen._checks import check_float, check_int
+
+
+@dataclass
+class FreeEnergyEstimate:
+    """An importance-weighting estimate of ΔF = f_B - f_A (kT)."""
+
+    delta_f: float  # kT; NaN when no finite estimate exists (then valid is False)
+    delta_f_err: float  # 1 sigma, kT (delta method)
+    ess: float  # Kish ESS / N, fraction in [0, 1]
+    n_samples: int  # N, including samples with non-finite log weight
+    n_nonfinite: int  # samples whose log weight was not finite (weight 0, counted in N)
+    valid: bool  # True iff delta_f and delta_f_err are finite
+
+
+def _as_1d(name: str, values: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"{name}: shape {arr.shape} is not allowed; need a 1-D array (N,)")
+    return arr
+
+
+def lfep_log_weights(
+    u_a: torch.Tensor | np.ndarray,
+    logdet: torch.Tensor | np.ndarray,
+    u_b: torch.Tensor | np.ndarray,
+) -> np.ndarray:
+    """log w(x) = u_A(x) + log|det J_T(x)| - u_B(T(x)) for x ~ A, float64 (N,).
+
+    ``u_a`` = u_A(x), ``logdet`` = log|det J_T(x)|, ``u_b`` = u_B(T(x)), all reduced (kT), (N,).
+    Non-finite values propagate (they are handled by :func:`importance_free_energy`).
+    """
+    a, ld, b = _as_1d("u_a", u_a), _as_1d("logdet", logdet), _as_1d("u_b", u_b)
+    if not a.shape == ld.shape == b.shape:
+        raise ValueError(
+            f"u_a, logdet, u_b: shapes {a.shape}, {ld.shape}, {b.shape} must be equal (N,)"
+        )
+    with np.errstate(invalid="ignore", over="ignore"):
+        return a + ld - b
+
+
+def kish_ess_fraction(log_w: torch.Tensor | np.ndarray) -> float:
+    """Kish ESS / N = exp(2 logsumexp(log w) - logsumexp(2 log w)) / N, in [0, 1].
+
+    Non-finite log weights count as weight zero (they stay in N); 0.0 if none is finite.
+    """
+    lw = _as_1d("log_w", log_w)
+    if lw.size == 0:
+        raise ValueError("log_w: empty; need at least one log weight")
+    finite = lw[np.isfinite(lw)]
+    if finite.size == 0:
+        return 0.0
+    ess = math.exp(2.0 * logsumexp(finite) - logsumexp(2.0 * finite)) / lw.size
+    return min(1.0, ess)
+
+
+def importance_free_energy(log_w: torch.Tensor | np.ndarray) -> FreeEnergyEstimate:
+    """ΔF = ln N - logsumexp(log w) (kT), with its delta-method error and Kish ESS.
+
+    N counts every sample; non-finite log w get weight zero. The 1-sigma error is
+    sqrt(var(w) / (N mean(w)^2)) = sqrt((1/ess - 1) / N) with ess the Kish fraction
+    (delta method on ΔF = -ln mean(w)). It is only meaningful when the weights' variance is
+    finite; a small ESS flags that it is not trustworthy.
+    """
+    lw = _as_1d("log_w", log_w)
+    n = lw.size
+    if n == 0:
+        raise ValueError("log_w: empty; need at least one log weight")
+    mask = np.isfinite(lw)
+    n_nonfinite = int(n - mask.sum())
+    if n_nonfinite == n:
+        return FreeEnergyEstimate(math.nan, math.nan, 0.0, n, n_nonfinite, False)
+    finite = lw[mask]
+    lse = float(logsumexp(finite))
+    delta_f = math.log(n) - lse
+    ess = kish_ess_fraction(lw)
+    # sqrt(var(w) / (N mean(w)^2)) with w scaled by exp(-max log w) (no overflow; identical
+    # weights give exactly 0); equals sqrt((1/ess - 1)/N) with non-finite samples as w = 0.
+    w = np.zeros(n)
+    w[mask] = np.exp(finite - finite.max())
+    err = math.sqrt(float(w.var()) / (n * float(w.mean()) ** 2))
+    valid = math.isfinite(delta_f) and math.isfinite(err)
+    if not valid:
+        delta_f, err = math.nan, math.nan
+    return FreeEnergyEstimate(delta_f, err, ess, n, n_nonfinite, valid)
+
+
+def lbar(forward_work: np.ndarray, reverse_work: np.ndarray) -> tuple[float, float]:
+    """LBAR estimate of ΔF = f_B - f_A (kT) and its 1-sigma error (pymbar's BAR variance).
+
+    forward_work[n] = -log w_F = u_B(T x_n) - u_A(x_n) - log|det J_T(x_n)| for x_n ~ A;
+    reverse_work[m] = u_A(T^-1 y_m) - u_B(y_m) - log|det J_{T^-1}(y_m)| for y_m ~ B.
+    Non-finite works are dropped. An error that pymbar returns as NaN because round-off made the
+    (non-negative) variance slightly negative is reported as 0. Returns (NaN, NaN) when a side
+    has no finite work, when BAR fails to bracket / converge, or when pymbar would fall back to
+    its silent "0 ± 0" guess for non-overlapping work distributions (meaningless numbers).
+    """
+    from pymbar import other_estimators  # local import: slow, prints a JAX notice
+    from pymbar.utils import BoundsError, ConvergenceError, ParameterError
+
+    w_f = _as_1d("forward_work", forward_work)
+    w_r = _as_1d("reverse_work", reverse_work)
+    w_f, w_r = w_f[np.isfinite(w_f)], w_r[np.isfinite(w_r)]
+    if w_f.size == 0 or w_r.size == 0:
+        return math.nan, math.nan
+    numpy_errors = np.geterr()  # pymbar's bar_zero switches overflow to "raise" globally
+    try:
+        upper = other_estimators.exp(w_f, compute_uncertainty=False)["Delta_f"]
+        lower = -other_estimators.exp(w_r, compute_uncertainty=False)["Delta_f"]
+        if np.isnan(other_estimators.bar_zero(w_f, w_r, upper)) or np.isnan(
+            other_estimators.bar_zero(w_f, w_r, lower)
+        ):
+            return math.nan, math.nan
+        with np.errstate(invalid="ignore"):
+            result = other_estimators.bar(w_f, w_r)
+    except (BoundsError, ConvergenceError, ParameterError, FloatingPointError) as err:
+        warnings.warn(
+            f"lbar: BAR failed ({type(err).__name__}: {err}); returning NaN", stacklevel=2
+        )
+        return math.nan, math.nan
+    finally:
+        np.seterr(**numpy_errors)
+    delta_f, err = float(result["Delta_f"]), float(result["dDelta_f"])
+    if not math.isfinite(delta_f):
+        return math.nan, math.nan
+    if math.isnan(err):
+        # pymbar's BAR variance <f^2>/<f>^2/N_F + <g^2>/<g>^2/N_R - (N_F + N_R)/(N_F N_R) is >= 0
+        # by Cauchy-Schwarz; it only turns negative (sqrt -> NaN) by round-off when it is ~0,
+        # i.e. for (nearly) constant works of a (nearly) perfect map.
+        err = 0.0
+    return delta_f, err
+
+
+def mbar_ladder(
+    potentials_per_state: Sequence[np.ndarray],
+    temperatures: Sequence[float],
+    boltzmann_constant: float = 1.0,
+    n_bootstraps: int = 50,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """MBAR over a temperature ladder: (f_k - f_0, 1-sigma error), both (K,) in kT.
+
+    ``potentials_per_state[k]``: potential energies U (energy units) of decorrelated samples
+    drawn at ``temperatures[k]``. Pools the samples, builds u_kn = U_n / (k_B T_k) (K, N_tot)
+    and solves MBAR (pymbar 4) for f_k = -ln ∫ exp(-U/(k_B T_k)) dx. Errors come from
+    ``n_bootstraps`` bootstrap resamplings (reproducible from ``seed``; the global NumPy RNG
+    state is restored afterwards), or from the asymptotic covariance if ``n_bootstraps == 0``.
+    """
+    from pymbar import MBAR  # local import: slow, prints a JAX notice
+
+    temps = [
+        check_float(f"temperatures[{i}]", t, positive=True) for i, t in enumerate(temperatures)
+    ]
+    kb = check_float("boltzmann_constant", boltzmann_constant, positive=True)
+    n_bootstraps = check_int("n_bootstraps", n_bootstraps, minimum=0)
+    seed = check_int("seed", seed, minimum=0)
+    if len(potentials_per_state) != len(temps) or not temps:
+        raise ValueError(
+            f"potentials_per_state: {len(potentials_per_state)} states given for "
+            f"{len(temps)} temperatures; need one non-empty array per temperature (K >= 1)"
+        )
+    arrays = [_as_1d(f"potentials_per_state[{k}]", u) for k, u in enumerate(potentials_per_state)]
+    for k, u in enumerate(arrays):
+        if u.size == 0 or not np.all(np.isfinite(u)):
+            raise ValueError(
+                f"potentials_per_state[{k}]: needs at least one sample and only finite energies"
+            )
+    u_n = np.concatenate(arrays)
+    n_k = np.array([u.size for u in arrays], dtype=int)
+    beta = 1.0 / (kb * np.asarray(temps))
+    u_kn = beta[:, None] * u_n[None, :]
+    state = np.random.get_state()
+    try:
+        # pymbar 4.0 draws bootstrap indices from the global NumPy RNG and, when rseed is None,
+        # reseeds it from entropy; a non-None rseed leaves our seeding in place.
+        np.random.seed(seed)
+        mbar = MBAR(u_kn, n_k, n_bootstraps=n_bootstraps, rseed=seed)
+        method = "bootstrap" if n_bootstraps > 0 else None
+        result = mbar.compute_free_energy_differences(uncertainty_method=method)
+    finally:
+        np.random.set_state(state)
+    return np.asarray(result["Delta_f"][0], dtype=np.float64), np.asarray(
+        result["dDelta_f"][0], dtype=np.float64
+    )

@@ -1,0 +1,438 @@
+"""One free-energy job as stages: reference -> train -> sample -> energy -> estimate.
+
+Each stage is a plain function of the job's resolved configuration (a mapping, as the campaign
+spec resolves it) and the previous stages' outputs, so that the same code runs in Ray actors, in
+one plain Python process (the benchmark's baseline) and in a notebook.
+
+The estimand is ΔF = f_B − f_A in kT (reduced units), f = −ln Z, with B the system at the job's
+``temperature`` and A the base state (DESIGN.md §3):
+
+* ``base.kind = normal``: A = N(0, scale² I) in flow coordinates, normalized, f_A = 0, so ΔF is
+  the absolute reduced free energy −ln ∫ exp(−U(x)/k_B T) dx in flow coordinates;
+* ``base.kind = thermodynamic``: A = the same system at ``base.temperature``, so ΔF = f(T) − f(T_A).
+
+A flow T maps A to B. With x ~ A, the LFEP log weights are
+log w = u_A(x) + log|det J_T(x)| − u_B(T(x)) and ΔF ≈ ln N − logsumexp(log w)
+(Jarzynski-type targeted free-energy perturbation; Wirnsberger et al. 2020). With y ~ B mapped
+back by T⁻¹, BAR over both directions gives LBAR. The references are exact (quadrature) where
+the system knows its partition function, else MBAR (Shirts & Chodera 2008) over a replica-exchange
+MCMC ladder geomspace(T, T_A, K).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from boltzgen.estimators import (
+    importance_free_energy,
+    lbar,
+    lfep_log_weights,
+    mbar_ladder,
+)
+from boltzgen.flows import build_flow
+from boltzgen.mcmc import decorrelated, replica_exchange
+from boltzgen.states import NormalBase, ThermodynamicBase
+from boltzgen.systems import System, make_system
+from boltzgen.training import train_flow
+
+STAGES = ("reference", "train", "sample", "energy")
+
+
+class InjectedFailure(RuntimeError):
+    """Raised on purpose when a job's ``inject_failure`` names the running stage."""
+
+
+def check_injected_failure(config: Mapping[str, Any], stage: str) -> None:
+    if config.get("inject_failure") == stage:
+        raise InjectedFailure(f"failure injected on purpose in stage '{stage}' (inject_failure)")
+
+
+def stage_seed(config: Mapping[str, Any], stage: str) -> int:
+    """A seed per (job configuration, stage): reproducible, independent across jobs and stages."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    digest = hashlib.sha256(f"{text}|{stage}".encode())
+    return int.from_bytes(digest.digest()[:4], "little") & 0x7FFFFFFF
+
+
+@dataclass
+class Problem:
+    """System, target temperature and base state of one job."""
+
+    system: System
+    temperature: float
+    base: NormalBase | ThermodynamicBase
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Problem:
+        system = make_system(config["system"])
+        base_cfg = config["base"]
+        if base_cfg["kind"] == "normal":
+            base: NormalBase | ThermodynamicBase = NormalBase(system.dim, base_cfg["scale"])
+        else:
+            base = ThermodynamicBase(system, base_cfg["temperature"])
+        return cls(system=system, temperature=float(config["temperature"]), base=base)
+
+    @property
+    def kt(self) -> float:
+        """k_B T of the target in the system's energy units."""
+        return self.system.boltzmann_constant * self.temperature
+
+    def target_reduced_energy(self, y: torch.Tensor) -> torch.Tensor:
+        return self.system.reduced_energy(y, self.temperature)
+
+    def ladder(self, reference: Mapping[str, Any]) -> np.ndarray:
+        """Temperatures of the replica-exchange ladder, ascending."""
+        k = int(reference["ladder_size"])
+        if isinstance(self.base, ThermodynamicBase):
+            ends = (self.temperature, self.base.temperature)
+        else:
+            ends = (self.temperature, self.temperature * reference["hot_temperature_factor"])
+        return np.sort(np.geomspace(ends[0], ends[1], k)) if k > 1 else np.array([ends[0]])
+
+    def estimand(self) -> str:
+        if isinstance(self.base, ThermodynamicBase):
+            return (
+                f"f(T={self.temperature:g}) - f(T_A={self.base.temperature:g}) in kT, "
+                f"f = -ln Z; {self.system.estimand_note}"
+            )
+        return (
+            f"-ln Z at T={self.temperature:g} in kT (f of a normalized Gaussian base is 0); "
+            f"{self.system.estimand_note}"
+        )
+
+
+@dataclass
+class ReferenceData:
+    """Decorrelated MCMC samples split into train/test, and the reference ΔF (kT)."""
+
+    target_train: np.ndarray
+    target_test: np.ndarray
+    target_test_potential: np.ndarray  # U in energy units
+    base_train: np.ndarray | None
+    base_test: np.ndarray | None
+    base_test_potential: np.ndarray | None
+    reference_delta_f: float | None
+    reference_delta_f_err: float | None
+    method: str
+    ladder: list[float]
+    diagnostics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def run_reference(config: Mapping[str, Any]) -> ReferenceData:
+    """Replica-exchange MCMC over the ladder; exact or MBAR reference ΔF (kT)."""
+    check_injected_failure(config, "reference")
+    start = time.perf_counter()
+    problem = Problem.from_config(config)
+    ref = config["reference"]
+    ladder = problem.ladder(ref)
+    seed = stage_seed(config, "reference")
+    generator = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(
+        ref["n_chains"], problem.system.dim, generator=generator, dtype=torch.float64
+    ) * config["base"].get("scale", 1.0)
+    result = replica_exchange(
+        problem.system.potential,
+        ladder.tolist(),
+        x0,
+        n_steps=ref["n_steps"],
+        burn_in=ref["burn_in"],
+        n_chains=ref["n_chains"],
+        thin=ref["thin"],
+        step_size=ref["step_size"],
+        exchange_every=ref["exchange_every"],
+        boltzmann_constant=problem.system.boltzmann_constant,
+        seed=seed,
+    )
+    per_state = [decorrelated(result.samples[k], result.potentials[k]) for k in range(len(ladder))]
+    rng = np.random.default_rng(seed)
+    target_k = int(np.argmin(np.abs(ladder - problem.temperature)))
+    target_train, target_test, _, target_pot = _split(per_state[target_k], ref, rng)
+    diagnostics = {
+        "mcmc_acceptance_min": float(np.min(result.acceptance)),
+        "mcmc_exchange_acceptance_min": float(np.min(result.exchange_acceptance))
+        if len(result.exchange_acceptance)
+        else float("nan"),
+        "mcmc_statistical_inefficiency_max": float(max(g for _, _, g in per_state)),
+        "mcmc_target_decorrelated_samples": float(len(per_state[target_k][0])),
+    }
+    base_train = base_test = base_pot = None
+    exact_target = problem.system.exact_free_energy(problem.temperature)
+    if isinstance(problem.base, ThermodynamicBase):
+        base_k = int(np.argmin(np.abs(ladder - problem.base.temperature)))
+        base_train, base_test, _, base_pot = _split(per_state[base_k], ref, rng)
+        exact_base = problem.system.exact_free_energy(problem.base.temperature)
+        if exact_target is not None and exact_base is not None:
+            ref_f, ref_err, method = exact_target - exact_base, 0.0, "exact"
+        else:
+            f_k, df_k = mbar_ladder(
+                [p for _, p, _ in per_state],
+                ladder.tolist(),
+                problem.system.boltzmann_constant,
+                n_bootstraps=ref["n_bootstraps"],
+                seed=seed,
+            )
+            # f_k are relative to state 0; ΔF = f(target) − f(base). The bootstrap error of the
+            # difference is reported for the non-zero end (state 0 is one of the two ends).
+            ref_f = float(f_k[target_k] - f_k[base_k])
+            ref_err = float(df_k[target_k] if target_k else df_k[base_k])
+            method = f"MBAR over {len(ladder)} temperatures"
+    else:
+        ref_f, ref_err = (exact_target, 0.0) if exact_target is not None else (None, None)
+        method = "exact" if exact_target is not None else "none"
+    return ReferenceData(
+        target_train=target_train,
+        target_test=target_test,
+        target_test_potential=target_pot,
+        base_train=base_train,
+        base_test=base_test,
+        base_test_potential=base_pot,
+        reference_delta_f=ref_f,
+        reference_delta_f_err=ref_err,
+        method=method,
+        ladder=ladder.tolist(),
+        diagnostics=diagnostics,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _split(
+    state: tuple[np.ndarray, np.ndarray, float], ref: Mapping[str, Any], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    samples, potentials, _ = state
+    order = rng.permutation(len(samples))
+    n_test = max(1, int(round(len(samples) * ref["holdout_fraction"])))
+    test, train = order[:n_test], order[n_test:]
+    return samples[train], samples[test], potentials[train], potentials[test]
+
+
+@dataclass
+class TrainedFlow:
+    checkpoint: bytes  # torch.save of {"state_dict", "flow_config", "dim"}
+    losses: list[float]
+    seconds: float
+
+
+def train(config: Mapping[str, Any], reference: ReferenceData) -> TrainedFlow:
+    """Fit the flow A -> B by maximum likelihood on B's MCMC data or by reverse KL (LFEP loss)."""
+    check_injected_failure(config, "train")
+    start = time.perf_counter()
+    problem = Problem.from_config(config)
+    seed = stage_seed(config, "train")
+    torch.manual_seed(seed)
+    flow = build_flow(problem.system.dim, config["flow"])
+    generator = torch.Generator().manual_seed(seed)
+    training = config["training"]
+    if isinstance(problem.base, NormalBase):
+
+        def sample_a(n: int) -> torch.Tensor:
+            return problem.base.sample(n, generator)
+    else:
+        pool = torch.as_tensor(reference.base_train, dtype=torch.float64)
+
+        def sample_a(n: int) -> torch.Tensor:
+            return pool[torch.randint(len(pool), (n,), generator=generator)]
+
+    result = train_flow(
+        flow,
+        training["objective"],
+        training["steps"],
+        training["batch_size"],
+        training["learning_rate"],
+        u_a=problem.base.reduced_energy,
+        u_b=problem.target_reduced_energy,
+        sample_a=sample_a,
+        data_b=torch.as_tensor(reference.target_train, dtype=torch.float64),
+        seed=seed,
+        final_learning_rate=training.get("final_learning_rate"),
+    )
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "state_dict": flow.state_dict(),
+            "flow_config": dict(config["flow"]),
+            "dim": problem.system.dim,
+        },
+        buffer,
+    )
+    return TrainedFlow(buffer.getvalue(), result.losses, time.perf_counter() - start)
+
+
+def load_flow(checkpoint: bytes) -> torch.nn.Module:
+    state = torch.load(io.BytesIO(checkpoint), weights_only=True)
+    flow = build_flow(state["dim"], state["flow_config"])
+    flow.load_state_dict(state["state_dict"])
+    return flow.eval()
+
+
+@dataclass
+class SampleSet:
+    """Base samples pushed forward, target samples pulled back (flow coordinates)."""
+
+    u_a: np.ndarray  # u_A(x), kT, for x ~ A
+    mapped: np.ndarray  # y = T(x)
+    logdet: np.ndarray  # log|det J_T(x)|
+    pulled_back: np.ndarray  # T⁻¹(y_B) for held-out y_B ~ B
+    logdet_inverse: np.ndarray  # log|det J_T⁻¹(y_B)|
+    u_a_pulled_back: np.ndarray | None  # u_A(T⁻¹ y_B) in kT where A is analytic, else None
+    seconds: float
+
+
+def sample(
+    config: Mapping[str, Any],
+    trained: TrainedFlow,
+    reference: ReferenceData,
+    batch_size: int = 8192,
+) -> SampleSet:
+    """Draw x ~ A (fresh for a normal base, held-out MCMC for a thermodynamic one) and map."""
+    check_injected_failure(config, "sample")
+    start = time.perf_counter()
+    problem = Problem.from_config(config)
+    flow = load_flow(trained.checkpoint)
+    n = int(config["sampling"]["n_samples"])
+    if isinstance(problem.base, NormalBase):
+        generator = torch.Generator().manual_seed(stage_seed(config, "sample"))
+        x = problem.base.sample(n, generator)
+        u_a = problem.base.reduced_energy(x)
+    else:
+        x = torch.as_tensor(reference.base_test[:n], dtype=torch.float64)
+        u_a = torch.as_tensor(reference.base_test_potential[:n]) / (
+            problem.system.boltzmann_constant * problem.base.temperature
+        )
+    y_b = torch.as_tensor(reference.target_test, dtype=torch.float64)
+    with torch.no_grad():
+        mapped, logdet = _batched(flow.forward, x, batch_size)
+        back, logdet_inv = _batched(flow.inverse, y_b, batch_size)
+        u_a_back = (
+            problem.base.reduced_energy(back).numpy()
+            if isinstance(problem.base, NormalBase)
+            else None
+        )
+    return SampleSet(
+        u_a=u_a.detach().numpy(),
+        mapped=mapped.numpy(),
+        logdet=logdet.numpy(),
+        pulled_back=back.numpy(),
+        logdet_inverse=logdet_inv.numpy(),
+        u_a_pulled_back=u_a_back,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _batched(fn: Any, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    outs, logdets = [], []
+    for chunk in torch.split(x, batch_size):
+        out, logdet = fn(chunk)
+        outs.append(out)
+        logdets.append(logdet)
+    return torch.cat(outs), torch.cat(logdets)
+
+
+def potential_energy(config: Mapping[str, Any], x: np.ndarray) -> np.ndarray:
+    """U(x) in the system's energy units for a batch of flow coordinates (energy stage)."""
+    check_injected_failure(config, "energy")
+    system = make_system(config["system"])
+    with torch.no_grad():
+        return system.potential(torch.as_tensor(x, dtype=torch.float64)).numpy()
+
+
+def energy_requests(samples: SampleSet, problem: Problem) -> dict[str, np.ndarray]:
+    """Coordinates whose potential energy the energy stage must evaluate."""
+    requests = {"mapped": samples.mapped}
+    if samples.u_a_pulled_back is None:  # a thermodynamic base needs U at T⁻¹(y_B) too
+        requests["pulled_back"] = samples.pulled_back
+    return requests
+
+
+@dataclass
+class Estimates:
+    metrics: dict[str, float]
+    log_weights: np.ndarray
+    notes: dict[str, str]
+
+
+def estimate(
+    config: Mapping[str, Any],
+    reference: ReferenceData,
+    samples: SampleSet,
+    potentials: Mapping[str, np.ndarray],
+) -> Estimates:
+    """LFEP and LBAR ΔF (kT) with 1-sigma errors, Kish ESS fraction, NLL where defined."""
+    problem = Problem.from_config(config)
+    u_b_mapped = potentials["mapped"] / problem.kt
+    log_w = lfep_log_weights(samples.u_a, samples.logdet, u_b_mapped)
+    lfep = importance_free_energy(log_w)
+    metrics: dict[str, float] = {
+        "delta_f": lfep.delta_f,
+        "delta_f_err": lfep.delta_f_err,
+        "ess": lfep.ess,
+        "n_samples": float(lfep.n_samples),
+        "n_nonfinite": float(lfep.n_nonfinite),
+        "training_loss_bound": float(np.mean(-log_w[np.isfinite(log_w)]))
+        if np.isfinite(log_w).any()
+        else float("nan"),
+    }
+    if reference.reference_delta_f is not None:
+        metrics["reference_delta_f"] = reference.reference_delta_f
+        metrics["reference_delta_f_err"] = float(reference.reference_delta_f_err or 0.0)
+    if samples.u_a_pulled_back is not None:
+        u_a_back = samples.u_a_pulled_back
+        # −log q(y) = u_A(T⁻¹ y) − log|det J_T⁻¹(y)| for a normalized base.
+        metrics["nll"] = float(np.mean(u_a_back - samples.logdet_inverse))
+    else:
+        u_a_back = potentials["pulled_back"] / (
+            problem.system.boltzmann_constant * problem.base.temperature
+        )
+    u_b_test = reference.target_test_potential / problem.kt
+    forward_work = u_b_mapped - samples.logdet - samples.u_a
+    reverse_work = u_a_back - samples.logdet_inverse - u_b_test
+    if len(reverse_work) >= 2 and np.isfinite(forward_work).sum() >= 2:
+        lbar_f, lbar_err = lbar(forward_work, reverse_work)
+        metrics["delta_f_lbar"], metrics["delta_f_lbar_err"] = lbar_f, lbar_err
+    metrics.update(reference.diagnostics)
+    metrics = {k: float(v) for k, v in metrics.items()}
+    notes = {
+        "estimand": problem.estimand(),
+        "reference_method": reference.method,
+        "estimator": "LFEP: ln N - logsumexp(u_A + log|det J| - u_B); error by the delta "
+        "method sqrt((1/ESS_fraction - 1)/N)",
+        "nll_convention": "mean -log q(y) in nats over held-out MCMC samples of the target, "
+        "flow coordinates"
+        if "nll" in metrics
+        else "not defined",
+    }
+    return Estimates(metrics=metrics, log_weights=log_w, notes=notes)
+
+
+def figures(
+    config: Mapping[str, Any], reference: ReferenceData, samples: SampleSet, estimates: Estimates
+) -> dict[str, Any]:
+    """Matplotlib figures: log-weight distribution and sampled vs reference marginals."""
+    from boltzgen.plots import log_weight_histogram, marginals
+
+    problem = Problem.from_config(config)
+    title = f"{problem.system.kind} T={problem.temperature:g}"
+    sampled = problem.system.observables(samples.mapped)
+    ref_obs = problem.system.observables(reference.target_test)
+    log_w = estimates.log_weights
+    finite = np.isfinite(log_w)
+    w = np.zeros_like(log_w)
+    w[finite] = np.exp(log_w[finite] - log_w[finite].max()) if finite.any() else 0.0
+    weights = {}
+    for key, values in sampled.items():
+        per_sample = len(values) // len(w) if len(w) else 0
+        if per_sample and per_sample * len(w) == len(values):
+            weights[key] = np.repeat(w, per_sample)
+    return {
+        "log_weights.png": log_weight_histogram(log_w, title),
+        "marginals.png": marginals(sampled, ref_obs, weights, title),
+    }

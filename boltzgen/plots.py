@@ -1,0 +1,110 @@
+"""Diagnostic figures (matplotlib, Agg canvas, no pyplot state). Functions return Figures;
+the caller saves them (``fig.savefig(path)``) or logs them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from boltzgen.estimators import kish_ess_fraction
+
+_BINS = 60
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def log_weight_histogram(log_w: np.ndarray, title: str) -> Figure:
+    """Histogram of the normalized log weights log w - max(log w) (<= 0; kT units).
+
+    The legend gives the Kish ESS fraction exp(2 lse(log w) - lse(2 log w)) / N and the number of
+    non-finite log weights (weight zero, counted in N).
+    """
+    lw = np.asarray(log_w, dtype=np.float64).reshape(-1)
+    finite = lw[np.isfinite(lw)]
+    fig = _new_figure(5.0, 3.5)
+    ax = fig.add_subplot()
+    n_bad = lw.size - finite.size
+    if finite.size:
+        ess = kish_ess_fraction(lw)
+        ax.hist(
+            finite - finite.max(),
+            bins=_BINS,
+            color="C0",
+            alpha=0.8,
+            label=f"ESS = {100.0 * ess:.2f} % of N = {lw.size}; non-finite: {n_bad}",
+        )
+        ax.legend(loc="upper left", fontsize="small")
+    else:
+        ax.text(
+            0.5, 0.5, f"no finite log weight (N = {lw.size})", ha="center", transform=ax.transAxes
+        )
+    ax.set_xlabel("log w - max log w")
+    ax.set_ylabel("count")
+    ax.set_title(title)
+    return fig
+
+
+def marginals(
+    sampled: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    weights: dict[str, np.ndarray] | None,
+    title: str,
+) -> Figure:
+    """One panel per observable key of ``sampled``: density histograms of flow samples (raw and,
+    if ``weights`` has the key, importance-reweighted) against ``reference`` samples.
+
+    ``weights[key]`` (non-negative, unnormalized, same length as ``sampled[key]``; non-finite
+    entries count as zero). For per-pair observables repeat each sample's weight per pair.
+    """
+    keys = list(sampled)
+    if not keys:
+        raise ValueError("sampled: empty; need at least one observable")
+    weights = weights or {}
+    for key in keys:
+        if key in weights and np.size(weights[key]) != np.size(sampled[key]):
+            raise ValueError(
+                f"weights[{key!r}]: length {np.size(weights[key])} does not match "
+                f"sampled[{key!r}] length {np.size(sampled[key])}"
+            )
+    n_cols = min(3, len(keys))
+    n_rows = math.ceil(len(keys) / n_cols)
+    fig = _new_figure(4.0 * n_cols, 3.2 * n_rows)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).reshape(-1)
+    for ax, key in zip(axes, keys, strict=False):
+        flow_values = np.asarray(sampled[key], dtype=np.float64).reshape(-1)
+        ok = np.isfinite(flow_values)
+        ref_values = np.asarray(reference.get(key, np.empty(0)), dtype=np.float64).reshape(-1)
+        ref_values = ref_values[np.isfinite(ref_values)]
+        pooled = np.concatenate([flow_values[ok], ref_values])
+        if pooled.size == 0:
+            ax.set_title(f"{key}: no finite values")
+            continue
+        lo, hi = np.percentile(pooled, [0.5, 99.5])
+        if hi <= lo:
+            lo, hi = lo - 0.5, hi + 0.5
+        edges = np.linspace(lo, hi, _BINS + 1)
+        style = {"bins": edges, "density": True, "histtype": "step", "linewidth": 1.5}
+        if ref_values.size:
+            ax.hist(ref_values, color="k", label="reference", **style)
+        if ok.any():
+            ax.hist(flow_values[ok], color="C0", label="flow (raw)", **style)
+        if key in weights:
+            w = np.asarray(weights[key], dtype=np.float64).reshape(-1)[ok]
+            w = np.where(np.isfinite(w) & (w > 0), w, 0.0)
+            if w.sum() > 0:
+                ax.hist(flow_values[ok], weights=w, color="C3", label="flow (reweighted)", **style)
+        ax.set_xlabel(key)
+        ax.set_ylabel("density")
+        ax.legend(fontsize="small")
+    for ax in axes[len(keys) :]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig

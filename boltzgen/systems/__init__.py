@@ -1,0 +1,55 @@
+"""Registry of systems and construction from a config mapping.
+
+``make_system({"kind": "double_well", "a": 0.25})`` builds a system; every error names the
+config field (``system.kind``, ``system.<param>``), shows the value and lists what is allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from boltzgen.systems.base import System
+from boltzgen.systems.double_well import DoubleWell2D
+from boltzgen.systems.dw4 import DW4
+
+SYSTEMS: dict[str, type[System]] = {"double_well": DoubleWell2D, "dw4": DW4}
+
+__all__ = ["DW4", "SYSTEMS", "DoubleWell2D", "System", "make_system", "system_parameter_names"]
+
+
+def _system_class(kind: object) -> type[System]:
+    if not isinstance(kind, str) or kind not in SYSTEMS:
+        raise ValueError(
+            f"system.kind: {kind!r} is not a known system; choose one of {', '.join(SYSTEMS)}"
+        )
+    return SYSTEMS[kind]
+
+
+def system_parameter_names(kind: str) -> list[str]:
+    """The keyword parameters accepted by system ``kind`` (ValueError for an unknown kind)."""
+    return _system_class(kind).parameter_names()
+
+
+def make_system(config: Mapping) -> System:
+    """Build a system from ``{"kind": <name>, <param>: <value>, ...}``.
+
+    Unknown kind, unknown parameter or a bad value raise ValueError naming the field
+    (``system.kind`` / ``system.<param>``); parameters left out take the class defaults.
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(f"system: expected a mapping with a 'kind' key, got {type(config)}")
+    if "kind" not in config:
+        raise ValueError(f"system.kind: missing; choose one of {', '.join(SYSTEMS)}")
+    cls = _system_class(config["kind"])
+    params = {k: v for k, v in config.items() if k != "kind"}
+    allowed = cls.parameter_names()
+    for key in params:
+        if key not in allowed:
+            raise ValueError(
+                f"system.{key}: not a parameter of system {cls.kind!r}; "
+                f"allowed: {', '.join(allowed)}"
+            )
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"system.{err}") from err

@@ -1,0 +1,94 @@
+"""Base class of the molecular / toy systems.
+
+A system defines a potential energy U(x) on its flow coordinates x in R^dim. Its Boltzmann
+density at temperature T is p_T(x) = exp(-u_T(x)) / Z(T) with the reduced energy
+u_T(x) = U(x) / (k_B T) and the configurational partition function
+
+    Z(T) = ∫ exp(-U(x) / (k_B T)) dx      (over the flow coordinates, measure ``estimand_note``),
+
+and the reduced (dimensionless) free energy f(T) = -ln Z(T), in units of kT (DESIGN.md §3).
+
+Constructor convention: a concrete system's ``__init__`` takes only keyword parameters with
+defaults (its physical parameters), validates them and stores each under the same attribute
+name, so that :func:`boltzgen.systems.make_system` can build it from a config mapping.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from boltzgen._checks import check_float
+
+
+class System(ABC):
+    """A potential energy on ``dim`` flow coordinates.
+
+    Subclasses set ``kind`` (registry name), ``estimand_note`` (one sentence: coordinates and
+    measure in which Z is defined), ``dim`` and ``boltzmann_constant`` (energy units per
+    temperature unit; 1.0 for toy systems in reduced units, where temperature means kT), and
+    implement :meth:`potential`. Forces, where needed, follow by autograd.
+    """
+
+    kind: ClassVar[str]
+    estimand_note: ClassVar[str]
+    dim: int
+    boltzmann_constant: float = 1.0
+
+    @classmethod
+    def parameter_names(cls) -> list[str]:
+        """Names of the keyword parameters of ``__init__`` (the physical parameters)."""
+        sig = inspect.signature(cls.__init__)
+        return [p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+    def parameters(self) -> dict[str, float]:
+        """The physical parameters of this instance, ``{name: value}``."""
+        return {name: getattr(self, name) for name in self.parameter_names()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.parameters().items())
+        return f"{type(self).__name__}({args})"
+
+    def _check_coordinates(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor of shape (..., {self.dim}), got {type(x)}")
+        if x.ndim < 1 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"x: shape {tuple(x.shape)} is not allowed; {self.kind} needs (..., {self.dim})"
+            )
+
+    @abstractmethod
+    def potential(self, x: torch.Tensor) -> torch.Tensor:
+        """Potential energy U(x) in energy units; shape (..., dim) -> (...); differentiable."""
+
+    def reduced_energy(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Reduced energy u_T(x) = U(x) / (k_B T), dimensionless; shape (..., dim) -> (...)."""
+        t = check_float("temperature", temperature, positive=True)
+        return self.potential(x) / (self.boltzmann_constant * t)
+
+    def exact_free_energy(self, temperature: float) -> float | None:
+        """Exact f(T) = -ln Z(T) in kT (Z as in the module docstring), or None if unknown."""
+        check_float("temperature", temperature, positive=True)
+        return None
+
+    def observables(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """1-D arrays for marginal histograms; default: each coordinate, ``{"x1": ..., ...}``.
+
+        ``x`` has shape (N, dim). Arrays may differ in length from N (they feed histograms).
+        """
+        arr = self._as_samples(x)
+        return {f"x{i + 1}": arr[:, i].copy() for i in range(self.dim)}
+
+    def _as_samples(self, x: np.ndarray) -> np.ndarray:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        arr = np.asarray(x, dtype=np.float64)
+        if arr.ndim != 2 or arr.shape[1] != self.dim:
+            raise ValueError(
+                f"x: shape {arr.shape} is not allowed; {self.kind} observables need (N, {self.dim})"
+            )
+        return arr

@@ -1,0 +1,125 @@
+"""Stochastic-gradient training of a flow with the objectives of :mod:`boltzgen.objectives`.
+
+Adam (Kingma & Ba 2015) with a cosine decay of the learning rate from ``learning_rate`` to
+``final_learning_rate`` (Loshchilov & Hutter 2017):
+
+    lr_t = lr_end + (lr_0 - lr_end) (1 + cos(pi t / steps)) / 2,   t = 0 .. steps - 1,
+
+and gradient-norm clipping. A step whose loss or gradient norm is not finite is skipped
+(no parameter update) and counted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from boltzgen._checks import check_float, check_int
+from boltzgen.objectives import maximum_likelihood_loss, reverse_kl_loss
+
+OBJECTIVES: tuple[str, ...] = ("reverse_kl", "maximum_likelihood")
+
+
+@dataclass
+class TrainingResult:
+    """Loss per step (kT; NaN/inf where the step was skipped) and wall-clock seconds."""
+
+    losses: list[float]
+    seconds: float
+    n_skipped: int = 0  # steps skipped because the loss or the gradient norm was not finite
+
+
+def _cosine_lr(step: int, steps: int, lr0: float, lr_end: float) -> float:
+    return lr_end + 0.5 * (lr0 - lr_end) * (1.0 + math.cos(math.pi * step / steps))
+
+
+def train_flow(
+    flow: nn.Module,
+    objective: str,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    *,
+    u_a: Callable[[torch.Tensor], torch.Tensor],
+    u_b: Callable[[torch.Tensor], torch.Tensor],
+    sample_a: Callable[[int], torch.Tensor] | None,
+    data_b: torch.Tensor | None,
+    seed: int = 0,
+    final_learning_rate: float | None = None,
+    grad_clip: float = 10.0,
+) -> TrainingResult:
+    """Train ``flow`` in place.
+
+    Args:
+        objective: "reverse_kl" (batches x ~ A from ``sample_a(batch_size)``; the sampler owns
+            its randomness) or "maximum_likelihood" (minibatches of ``data_b`` (M, dim) at
+            random indices drawn from a torch.Generator seeded with ``seed``).
+        steps, batch_size: number of optimizer steps and samples per step.
+        learning_rate: initial Adam learning rate; decays by a cosine to
+            ``final_learning_rate`` (default learning_rate / 10).
+        u_a, u_b: reduced energies (kT) of states A and B, (batch, dim) -> (batch,).
+        grad_clip: maximum global gradient norm.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(
+            f"objective: {objective!r} is not a known objective; "
+            f"choose one of {', '.join(OBJECTIVES)}"
+        )
+    steps = check_int("steps", steps, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    lr0 = check_float("learning_rate", learning_rate, positive=True)
+    lr_end = lr0 / 10.0 if final_learning_rate is None else final_learning_rate
+    lr_end = check_float("final_learning_rate", lr_end, positive=True)
+    grad_clip = check_float("grad_clip", grad_clip, positive=True)
+    seed = check_int("seed", seed)
+    if objective == "reverse_kl" and sample_a is None:
+        raise ValueError(
+            "sample_a: None is not allowed for objective 'reverse_kl'; pass a sampler of A"
+        )
+    if objective == "maximum_likelihood":
+        if data_b is None:
+            raise ValueError(
+                "data_b: None is not allowed for objective 'maximum_likelihood'; pass samples of B"
+            )
+        if not isinstance(data_b, torch.Tensor) or data_b.ndim != 2 or data_b.shape[0] == 0:
+            raise ValueError(
+                f"data_b: {type(data_b).__name__} of shape {tuple(getattr(data_b, 'shape', ()))} "
+                "is not allowed; need a non-empty (M, dim) tensor"
+            )
+
+    params = [p for p in flow.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr0)
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    n_skipped = 0
+    start = time.perf_counter()
+    was_training = flow.training
+    flow.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(step, steps, lr0, lr_end)
+        if objective == "reverse_kl":
+            loss = reverse_kl_loss(flow, sample_a(batch_size), u_a, u_b)
+        else:
+            idx = torch.randint(0, data_b.shape[0], (batch_size,), generator=gen)
+            loss = maximum_likelihood_loss(flow, data_b[idx.to(data_b.device)], u_a)
+        value = float(loss.detach())
+        losses.append(value)
+        if not math.isfinite(value) or not loss.requires_grad:
+            n_skipped += 1
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if not bool(torch.isfinite(grad_norm)):
+            n_skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        optimizer.step()
+    flow.train(was_training)
+    return TrainingResult(losses=losses, seconds=time.perf_counter() - start, n_skipped=n_skipped)

@@ -1,0 +1,1 @@
+"""Campaign manager: YAML spec -> plan of jobs -> Ray actors -> MLflow."""

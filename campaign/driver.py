@@ -1,0 +1,373 @@
+"""Scheduling a plan's jobs over Ray actor pools; the only process that writes to MLflow.
+
+Each job goes through the stages reference (MCMC actor) -> train (Trainer) -> sample (Sampler)
+-> energy (EnergyEvaluator pool, in chunks) -> record (here: estimates, plots, MLflow). A small
+scheduler over ``ray.wait`` hands a stage to an idle actor of its role; jobs interleave, so all
+actors stay busy while any job has work for them. Stage results travel between actors as object
+references; the driver fetches only what it records.
+
+Timing: every stage method reports its own start/end; the driver records when it submitted the
+task and when it saw the result. A job's orchestration overhead is the sum, over its tasks, of
+(start − submit) + (seen − end): seconds in which the job's next actor was ready but not working
+on it. Queueing behind other jobs is not counted (it is waiting for a busy actor, not overhead).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+import yaml
+
+from actors import make_actor
+from boltzgen import pipeline
+from campaign.plan import Job, Plan
+from campaign.tracking import FAILED, FINISHED, KILLED, RUNNING, Tracker
+
+READY_TIMEOUT_S = 300.0
+
+
+@dataclass
+class TaskRecord:
+    stage: str
+    enqueued: float
+    submitted: float = math.nan
+    start: float = math.nan
+    end: float = math.nan
+    seen: float = math.nan
+
+    @property
+    def overhead(self) -> float:
+        return (self.start - self.submitted) + (self.seen - self.end)
+
+
+@dataclass
+class JobRun:
+    job: Job
+    config: dict[str, Any]
+    run_id: str | None = None
+    stage: str = "pending"
+    reference: Any = None  # ObjectRef of ReferenceData
+    trained: Any = None  # ObjectRef of TrainedFlow
+    samples: pipeline.SampleSet | None = None
+    energy_parts: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
+    energy_left: int = 0
+    tasks: list[TaskRecord] = field(default_factory=list)
+    error: str | None = None
+    record_seconds: float = 0.0
+
+    def stage_seconds(self, stage: str) -> float:
+        done = [t for t in self.tasks if t.stage == stage and math.isfinite(t.end)]
+        return max(t.end for t in done) - min(t.start for t in done) if done else math.nan
+
+    @property
+    def orchestration_overhead(self) -> float:
+        return float(sum(t.overhead for t in self.tasks if math.isfinite(t.seen)))
+
+
+@dataclass
+class Task:
+    run: JobRun
+    method: str
+    args: tuple[Any, ...]
+    record: TaskRecord
+    on_done: Callable[[JobRun, Any], None]
+    fetch: bool  # fetch the result into the driver (else keep the object reference)
+
+
+@dataclass
+class LaunchSummary:
+    finished: list[JobRun] = field(default_factory=list)
+    failed: list[JobRun] = field(default_factory=list)
+    skipped: list[Job] = field(default_factory=list)
+    parent_run_id: str | None = None
+    seconds: float = 0.0
+
+
+class Progress:
+    """Receives progress events; the CLI subclasses it to draw a display."""
+
+    def start(self, total: int, skipped: int) -> None: ...
+    def stage(self, run: JobRun) -> None: ...
+    def done(self, run: JobRun) -> None: ...
+    def stop(self) -> None: ...
+
+
+class Driver:
+    ROLE_OF_METHOD = {"run_reference": "mcmc", "train": "trainer", "sample": "sampler",
+                      "potential": "energy_evaluator"}
+
+    def __init__(self, plan: Plan, tracker: Tracker, tags: dict[str, str],
+                 progress: Progress | None = None) -> None:
+        self.plan = plan
+        self.tracker = tracker
+        self.tags = tags
+        self.progress = progress or Progress()
+        self.pools: dict[str, list[Any]] = {}
+        self.idle: dict[str, collections.deque[Any]] = {}
+        self.queues: dict[str, collections.deque[Task]] = {}
+        self.in_flight: dict[Any, tuple[Task, Any, Any]] = {}
+        self.pending_ready: dict[Any, tuple[str, Any]] = {}
+        self.parent_run_id: str | None = None
+
+    # -- actors --------------------------------------------------------------------------------
+    def start_actors(self) -> None:
+        self._actors_started = time.time()
+        for role, res in self.plan.resources.items():
+            self.pools[role] = []
+            self.idle[role] = collections.deque()
+            self.queues[role] = collections.deque()
+            for _ in range(int(res["count"])):
+                self._add_actor(role)
+
+    def _add_actor(self, role: str) -> None:
+        res = self.plan.resources[role]
+        actor = make_actor(role, res["cpus"], res["gpus"])
+        self.pools[role].append(actor)
+        self.pending_ready[actor.ready.remote()] = (role, actor)
+
+    def _replace_actor(self, role: str, actor: Any) -> None:
+        if actor in self.pools[role]:
+            self.pools[role].remove(actor)
+        ray.kill(actor, no_restart=True)
+        self._add_actor(role)
+
+    # -- main loop -----------------------------------------------------------------------------
+    def run(self) -> LaunchSummary:
+        started = time.time()
+        summary = LaunchSummary()
+        records = self.tracker.job_records(job.job_id for job in self.plan.jobs)
+        todo = []
+        for job in self.plan.jobs:
+            record = records.get(job.job_id)
+            if record is not None and record.status == FINISHED:
+                summary.skipped.append(job)
+            else:
+                todo.append(JobRun(job=job, config=job.config_dict))
+        self.parent_run_id = self.tracker.start_parent(
+            f"launch-{time.strftime('%Y%m%d-%H%M%S')}", self.tags,
+            {"campaign": self.plan.spec.name, "n_jobs": len(self.plan.jobs),
+             "n_skipped": len(summary.skipped), "spec_hash": self.plan.spec_hash},
+        )
+        summary.parent_run_id = self.parent_run_id
+        self.tracker.log_text(self.parent_run_id, _yaml(self.plan.spec.model_dump(mode="json")),
+                              "resolved_spec.yaml")
+        self.progress.start(len(self.plan.jobs), len(summary.skipped))
+        try:
+            if todo:
+                self.start_actors()
+                for run in todo:
+                    self._enqueue(run, "run_reference", (run.config,), self._after_reference,
+                                  fetch=False)
+                self._loop(todo, summary)
+        except BaseException:
+            for run in todo:
+                if run.run_id is not None and run.stage not in ("finished", "failed"):
+                    self.tracker.end(run.run_id, KILLED)
+            self.tracker.end(self.parent_run_id, KILLED)
+            raise
+        finally:
+            self.progress.stop()
+        summary.seconds = time.time() - started
+        self.tracker.log_metrics(self.parent_run_id, {
+            "n_finished": len(summary.finished), "n_failed": len(summary.failed),
+            "n_skipped": len(summary.skipped), "time_launch": summary.seconds})
+        self.tracker.end(self.parent_run_id, FAILED if summary.failed else FINISHED)
+        return summary
+
+    def _loop(self, todo: list[JobRun], summary: LaunchSummary) -> None:
+        open_runs = {id(run) for run in todo}
+        while open_runs:
+            self._dispatch()
+            waiting = list(self.in_flight) + list(self.pending_ready)
+            if not waiting:
+                raise RuntimeError("no actor is ready and no task is running; check resources")
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
+            for ref in ready:
+                if ref in self.pending_ready:
+                    self._actor_ready(ref)
+                    continue
+                task, actor, value_ref = self.in_flight.pop(ref)
+                task.record.seen = time.time()
+                self._complete(task, actor, ref, value_ref)
+                if task.run.stage in ("finished", "failed") and id(task.run) in open_runs:
+                    open_runs.discard(id(task.run))
+                    (summary.finished if task.run.stage == "finished" else summary.failed
+                     ).append(task.run)
+                    self.progress.done(task.run)
+            self._check_roles_alive()
+
+    def _actor_ready(self, ref: Any) -> None:
+        role, actor = self.pending_ready.pop(ref)
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError:
+            self.pools[role].remove(actor)
+            return
+        self.idle[role].append(actor)
+
+    def _check_roles_alive(self) -> None:
+        """A role with queued work but no live actor would stall its jobs forever."""
+        for role, queue in self.queues.items():
+            if queue and not self.pools[role]:
+                raise RuntimeError(f"resources.{role}: no actor of this role could be started")
+        if time.time() - self._actors_started > READY_TIMEOUT_S:
+            for role, queue in self.queues.items():
+                busy = any(self.ROLE_OF_METHOD[t.method] == role
+                           for t, _, _ in self.in_flight.values())
+                if queue and not self.idle[role] and not busy:
+                    raise RuntimeError(
+                        f"resources.{role}: no actor of this role became ready within "
+                        f"{READY_TIMEOUT_S:.0f} s; the cluster may lack the CPUs/GPUs asked for")
+
+    def _enqueue(self, run: JobRun, method: str, args: tuple[Any, ...],
+                 on_done: Callable[[JobRun, Any], None], fetch: bool) -> None:
+        record = TaskRecord(stage=_stage_of(method), enqueued=time.time())
+        run.tasks.append(record)
+        self.queues[self.ROLE_OF_METHOD[method]].append(
+            Task(run=run, method=method, args=args, record=record, on_done=on_done, fetch=fetch))
+
+    def _dispatch(self) -> None:
+        for role, queue in self.queues.items():
+            while queue and self.idle[role]:
+                task = queue.popleft()
+                if task.run.stage == "failed":
+                    continue
+                actor = self.idle[role].popleft()
+                if task.run.run_id is None:
+                    self._open_child_run(task.run)
+                if task.run.stage != task.record.stage:
+                    task.run.stage = task.record.stage
+                    self.progress.stage(task.run)
+                task.record.submitted = time.time()
+                value_ref, timing_ref = getattr(actor, task.method).options(
+                    num_returns=2).remote(*task.args)
+                self.in_flight[timing_ref] = (task, actor, value_ref)
+
+    def _complete(self, task: Task, actor: Any, timing_ref: Any, value_ref: Any) -> None:
+        role = self.ROLE_OF_METHOD[task.method]
+        run = task.run
+        try:
+            timing = ray.get(timing_ref)
+            task.record.start, task.record.end = timing["start"], timing["end"]
+            self.idle[role].append(actor)
+            if run.stage == "failed":
+                return
+            task.on_done(run, ray.get(value_ref) if task.fetch else value_ref)
+        except ray.exceptions.RayActorError as exc:
+            self._replace_actor(role, actor)
+            self._fail(run, f"{role} actor died: {exc}", traceback.format_exc())
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if exc.cause is not None else exc
+            self._fail(run, f"{type(cause).__name__}: {cause}", str(exc))
+        except Exception as exc:  # an error in the driver's own bookkeeping for this job
+            self._fail(run, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+
+    # -- stage transitions ---------------------------------------------------------------------
+    def _after_reference(self, run: JobRun, reference_ref: Any) -> None:
+        run.reference = reference_ref
+        self._enqueue(run, "train", (run.config, reference_ref), self._after_train, fetch=False)
+
+    def _after_train(self, run: JobRun, trained_ref: Any) -> None:
+        run.trained = trained_ref
+        self._enqueue(run, "sample", (run.config, trained_ref, run.reference),
+                      self._after_sample, fetch=True)
+
+    def _after_sample(self, run: JobRun, samples: pipeline.SampleSet) -> None:
+        run.samples = samples
+        problem = pipeline.Problem.from_config(run.config)
+        batch = int(run.config["sampling"]["energy_batch_size"])
+        for key, coords in pipeline.energy_requests(samples, problem).items():
+            chunks = [coords[i:i + batch] for i in range(0, len(coords), batch)] or [coords]
+            run.energy_parts[key] = [None] * len(chunks)
+            for index, chunk in enumerate(chunks):
+                run.energy_left += 1
+                self._enqueue(run, "potential", (run.config, chunk),
+                              self._energy_setter(key, index), fetch=True)
+
+    def _energy_setter(self, key: str, index: int) -> Callable[[JobRun, Any], None]:
+        def store(run: JobRun, values: np.ndarray) -> None:
+            run.energy_parts[key][index] = values
+            run.energy_left -= 1
+            if run.energy_left == 0:
+                self._after_energy(run)
+        return store
+
+    def _after_energy(self, run: JobRun) -> None:
+        started = time.time()
+        reference: pipeline.ReferenceData = ray.get(run.reference)
+        potentials = {key: np.concatenate(parts) for key, parts in run.energy_parts.items()}
+        estimates = pipeline.estimate(run.config, reference, run.samples, potentials)
+        trained: pipeline.TrainedFlow = ray.get(run.trained)
+        self._record(run, reference, estimates, trained)
+        run.record_seconds = time.time() - started
+        self.tracker.log_metrics(run.run_id, {"time_record": run.record_seconds})
+        self.tracker.end(run.run_id, FINISHED)
+        run.stage = "finished"
+
+    # -- MLflow ----------------------------------------------------------------------------------
+    def _open_child_run(self, run: JobRun) -> None:
+        stale = self.tracker.job_runs([run.job.job_id]).get(run.job.job_id, [])
+        for old in stale:  # left RUNNING by a launch that died: it will never finish
+            if old.info.status == RUNNING:
+                self.tracker.end(old.info.run_id, KILLED)
+        run.run_id = self.tracker.start_child(
+            self.parent_run_id, f"{run.job.label} [{run.job.job_id[:8]}]",
+            {**self.tags, "job_id": run.job.job_id},
+            {**run.job.params, "job_id": run.job.job_id},
+        )
+        self.tracker.log_text(run.run_id, _yaml(run.config), "resolved_spec.yaml")
+
+    def _record(self, run: JobRun, reference: pipeline.ReferenceData,
+                estimates: pipeline.Estimates, trained: pipeline.TrainedFlow) -> None:
+        metrics = dict(estimates.metrics)
+        for stage, key in (("reference", "time_reference"), ("train", "time_train"),
+                           ("sample", "time_sample"), ("energy", "time_energy")):
+            metrics[key] = run.stage_seconds(stage)
+        metrics["time_orchestration"] = run.orchestration_overhead
+        self.tracker.log_metrics(run.run_id, metrics)
+        self.tracker.log_series(run.run_id, "train_loss", trained.losses)
+        self.tracker.log_params(run.run_id, {
+            "estimand": estimates.notes["estimand"],
+            "reference_method": estimates.notes["reference_method"],
+            "estimator": estimates.notes["estimator"],
+            "nll_convention": estimates.notes["nll_convention"],
+            "reference_ladder": ",".join(f"{t:.6g}" for t in reference.ladder),
+        })
+        valid = math.isfinite(metrics.get("delta_f", math.nan))
+        self.tracker.set_tags(run.run_id, {"estimate_valid": str(valid).lower()})
+        self.tracker.log_bytes(run.run_id, trained.checkpoint, "checkpoint/flow.pt")
+        for name, figure in pipeline.figures(run.config, reference, run.samples,
+                                             estimates).items():
+            self.tracker.log_figure(run.run_id, figure, f"plots/{name}")
+
+    def _fail(self, run: JobRun, message: str, trace: str) -> None:
+        if run.stage == "failed":
+            return
+        run.stage, run.error = "failed", message
+        if run.run_id is None:
+            self._open_child_run(run)
+        self.tracker.set_tags(run.run_id, {"error": message[:5000], "failed_stage":
+                                           _last_stage(run)})
+        self.tracker.log_text(run.run_id, trace, "traceback.txt")
+        self.tracker.end(run.run_id, FAILED)
+
+
+def _stage_of(method: str) -> str:
+    return {"run_reference": "reference", "train": "train", "sample": "sample",
+            "potential": "energy"}[method]
+
+
+def _last_stage(run: JobRun) -> str:
+    return run.tasks[-1].stage if run.tasks else "pending"
+
+
+def _yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False)

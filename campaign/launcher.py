@@ -1,0 +1,138 @@
+"""Start or join Ray, check that the resources can be placed, run the driver, shut down."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from campaign.driver import Driver, JobRun, LaunchSummary, Progress
+from campaign.errors import SpecError
+from campaign.plan import Plan
+from campaign.tracking import Tracker, library_versions, project_commit, resolve_tracking_uri
+
+
+def local_capacity() -> dict[str, float]:
+    """CPUs and GPUs of this machine (what a local Ray instance gets)."""
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def check_resources(plan: Plan, nodes: list[dict[str, float]], where: str) -> None:
+    """Every role's actor must fit on at least one node; else a SpecError naming the field."""
+    for role, res in plan.resources.items():
+        for key, field in (("CPU", "cpus"), ("GPU", "gpus")):
+            asked = float(res[field])
+            best = max((node.get(key, 0.0) for node in nodes), default=0.0)
+            if asked > best:
+                raise SpecError(
+                    f"resources.{role}.{field}", res[field],
+                    f"the largest node of {where} has {best:g} {key}s; ask for at most that")
+
+
+def _ray_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+
+
+def start_ray(address: str | None) -> None:
+    import ray
+
+    if address:
+        # Ray >= 2.59 enables token auth on new clusters; a driver with RAY_AUTH_MODE unset then
+        # retries forever against a token cluster. Decide explicitly (DESIGN.md §5).
+        if "RAY_AUTH_MODE" not in os.environ:
+            token = Path.home() / ".ray" / "auth_token"
+            os.environ["RAY_AUTH_MODE"] = "token" if token.exists() else "disabled"
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+
+
+def launch_plan(plan: Plan, spec_path: Path, address: str | None, tracking_uri: str | None,
+                show_progress: bool) -> LaunchSummary:
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        check_resources(plan, [local_capacity()], "this machine")
+    uri = resolve_tracking_uri(tracking_uri, plan.spec.tracking.uri)
+    start_ray(address)
+    try:
+        if address:
+            check_resources(plan, _ray_nodes(), f"the Ray cluster at {address}")
+        tracker = Tracker(uri, plan.spec.experiment_name, plan.spec.tracking.artifact_location)
+        tags = {"campaign": plan.spec.name, "spec_hash": plan.spec_hash,
+                "git_commit": project_commit(), "spec_file": str(spec_path),
+                "ray_address": address or "local", **library_versions()}
+        progress = RichProgress() if show_progress else Progress()
+        return Driver(plan, tracker, tags, progress).run()
+    finally:
+        ray.shutdown()
+
+
+class RichProgress(Progress):
+    """Jobs done of total and the stage of each running job, on stderr.
+
+    On a terminal this is a live display; elsewhere (CI, logs) one line per event.
+    """
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.live: Any = None
+        self.running: dict[str, tuple[str, str, float]] = {}
+        self.total = self.done_count = self.failed = 0
+
+    def start(self, total: int, skipped: int) -> None:
+        self.total, self.done_count = total, skipped
+        if self.console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(self._render(), console=self.console, refresh_per_second=4,
+                             transient=False, get_renderable=self._render)
+            self.live.start()
+        else:
+            self.console.print(f"{total} jobs, {skipped} already finished")
+
+    def _render(self) -> Any:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        table = Table(show_header=True, header_style="bold", box=None)
+        for name in ("job", "grid", "stage", "s in stage"):
+            table.add_column(name)
+        now = time.time()
+        for job_id, (label, stage, since) in self.running.items():
+            table.add_row(job_id[:12], label, stage, f"{now - since:.0f}")
+        head = (f"jobs done {self.done_count}/{self.total}"
+                + (f" ({self.failed} failed)" if self.failed else ""))
+        bar = ProgressBar(total=max(self.total, 1), completed=self.done_count, width=40)
+        return Group(head, bar, table)
+
+    def stage(self, run: JobRun) -> None:
+        self.running[run.job.job_id] = (run.job.label, run.stage, time.time())
+        if self.live is None:
+            self.console.print(f"{run.job.job_id[:12]} {run.job.label}: {run.stage}")
+
+    def done(self, run: JobRun) -> None:
+        self.running.pop(run.job.job_id, None)
+        self.done_count += 1
+        self.failed += run.stage == "failed"
+        if self.live is None:
+            word = "FAILED: " + (run.error or "") if run.stage == "failed" else "finished"
+            self.console.print(f"{run.job.job_id[:12]} {run.job.label}: {word} "
+                               f"({self.done_count}/{self.total} done)")
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+        sys.stderr.flush()

@@ -1,0 +1,211 @@
+"""Expand a spec's grid into jobs with content-hash ids.
+
+A job id is the first 16 hex digits of the SHA-256 of the job's canonical resolved configuration
+(:class:`campaign.spec.JobConfig` dumped to JSON with sorted keys). It is the same on every run
+and machine, and changes when any setting that can change a result changes. The campaign name,
+resources and tracking settings are not part of it: moving a spec from a laptop to a cluster
+keeps the ids, so finished jobs are not redone.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from boltzgen.flows import build_flow
+from boltzgen.systems import make_system
+from campaign.errors import SpecError
+from campaign.spec import (
+    JOB_SECTIONS,
+    CampaignSpec,
+    JobConfig,
+    spec_error_from_validation,
+)
+
+
+def canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
+def content_hash(data: Any, length: int = 16) -> str:
+    return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:length]
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and scalars are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    config: JobConfig
+    grid_values: dict[str, Any]
+
+    @property
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.model_dump(mode="json")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The flattened resolved configuration (what MLflow records as params)."""
+        return flatten(self.config_dict)
+
+    @property
+    def label(self) -> str:
+        shown = " ".join(f"{k}={_short(v)}" for k, v in self.grid_values.items())
+        return f"{self.config.system.kind} {shown}".strip()
+
+
+@dataclass
+class Plan:
+    spec: CampaignSpec
+    jobs: list[Job]
+    spec_hash: str
+    resources: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def as_records(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "job_id": job.job_id,
+                "params": job.params,
+                "grid": job.grid_values,
+                "resources": self.resources,
+            }
+            for job in self.jobs
+        ]
+
+
+def make_plan(spec: CampaignSpec) -> Plan:
+    """Expand the grid, validate every job, hash it; raise SpecError on the first bad value."""
+    defaults = spec.model_dump(mode="python", include=set(JOB_SECTIONS), exclude_none=True)
+    defaults["seed"] = spec.seed
+    blocks = spec.grid if isinstance(spec.grid, list) else [spec.grid]
+    many_blocks = isinstance(spec.grid, list)
+    jobs: list[Job] = []
+    seen: set[str] = set()
+    for block_index, block in enumerate(blocks):
+        label = f"grid[{block_index}]" if many_blocks else "grid"
+        if not isinstance(block, dict):
+            raise SpecError(label, block, "a grid block is a mapping of axis -> values")
+        axes = _axes(block, label)
+        names = list(axes)
+        for combo in itertools.product(*(axes[name] for name in names)):
+            overrides = dict(zip(names, combo, strict=True))
+            config = _resolve(defaults, overrides, label)
+            job_id = content_hash(config.model_dump(mode="json"))
+            if job_id in seen:
+                continue  # two blocks can name the same job; it runs once
+            seen.add(job_id)
+            varying = {k: v for k, v in overrides.items() if isinstance(block[k], list)}
+            jobs.append(Job(job_id=job_id, config=config, grid_values=varying))
+    resources = spec.resources.model_dump(mode="json")
+    spec_hash = content_hash(
+        {"jobs": [job.job_id for job in jobs], "name": spec.name, "resources": resources}
+    )
+    return Plan(spec=spec, jobs=jobs, spec_hash=spec_hash, resources=resources)
+
+
+def _axes(block: dict[str, Any], label: str) -> dict[str, list[Any]]:
+    axes: dict[str, list[Any]] = {}
+    for path, values in block.items():
+        head = str(path).split(".", 1)[0]
+        if head not in JOB_SECTIONS:
+            allowed = ", ".join(JOB_SECTIONS)
+            raise SpecError(
+                f"{label}.{path}", path, f"a grid axis is a path into the job settings: {allowed}"
+            )
+        if isinstance(values, list):
+            if not values:
+                raise SpecError(f"{label}.{path}", values, "a grid axis needs at least one value")
+            axes[path] = values
+        else:
+            axes[path] = [values]
+    return axes
+
+
+def _resolve(defaults: dict[str, Any], overrides: dict[str, Any], label: str) -> JobConfig:
+    data = copy.deepcopy(defaults)
+    for path, value in overrides.items():
+        _set_path(data, path.split("."), copy.deepcopy(value), f"{label}.{path}")
+
+    def where(field_path: str) -> str:
+        # Name the grid axis when the bad value came from the grid, else the spec's own field.
+        for path in overrides:
+            if field_path == path or field_path.startswith(path + "."):
+                return f"{label}.{path}{field_path[len(path):]}"
+        return field_path
+
+    if "temperature" not in data:
+        raise SpecError("temperature", detail="required: set a target temperature at the top "
+                        "level or as a grid axis")
+    try:
+        config = JobConfig.model_validate(data)
+    except ValidationError as exc:
+        err = spec_error_from_validation(exc, prefix="")
+        raise err.at(where(err.field)) from None
+    try:
+        _check_science(config)
+    except SpecError as err:
+        raise err.at(where(err.field)) from None
+    return config
+
+
+def _set_path(data: dict[str, Any], keys: list[str], value: Any, label: str) -> None:
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise SpecError(label, child, f"'{key}' is not a mapping, so it has no sub-keys")
+        node = child
+    node[keys[-1]] = value
+
+
+def _check_science(config: JobConfig) -> None:
+    """Let the science package check the system and flow parameters it owns."""
+    try:
+        system = make_system(config.system.model_dump())
+    except (ValueError, TypeError) as exc:
+        raise _science_error(exc, "system") from None
+    try:
+        build_flow(system.dim, config.flow.model_dump())
+    except (ValueError, TypeError) as exc:
+        raise _science_error(exc, "flow") from None
+    base = config.base
+    if base.kind == "thermodynamic" and base.temperature is None:
+        raise SpecError("base.temperature", detail="required: a thermodynamic base needs a "
+                        "temperature > 0")
+    if base.kind == "normal" and base.temperature is not None:
+        raise SpecError("base.temperature", base.temperature,
+                        "a normal base has no temperature; use base.scale")
+    if base.kind == "thermodynamic" and config.reference.ladder_size < 2:
+        raise SpecError("reference.ladder_size", config.reference.ladder_size,
+                        "an MBAR ladder between the base and target temperatures needs >= 2")
+
+
+def _science_error(exc: Exception, section: str) -> SpecError:
+    """Science errors read '<field>: <message>'; keep that field, else name the section."""
+    text = str(exc)
+    field, sep, rest = text.partition(": ")
+    if sep and field.startswith(section) and " " not in field:
+        return SpecError(field, detail=rest)
+    return SpecError(section, detail=text)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("kind", "{...}"))
+    return str(value)

@@ -1,0 +1,65 @@
+"""Read a campaign's state back from MLflow: status per job and rows for comparison.
+
+Nothing here writes: a missing SQLite store or experiment means every job is pending.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from campaign.plan import Plan
+from campaign.tracking import (
+    FAILED,
+    FINISHED,
+    KILLED,
+    RUNNING,
+    JobRecord,
+    Tracker,
+    resolve_tracking_uri,
+)
+
+KEY_METRICS = ("delta_f", "delta_f_err", "reference_delta_f", "reference_delta_f_err",
+               "delta_f_lbar", "delta_f_lbar_err", "ess", "nll", "time_reference", "time_train",
+               "time_sample", "time_energy")
+STATE_OF_STATUS = {FINISHED: "finished", RUNNING: "running", FAILED: "failed", KILLED: "failed"}
+
+
+def _records(plan: Plan, tracking_uri: str | None) -> dict[str, JobRecord]:
+    uri = resolve_tracking_uri(tracking_uri, plan.spec.tracking.uri)
+    if not Tracker.store_exists(uri):
+        return {}
+    tracker = Tracker(uri, plan.spec.experiment_name, plan.spec.tracking.artifact_location)
+    return tracker.job_records(job.job_id for job in plan.jobs)
+
+
+def job_rows(plan: Plan, tracking_uri: str | None) -> list[dict[str, Any]]:
+    """A line per planned job: state (finished/running/failed/pending) and MLflow status."""
+    records = _records(plan, tracking_uri)
+    rows = []
+    for job in plan.jobs:
+        record = records.get(job.job_id)
+        status = record.status if record else None
+        rows.append({
+            "job_id": job.job_id, "label": job.label, "status": status,
+            "state": STATE_OF_STATUS.get(status, "pending") if status else "pending",
+            "run_id": record.run_id if record else None,
+            "error": record.tags.get("error") if record else None,
+        })
+    return rows
+
+
+def comparison_records(plan: Plan, tracking_uri: str | None) -> list[dict[str, Any]]:
+    """One object per job: job_id, status (MLflow's, or PENDING), params, metrics, grid."""
+    records = _records(plan, tracking_uri)
+    out = []
+    for job in plan.jobs:
+        record = records.get(job.job_id)
+        out.append({
+            "job_id": job.job_id,
+            "status": record.status if record else "PENDING",
+            "run_id": record.run_id if record else None,
+            "grid": job.grid_values,
+            "params": record.params if record else job.params,
+            "metrics": record.metrics if record else {},
+        })
+    return out

@@ -1,0 +1,267 @@
+"""Typed models of a campaign spec (YAML) and their validation.
+
+A spec holds the default job settings at its top level (``system``, ``temperature``, ``base``,
+``reference``, ``flow``, ``training``, ``sampling``), a ``grid`` whose axes override those settings,
+and campaign-wide settings that do not change any result (``resources``, ``tracking``).
+
+Grid semantics: ``grid`` is a mapping of axes, or a list of such mappings (blocks). An axis is a
+dotted path into the job settings (``temperature``, ``training.objective``, ``system``). A list
+value is an axis whose values are crossed with the other axes of its block; any other value
+(a scalar or a mapping) is fixed for that block. A value replaces what stands at its path. The
+jobs are the union over the blocks of each block's Cartesian product.
+
+Every failure raises :class:`campaign.errors.SpecError` with one line naming the field, the value
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+)
+
+from campaign.errors import SpecError
+
+SAFE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+STAGES = ("reference", "train", "sample", "energy")
+ROLES = ("mcmc", "trainer", "sampler", "energy_evaluator")
+
+
+def _finite_positive(value: float) -> float:
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a finite number > 0")
+    return value
+
+
+def _finite_non_negative(value: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a finite number >= 0")
+    return value
+
+
+def _fraction(value: float) -> float:
+    if not math.isfinite(value) or not 0 < value < 1:
+        raise ValueError("must be a number strictly between 0 and 1")
+    return value
+
+
+# Ints are strict: 2.5, "3" and true are refused rather than coerced.
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
+Number = StrictFloat | StrictInt
+PositiveFloat = Annotated[Number, AfterValidator(_finite_positive)]
+NonNegativeFloat = Annotated[Number, AfterValidator(_finite_non_negative)]
+Fraction = Annotated[Number, AfterValidator(_fraction)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SystemSettings(BaseModel):
+    """``kind`` plus the system's own keyword parameters (checked by the science registry)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: str
+
+
+class BaseSettings(Strict):
+    """State A of the free-energy difference ΔF = f_target − f_A.
+
+    ``normal``: a normalized Gaussian N(0, scale²) in flow coordinates (f_A = 0 exactly), so
+    ``delta_f`` is the absolute reduced free energy −ln Z of the target.
+    ``thermodynamic``: the same system at ``temperature``; ``delta_f`` is f(T) − f(T_A).
+    """
+
+    kind: Literal["normal", "thermodynamic"] = "normal"
+    scale: PositiveFloat = 1.0
+    temperature: PositiveFloat | None = None
+
+
+class ReferenceSettings(Strict):
+    """Replica-exchange MCMC that produces reference data (and the MBAR ladder)."""
+
+    ladder_size: PositiveInt = 4
+    hot_temperature_factor: PositiveFloat = 4.0
+    n_chains: PositiveInt = 32
+    n_steps: PositiveInt = 3000
+    burn_in: NonNegativeInt = 1000
+    thin: PositiveInt = 5
+    step_size: PositiveFloat = 0.3
+    exchange_every: PositiveInt = 10
+    n_bootstraps: NonNegativeInt = 50
+    holdout_fraction: Fraction = 0.5
+
+
+class FlowSettings(BaseModel):
+    """``kind`` plus the flow's keyword parameters (checked by the science registry)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: str = "affine_coupling"
+
+
+class TrainingSettings(Strict):
+    objective: Literal["maximum_likelihood", "reverse_kl"] = "maximum_likelihood"
+    steps: PositiveInt = 500
+    batch_size: PositiveInt = 256
+    learning_rate: PositiveFloat = 1e-3
+    final_learning_rate: PositiveFloat | None = None
+
+
+class SamplingSettings(Strict):
+    n_samples: PositiveInt = 10000
+    energy_batch_size: PositiveInt = 5000
+
+
+class JobConfig(Strict):
+    """The resolved settings of one job; its canonical JSON is hashed into the job id."""
+
+    seed: NonNegativeInt
+    system: SystemSettings
+    temperature: PositiveFloat
+    base: BaseSettings = BaseSettings()
+    reference: ReferenceSettings = ReferenceSettings()
+    flow: FlowSettings = FlowSettings()
+    training: TrainingSettings = TrainingSettings()
+    sampling: SamplingSettings = SamplingSettings()
+    inject_failure: Literal["reference", "train", "sample", "energy"] | None = Field(
+        default=None, description="raise on purpose in this stage (tests failure handling)"
+    )
+
+
+class RoleResources(Strict):
+    """Ray resources of one actor role: ``count`` actors each holding ``cpus`` and ``gpus``."""
+
+    count: PositiveInt = 1
+    cpus: PositiveFloat = 1.0
+    gpus: NonNegativeFloat = 0.0
+
+
+class Resources(Strict):
+    mcmc: RoleResources = RoleResources(count=1, cpus=0.5)
+    trainer: RoleResources = RoleResources(count=2, cpus=0.5)
+    sampler: RoleResources = RoleResources(count=1, cpus=0.25)
+    energy_evaluator: RoleResources = RoleResources(count=2, cpus=0.25)
+
+
+class Tracking(Strict):
+    experiment: str | None = None
+    uri: str | None = None
+    artifact_location: str | None = None
+
+
+class CampaignSpec(Strict):
+    name: str
+    seed: NonNegativeInt = 0
+    system: SystemSettings
+    temperature: PositiveFloat | None = None
+    base: BaseSettings = BaseSettings()
+    reference: ReferenceSettings = ReferenceSettings()
+    flow: FlowSettings = FlowSettings()
+    training: TrainingSettings = TrainingSettings()
+    sampling: SamplingSettings = SamplingSettings()
+    inject_failure: Literal["reference", "train", "sample", "energy"] | None = None
+    grid: dict[str, Any] | list[dict[str, Any]] = Field(default_factory=dict)
+    resources: Resources = Resources()
+    tracking: Tracking = Tracking()
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+
+JOB_SECTIONS = tuple(name for name in JobConfig.model_fields if name != "seed")
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """Read YAML with the safe loader; refuse anything that is not a non-empty mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError("spec", str(path), "give the path of an existing YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError("spec", str(path), f"the file must be readable UTF-8 ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as exc:
+        found = re.search(r"tag '([^']*)'", str(getattr(exc, "problem", "")))
+        tag = found.group(1) if found else "?"
+        raise SpecError(
+            "spec", tag, "only plain YAML (mappings, lists, scalars) is accepted; "
+            "tags that construct objects are refused"
+        ) from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise SpecError("spec", str(path), f"the file must be valid YAML{line}") from None
+    if data is None:
+        raise SpecError("spec", str(path), "the file is empty; a spec is a YAML mapping")
+    if not isinstance(data, dict):
+        raise SpecError(
+            "spec", type(data).__name__, "the top level of a spec must be a YAML mapping"
+        )
+    return data
+
+
+def parse_spec(data: dict[str, Any]) -> CampaignSpec:
+    """Validate the top level of a spec mapping (job settings are checked per job in the plan)."""
+    try:
+        spec = CampaignSpec.model_validate(data)
+    except ValidationError as exc:
+        raise spec_error_from_validation(exc, prefix="") from None
+    if not SAFE_NAME.match(spec.name):
+        raise SpecError(
+            "name", spec.name, "a name starts with a letter and has only letters, digits, _ "
+            "and - (at most 64 characters)"
+        )
+    if spec.tracking.experiment is not None and not spec.tracking.experiment.strip():
+        raise SpecError("tracking.experiment", spec.tracking.experiment, "give a non-empty name")
+    return spec
+
+
+def load_spec(path: str | Path) -> CampaignSpec:
+    return parse_spec(read_spec_file(path))
+
+
+def spec_error_from_validation(exc: ValidationError, prefix: str) -> SpecError:
+    """Turn pydantic's first error into one line: field, value, what is allowed."""
+    error = exc.errors(include_url=False)[0]
+    field = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
+    field = f"{prefix}{field}" if field else prefix.rstrip(".") or "spec"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(error["loc"])
+        return SpecError(field, detail=f"unknown key; allowed here: {allowed}")
+    if kind == "missing":
+        return SpecError(field, detail="this field is required")
+    message = error["msg"].removeprefix("Value error, ")
+    return SpecError(field, error.get("input"), message)
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> str:
+    """The keys the model at ``loc[:-1]`` accepts (for an unknown-key message)."""
+    model: Any = CampaignSpec
+    for part in loc[:-1]:
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return "see the README's spec format"
+        model = fields[part].annotation
+        if not hasattr(model, "model_fields"):  # a union or container: look for a model inside
+            model = next((a for a in getattr(model, "__args__", ()) if hasattr(a, "model_fields")),
+                         None)
+            if model is None:
+                return "see the README's spec format"
+    return ", ".join(getattr(model, "model_fields", {})) or "none"

@@ -1,0 +1,122 @@
+"""Bad input: one line on stderr naming field, value and what is allowed; exit 2; nothing started.
+
+Most cases run the CLI in-process (fast); one runs the installed console script in a subprocess
+to prove that the user sees exactly one line and no traceback.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from campaign.cli import app
+from tests.conftest import TINY_SPEC, write_spec
+
+runner = CliRunner()
+
+
+def _with(path: str, value: object) -> dict:
+    data = copy.deepcopy(TINY_SPEC)
+    node = data
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+    return data
+
+
+BAD_SPECS = {
+    # case: (spec mapping, words the message must contain)
+    "unknown top-level key": ({**TINY_SPEC, "tempratur": 1.0}, ["tempratur", "unknown key"]),
+    "unknown nested key": (_with("training.stepz", 3), ["training.stepz", "unknown key"]),
+    "unknown system kind": (_with("system", {"kind": "argon"}), ["system.kind", "argon",
+                                                                  "double_well"]),
+    "unknown system parameter": (_with("system", {"kind": "double_well", "depth": 3}),
+                                 ["system", "depth"]),
+    "zero temperature": (_with("temperature", 0), ["temperature", "0", "> 0"]),
+    "negative temperature": (_with("temperature", -1.5), ["temperature", "-1.5", "> 0"]),
+    "string temperature": (_with("temperature", "warm"), ["temperature", "warm"]),
+    "nan temperature": (_with("temperature", float("nan")), ["temperature", "nan"]),
+    "negative grid temperature": (_with("grid", {"temperature": [1.0, -2.0]}),
+                                  ["grid.temperature", "-2.0", "> 0"]),
+    "empty grid axis": (_with("grid", {"temperature": []}), ["grid.temperature", "at least one"]),
+    "unknown grid axis": (_with("grid", {"pressure": [1, 2]}), ["grid.pressure"]),
+    "negative steps": (_with("training.steps", -5), ["training.steps", "-5"]),
+    "fractional batch": (_with("training.batch_size", 2.5), ["training.batch_size", "2.5"]),
+    "zero samples": (_with("sampling.n_samples", 0), ["sampling.n_samples", "0"]),
+    "bad name": (_with("name", "my campaign!"), ["name", "my campaign!", "letter"]),
+    "missing system": ({k: v for k, v in TINY_SPEC.items() if k != "system"},
+                       ["system", "required"]),
+    "too many cpus": (_with("resources.trainer", {"count": 1, "cpus": 4096}),
+                      ["resources.trainer.cpus", "4096"]),
+    "too many gpus": (_with("resources.trainer", {"count": 1, "cpus": 1, "gpus": 64}),
+                      ["resources.trainer.gpus", "64"]),
+}
+
+BAD_FILES = {
+    "not yaml": ("name: [unclosed\n  - :", ["spec", "valid YAML"]),
+    "not a mapping": ("- 1\n- 2\n", ["spec", "list", "mapping"]),
+    "empty file": ("", ["spec", "empty"]),
+    "object tag": ("name: !!python/object/apply:os.system ['touch pwned']\n",
+                   ["spec", "tag"]),
+}
+
+
+def _assert_refused(result, words: list[str], workdir: Path) -> None:
+    import ray
+
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert "Traceback" not in result.output
+    assert not ray.is_initialized()
+    assert not (workdir / "mlflow.db").exists()
+    assert not (workdir / "pwned").exists()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_bad_spec_is_refused_by_launch(case: str, workdir: Path) -> None:
+    data, words = BAD_SPECS[case]
+    path = write_spec(workdir, data)
+    result = runner.invoke(app, ["launch", str(path)])
+    _assert_refused(result, words, workdir)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_file_is_refused(case: str, workdir: Path) -> None:
+    text, words = BAD_FILES[case]
+    path = workdir / "spec.yaml"
+    path.write_text(text)
+    for command in ("validate", "launch"):
+        _assert_refused(runner.invoke(app, [command, str(path)]), words, workdir)
+
+
+def test_missing_file_is_refused(workdir: Path) -> None:
+    _assert_refused(runner.invoke(app, ["launch", "nope.yaml"]), ["nope.yaml"], workdir)
+
+
+def test_console_script_prints_one_line(workdir: Path) -> None:
+    path = write_spec(workdir, _with("temperature", -1))
+    exe = Path(sys.executable).with_name("campaign")
+    proc = subprocess.run([str(exe), "launch", str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith("error: temperature: -1 is not allowed; must be a finite")
+    assert not (workdir / "mlflow.db").exists()
+
+
+def test_valid_spec_validates(workdir: Path) -> None:
+    path = write_spec(workdir, _with("grid", {"temperature": [1.0, 2.0]}))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "2 jobs" in result.stdout
