@@ -57,7 +57,10 @@ class TrainerActor(_StageWorker):
 
     def train(self, config: Mapping[str, Any], reference: pipeline.ReferenceData
               ) -> tuple[pipeline.TrainedFlow, Timing]:
-        return self._timed(pipeline.train, config, reference)
+        # Ray sets CUDA_VISIBLE_DEVICES for an actor that holds GPUs; one that asked for none
+        # trains on the CPU even where Ray leaves GPUs visible (Ray >= 2.60).
+        device = "cuda" if self.gpus > 0 and torch.cuda.is_available() else "cpu"
+        return self._timed(pipeline.train, config, reference, device)
 
 
 class SamplerActor(_StageWorker):

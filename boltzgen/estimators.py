@@ -28,6 +28,7 @@ import torch
 from scipy.special import logsumexp
 
 from boltzgen._checks import check_float, check_int
+from boltzgen._pymbar import pymbar
 
 
 @dataclass
@@ -121,13 +122,15 @@ def lbar(forward_work: np.ndarray, reverse_work: np.ndarray) -> tuple[float, flo
 
     forward_work[n] = -log w_F = u_B(T x_n) - u_A(x_n) - log|det J_T(x_n)| for x_n ~ A;
     reverse_work[m] = u_A(T^-1 y_m) - u_B(y_m) - log|det J_{T^-1}(y_m)| for y_m ~ B.
-    Non-finite works are dropped. An error that pymbar returns as NaN because round-off made the
-    (non-negative) variance slightly negative is reported as 0. Returns (NaN, NaN) when a side
+    Non-finite works are dropped. Where pymbar's asymptotic error is not finite (overflow from
+    extreme works, or round-off for a perfect map) the error is a bootstrap over both work sets
+    (50 resamplings). Returns (NaN, NaN) when a side
     has no finite work, when BAR fails to bracket / converge, or when pymbar would fall back to
     its silent "0 ± 0" guess for non-overlapping work distributions (meaningless numbers).
     """
-    from pymbar import other_estimators  # local import: slow, prints a JAX notice
-    from pymbar.utils import BoundsError, ConvergenceError, ParameterError
+    other_estimators = pymbar().other_estimators
+    BoundsError, ConvergenceError, ParameterError = (
+        pymbar().utils.BoundsError, pymbar().utils.ConvergenceError, pymbar().utils.ParameterError)
 
     w_f = _as_1d("forward_work", forward_work)
     w_r = _as_1d("reverse_work", reverse_work)
@@ -154,12 +157,33 @@ def lbar(forward_work: np.ndarray, reverse_work: np.ndarray) -> tuple[float, flo
     delta_f, err = float(result["Delta_f"]), float(result["dDelta_f"])
     if not math.isfinite(delta_f):
         return math.nan, math.nan
-    if math.isnan(err):
-        # pymbar's BAR variance <f^2>/<f>^2/N_F + <g^2>/<g>^2/N_R - (N_F + N_R)/(N_F N_R) is >= 0
-        # by Cauchy-Schwarz; it only turns negative (sqrt -> NaN) by round-off when it is ~0,
-        # i.e. for (nearly) constant works of a (nearly) perfect map.
-        err = 0.0
+    if not math.isfinite(err):
+        # pymbar's asymptotic variance overflows (inf/inf) when a few works are extreme, and
+        # turns slightly negative by round-off for a (nearly) perfect map. Neither says the
+        # error is zero: fall back to a bootstrap over both work sets.
+        err = _bootstrap_bar_error(w_f, w_r)
     return delta_f, err
+
+
+def _bootstrap_bar_error(w_f: np.ndarray, w_r: np.ndarray, n_bootstraps: int = 50,
+                         seed: int = 0) -> float:
+    """1-sigma of BAR's ΔF over bootstrap resamplings of the forward and reverse works (kT)."""
+    other_estimators = pymbar().other_estimators
+    rng = np.random.default_rng(seed)
+    values = []
+    numpy_errors = np.geterr()
+    try:
+        for _ in range(n_bootstraps):
+            f = w_f[rng.integers(0, w_f.size, w_f.size)]
+            r = w_r[rng.integers(0, w_r.size, w_r.size)]
+            with np.errstate(all="ignore"):
+                values.append(other_estimators.bar(f, r, compute_uncertainty=False)["Delta_f"])
+    except Exception:  # a resample BAR cannot solve: no honest error bar
+        return math.nan
+    finally:
+        np.seterr(**numpy_errors)
+    values = np.asarray(values, dtype=float)
+    return float(np.std(values, ddof=1)) if np.all(np.isfinite(values)) else math.nan
 
 
 def mbar_ladder(
@@ -177,7 +201,7 @@ def mbar_ladder(
     ``n_bootstraps`` bootstrap resamplings (reproducible from ``seed``; the global NumPy RNG
     state is restored afterwards), or from the asymptotic covariance if ``n_bootstraps == 0``.
     """
-    from pymbar import MBAR  # local import: slow, prints a JAX notice
+    MBAR = pymbar().MBAR
 
     temps = [
         check_float(f"temperatures[{i}]", t, positive=True) for i, t in enumerate(temperatures)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from boltzgen._checks import check_float, check_int
+from boltzgen._pymbar import pymbar
 
 _TARGET_ACCEPTANCE = 0.4
 _ADAPT_GAIN = 0.1
@@ -203,7 +204,7 @@ def decorrelated(
 
     Returns (samples (M, dim), potentials (M,), g) with M = n_chains * ceil(n_frames / ceil(g)).
     """
-    from pymbar import timeseries  # local import: pymbar is slow to import and chatty
+    timeseries = pymbar().timeseries
 
     samples = np.asarray(samples, dtype=np.float64)
     potentials = np.asarray(potentials, dtype=np.float64)

@@ -220,27 +220,33 @@ class TrainedFlow:
     checkpoint: bytes  # torch.save of {"state_dict", "flow_config", "dim"}
     losses: list[float]
     seconds: float
+    skipped_steps: int = 0  # steps whose loss or gradient was not finite
 
 
-def train(config: Mapping[str, Any], reference: ReferenceData) -> TrainedFlow:
-    """Fit the flow A -> B by maximum likelihood on B's MCMC data or by reverse KL (LFEP loss)."""
+def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cpu"
+          ) -> TrainedFlow:
+    """Fit the flow A -> B by maximum likelihood on B's MCMC data or by reverse KL (LFEP loss).
+
+    ``device`` is where the flow trains ("cuda" when the caller holds a GPU); the checkpoint is
+    always saved from CPU tensors so that any process can load it.
+    """
     check_injected_failure(config, "train")
     start = time.perf_counter()
     problem = Problem.from_config(config)
     seed = stage_seed(config, "train")
     torch.manual_seed(seed)
-    flow = build_flow(problem.system.dim, config["flow"])
+    flow = build_flow(problem.system.dim, config["flow"]).to(device)
     generator = torch.Generator().manual_seed(seed)
     training = config["training"]
     if isinstance(problem.base, NormalBase):
 
         def sample_a(n: int) -> torch.Tensor:
-            return problem.base.sample(n, generator)
+            return problem.base.sample(n, generator).to(device)
     else:
-        pool = torch.as_tensor(reference.base_train, dtype=torch.float64)
+        pool = _tensor(reference.base_train)
 
         def sample_a(n: int) -> torch.Tensor:
-            return pool[torch.randint(len(pool), (n,), generator=generator)]
+            return pool[torch.randint(len(pool), (n,), generator=generator)].to(device)
 
     result = train_flow(
         flow,
@@ -251,20 +257,21 @@ def train(config: Mapping[str, Any], reference: ReferenceData) -> TrainedFlow:
         u_a=problem.base.reduced_energy,
         u_b=problem.target_reduced_energy,
         sample_a=sample_a,
-        data_b=torch.as_tensor(reference.target_train, dtype=torch.float64),
+        data_b=_tensor(reference.target_train).to(device),
         seed=seed,
         final_learning_rate=training.get("final_learning_rate"),
     )
     buffer = io.BytesIO()
     torch.save(
         {
-            "state_dict": flow.state_dict(),
+            "state_dict": {k: v.cpu() for k, v in flow.state_dict().items()},
             "flow_config": dict(config["flow"]),
             "dim": problem.system.dim,
         },
         buffer,
     )
-    return TrainedFlow(buffer.getvalue(), result.losses, time.perf_counter() - start)
+    return TrainedFlow(buffer.getvalue(), result.losses, time.perf_counter() - start,
+                       result.n_skipped)
 
 
 def load_flow(checkpoint: bytes) -> torch.nn.Module:
@@ -304,11 +311,11 @@ def sample(
         x = problem.base.sample(n, generator)
         u_a = problem.base.reduced_energy(x)
     else:
-        x = torch.as_tensor(reference.base_test[:n], dtype=torch.float64)
-        u_a = torch.as_tensor(reference.base_test_potential[:n]) / (
+        x = _tensor(reference.base_test[:n])
+        u_a = _tensor(reference.base_test_potential[:n]) / (
             problem.system.boltzmann_constant * problem.base.temperature
         )
-    y_b = torch.as_tensor(reference.target_test, dtype=torch.float64)
+    y_b = _tensor(reference.target_test)
     with torch.no_grad():
         mapped, logdet = _batched(flow.forward, x, batch_size)
         back, logdet_inv = _batched(flow.inverse, y_b, batch_size)
@@ -328,6 +335,11 @@ def sample(
     )
 
 
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """float64 tensor of a copy: arrays that arrive through Ray's object store are read-only."""
+    return torch.from_numpy(np.array(array, dtype=np.float64))
+
+
 def _batched(fn: Any, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     outs, logdets = [], []
     for chunk in torch.split(x, batch_size):
@@ -342,7 +354,7 @@ def potential_energy(config: Mapping[str, Any], x: np.ndarray) -> np.ndarray:
     check_injected_failure(config, "energy")
     system = make_system(config["system"])
     with torch.no_grad():
-        return system.potential(torch.as_tensor(x, dtype=torch.float64)).numpy()
+        return system.potential(_tensor(x)).numpy()
 
 
 def energy_requests(samples: SampleSet, problem: Problem) -> dict[str, np.ndarray]:

@@ -124,9 +124,10 @@ def compare(spec: SpecPath, tracking_uri: TrackingUri = None,
         return
     params = sorted({k for r in records for k in r["grid"]})
     metrics = [m for m in KEY_METRICS if any(m in r["metrics"] for r in records)]
-    header = ["job_id", "status", *params, *metrics]
-    rows = [[r["job_id"], r["status"], *(r["grid"].get(p, "") for p in params),
-             *(_fmt(r["metrics"].get(m)) for m in metrics)] for r in records]
+    header = ["job_id", "status", "system", *params, *metrics]
+    rows = [[r["job_id"], r["status"], r["params"].get("system.kind", ""),
+             *(r["grid"].get(p, "") for p in params),
+             *(r["metrics"].get(m, "") for m in metrics)] for r in records]
     if fmt == CompareFormat.csv:
         buffer = io.StringIO()
         writer = csv.writer(buffer)
@@ -136,16 +137,22 @@ def compare(spec: SpecPath, tracking_uri: TrackingUri = None,
         return
     from rich.table import Table
 
-    table = Table(title=f"{plan.spec.name}: {len(records)} jobs")
-    for name in header:
-        table.add_column(name, overflow="fold")
+    shown = [i for i, name in enumerate(header) if name in TABLE_COLUMNS or i < 3 + len(params)]
+    table = Table(title=f"{plan.spec.name}: {len(records)} jobs (free energies in kT)")
+    for i in shown:
+        name = header[i].replace("reference_", "ref_")
+        table.add_column(name, no_wrap=True, min_width=min(len(name), 16))
     for row in rows:
-        table.add_row(*(str(x) for x in row))
-    Console(width=max(160, Console().width)).print(table)
+        table.add_row(*(str(row[i])[:12] if i == 0 else _fmt(row[i]) for i in shown))
+    Console(width=max(200, Console().width)).print(table)
+
+
+TABLE_COLUMNS = ("delta_f", "delta_f_err", "reference_delta_f", "reference_delta_f_err", "ess",
+                 "nll", "time_train")
 
 
 def _fmt(value: Any) -> str:
-    return "" if value is None else f"{value:.4g}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _print_plan(plan: Any, fmt: LaunchFormat) -> None:

@@ -332,6 +332,7 @@ class Driver:
                            ("sample", "time_sample"), ("energy", "time_energy")):
             metrics[key] = run.stage_seconds(stage)
         metrics["time_orchestration"] = run.orchestration_overhead
+        metrics["train_skipped_steps"] = trained.skipped_steps
         self.tracker.log_metrics(run.run_id, metrics)
         self.tracker.log_series(run.run_id, "train_loss", trained.losses)
         self.tracker.log_params(run.run_id, {

@@ -191,6 +191,9 @@ def _check_science(config: JobConfig) -> None:
     if base.kind == "normal" and base.temperature is not None:
         raise SpecError("base.temperature", base.temperature,
                         "a normal base has no temperature; use base.scale")
+    if base.kind == "thermodynamic" and base.temperature == config.temperature:
+        raise SpecError("base.temperature", base.temperature,
+                        "it equals the target temperature (ΔF = 0); choose another")
     if base.kind == "thermodynamic" and config.reference.ladder_size < 2:
         raise SpecError("reference.ladder_size", config.reference.ladder_size,
                         "an MBAR ladder between the base and target temperatures needs >= 2")

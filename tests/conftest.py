@@ -13,7 +13,7 @@ TINY_SPEC = {
     "system": {"kind": "double_well"},
     "base": {"kind": "normal", "scale": 2.0},
     "temperature": 1.0,
-    "reference": {"ladder_size": 3, "n_chains": 16, "n_steps": 1200, "burn_in": 400, "thin": 4},
+    "reference": {"ladder_size": 3, "n_chains": 128, "n_steps": 1200, "burn_in": 400, "thin": 4},
     "flow": {"kind": "affine_coupling", "n_layers": 4, "hidden": 32},
     "training": {"objective": "maximum_likelihood", "steps": 300, "batch_size": 256,
                  "learning_rate": 0.003},

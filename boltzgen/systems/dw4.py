@@ -106,7 +106,8 @@ class DW4(System):
 
     def observables(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """{"pair_distance": all 6 distances of every sample, length 6N; "energy": U, length N}."""
-        z = torch.as_tensor(self._as_samples(x), dtype=torch.float64)
+        # A copy: arrays that arrive through an object store are read-only.
+        z = torch.from_numpy(np.array(self._as_samples(x), dtype=np.float64))
         with torch.no_grad():
             d = self.pair_distances(z)
             energy = self.potential(z)
