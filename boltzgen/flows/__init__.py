@@ -2,6 +2,9 @@
 
 ``build_flow(dim, {"kind": "affine_coupling", "n_layers": 8})``; every error names the config
 field (``flow.kind``, ``flow.<param>``), shows the value and lists what is allowed.
+
+Kinds: ``affine_coupling`` (RealNVP, :mod:`boltzgen.flows.coupling`) and ``spline_coupling``
+(rational-quadratic neural spline flow, :mod:`boltzgen.flows.spline`).
 """
 
 from __future__ import annotations
@@ -12,11 +15,21 @@ from collections.abc import Mapping
 from torch import nn
 
 from boltzgen.flows.coupling import AffineCouplingFlow
+from boltzgen.flows.spline import SplineCouplingFlow
 
-_FLOWS: dict[str, type[nn.Module]] = {"affine_coupling": AffineCouplingFlow}
+_FLOWS: dict[str, type[nn.Module]] = {
+    "affine_coupling": AffineCouplingFlow,
+    "spline_coupling": SplineCouplingFlow,
+}
 FLOW_KINDS: list[str] = list(_FLOWS)
 
-__all__ = ["FLOW_KINDS", "AffineCouplingFlow", "build_flow", "flow_parameter_names"]
+__all__ = [
+    "FLOW_KINDS",
+    "AffineCouplingFlow",
+    "SplineCouplingFlow",
+    "build_flow",
+    "flow_parameter_names",
+]
 
 
 def _flow_class(kind: object) -> type[nn.Module]:
