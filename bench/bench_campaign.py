@@ -62,7 +62,12 @@ def run_campaign(data: dict, workdir: Path) -> dict:
     runs = summary.finished
     first_submit = min(t.submitted for r in runs for t in r.tasks)
     last_seen = max(t.seen for r in runs for t in r.tasks)
+    busy: dict[str, float] = {}
+    for run in runs:
+        for task in run.tasks:
+            busy[task.stage] = busy.get(task.stage, 0.0) + (task.end - task.start)
     return {
+        "busy_s_by_stage": busy,
         "wall_s": wall,
         "jobs_phase_s": last_seen - first_submit,
         "overhead_per_job_s": [r.orchestration_overhead for r in runs],
@@ -132,6 +137,10 @@ def main() -> None:
           f"max {result['overhead_per_job_max_s']:.3f} s")
     print(f"driver recording per job (estimate, plots, MLflow): "
           f"mean {result['record_per_job_mean_s']:.2f} s")
+    phase = campaign["jobs_phase_s"]
+    print("actor busy s by stage (fraction of jobs phase x CPUs): " + ", ".join(
+        f"{stage} {sec:.0f} ({sec / (phase * (os.cpu_count() or 1)):.0%})"
+        for stage, sec in campaign["busy_s_by_stage"].items()))
     print(f"written to {args.out}")
 
 

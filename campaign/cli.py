@@ -86,6 +86,9 @@ def launch(
                               show_progress=fmt == LaunchFormat.table)
     except SpecError as error:
         _fail_input(error)
+    except RuntimeError as error:  # the campaign could not go on (e.g. no actor could start)
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(1) from None
     _print_summary(summary, fmt)
     if summary.failed:
         raise typer.Exit(1)

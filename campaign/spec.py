@@ -102,6 +102,7 @@ class ReferenceSettings(Strict):
     step_size: PositiveFloat = 0.3
     exchange_every: PositiveInt = 10
     n_bootstraps: NonNegativeInt = 50
+    mbar_max_samples_per_state: PositiveInt = 2000
     holdout_fraction: Fraction = 0.5
 
 

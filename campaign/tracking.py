@@ -62,8 +62,9 @@ class JobRecord:
 
 class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_location: str | None = None) -> None:
-        _quiet_mlflow()
         from mlflow.tracking import MlflowClient
+
+        _quiet_mlflow()  # after the import: importing mlflow sets its loggers to INFO
 
         self.uri = uri
         self.experiment_name = experiment

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 TINY_SPEC = {
@@ -22,6 +23,15 @@ TINY_SPEC = {
                   "sampler": {"count": 1, "cpus": 0.25},
                   "energy_evaluator": {"count": 2, "cpus": 0.25}},
 }
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a small shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

@@ -48,15 +48,6 @@ SMALL = {
 IDENTITY_ATOL = {"affine_coupling": 0.0, "spline_coupling": 1e-13}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _small_flow(kind: str, dim: int) -> torch.nn.Module:
     return FLOW_CLASSES[kind](dim, **SMALL[kind])
 

@@ -14,15 +14,6 @@ from boltzgen.mcmc import decorrelated, replica_exchange
 SIGMA = np.array([1.0, 2.0])  # widths at T = 1 (reduced units)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _gaussian_potential(x: torch.Tensor) -> torch.Tensor:
     """U(x) = Σ_i x_i^2 / (2 σ_i^2) in kT units at T = 1; at temperature T, x_i ~ N(0, σ_i^2 T)."""
     return 0.5 * (x**2 / x.new_tensor(SIGMA) ** 2).sum(dim=-1)

@@ -21,15 +21,6 @@ F_B = -math.log(2 * math.pi * float(SIGMA.prod()))
 ENTROPY_B = 1.0 + math.log(2 * math.pi) + math.log(float(SIGMA.prod()))  # -E_B[log p_B]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def u_b(y: torch.Tensor) -> torch.Tensor:
     return 0.5 * (((y - MU) / SIGMA) ** 2).sum(dim=-1)
 

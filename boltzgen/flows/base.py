@@ -24,6 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from boltzgen._checks import check_int
+
 
 def conditioning_indices(dim: int, layer: int) -> list[int]:
     """Indices that condition block ``layer`` (the others are transformed); non-empty both ways."""
@@ -149,3 +151,11 @@ class CouplingFlow(nn.Module):
             y, ld = block.inverse(y)
             logdet = logdet + ld
         return y, logdet
+
+
+def check_stack_args(dim: int, n_layers: int, hidden: int, n_hidden_layers: int
+                     ) -> tuple[int, int, int, int]:
+    """Validate the arguments every coupling stack shares (ValueError naming the argument)."""
+    return (check_int("dim", dim, minimum=2), check_int("n_layers", n_layers, minimum=1),
+            check_int("hidden", hidden, minimum=1),
+            check_int("n_hidden_layers", n_hidden_layers, minimum=1))

@@ -26,8 +26,14 @@ from __future__ import annotations
 
 import torch
 
-from boltzgen._checks import check_float, check_int
-from boltzgen.flows.base import CouplingFlow, ElementwiseAffine, MaskedCoupling, conditioner_mlp
+from boltzgen._checks import check_float
+from boltzgen.flows.base import (
+    CouplingFlow,
+    ElementwiseAffine,
+    MaskedCoupling,
+    check_stack_args,
+    conditioner_mlp,
+)
 
 __all__ = ["AffineCoupling", "AffineCouplingFlow", "ElementwiseAffine"]
 
@@ -81,10 +87,8 @@ class AffineCouplingFlow(CouplingFlow):
         n_hidden_layers: int = 2,
         scale_clamp: float = 3.0,
     ) -> None:
-        dim = check_int("dim", dim, minimum=2)
-        n_layers = check_int("n_layers", n_layers, minimum=1)
-        hidden = check_int("hidden", hidden, minimum=1)
-        n_hidden_layers = check_int("n_hidden_layers", n_hidden_layers, minimum=1)
+        dim, n_layers, hidden, n_hidden_layers = check_stack_args(
+            dim, n_layers, hidden, n_hidden_layers)
         scale_clamp = check_float("scale_clamp", scale_clamp, positive=True)
         super().__init__(
             dim,

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from boltzgen._checks import check_float, check_int
-from boltzgen.flows.base import CouplingFlow, MaskedCoupling, conditioner_mlp
+from boltzgen.flows.base import CouplingFlow, MaskedCoupling, check_stack_args, conditioner_mlp
 
 __all__ = ["SplineCoupling", "SplineCouplingFlow", "rational_quadratic_spline"]
 
@@ -213,10 +213,8 @@ class SplineCouplingFlow(CouplingFlow):
         n_bins: int = 8,
         tail_bound: float = 5.0,
     ) -> None:
-        dim = check_int("dim", dim, minimum=2)
-        n_layers = check_int("n_layers", n_layers, minimum=1)
-        hidden = check_int("hidden", hidden, minimum=1)
-        n_hidden_layers = check_int("n_hidden_layers", n_hidden_layers, minimum=1)
+        dim, n_layers, hidden, n_hidden_layers = check_stack_args(
+            dim, n_layers, hidden, n_hidden_layers)
         n_bins = check_int("n_bins", n_bins, minimum=2)
         if n_bins > MAX_BINS:
             raise ValueError(
