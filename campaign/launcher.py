@@ -12,7 +12,13 @@ from typing import Any
 from campaign.driver import Driver, JobRun, LaunchSummary, Progress
 from campaign.errors import SpecError
 from campaign.plan import Plan
-from campaign.tracking import Tracker, library_versions, project_commit, resolve_tracking_uri
+from campaign.tracking import (
+    FINISHED,
+    Tracker,
+    library_versions,
+    project_commit,
+    resolve_tracking_uri,
+)
 
 
 def local_capacity() -> dict[str, float]:
@@ -62,9 +68,12 @@ def launch_plan(plan: Plan, spec_path: Path, address: str | None, tracking_uri: 
     if not address:
         check_resources(plan, [local_capacity()], "this machine")
     uri = resolve_tracking_uri(tracking_uri, plan.spec.tracking.uri)
-    start_ray(address)
+    # Nothing to run (every job finished before): record the launch, start no Ray.
+    all_done = Tracker.store_exists(uri) and _all_finished(plan, uri)
+    if not all_done:
+        start_ray(address)
     try:
-        if address:
+        if address and not all_done:
             check_resources(plan, _ray_nodes(), f"the Ray cluster at {address}")
         tracker = Tracker(uri, plan.spec.experiment_name, plan.spec.tracking.artifact_location)
         tags = {"campaign": plan.spec.name, "spec_hash": plan.spec_hash,
@@ -73,7 +82,15 @@ def launch_plan(plan: Plan, spec_path: Path, address: str | None, tracking_uri: 
         progress = RichProgress() if show_progress else Progress()
         return Driver(plan, tracker, tags, progress).run()
     finally:
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _all_finished(plan: Plan, uri: str) -> bool:
+    tracker = Tracker(uri, plan.spec.experiment_name, plan.spec.tracking.artifact_location)
+    records = tracker.job_records(job.job_id for job in plan.jobs)
+    return all(job.job_id in records and records[job.job_id].status == FINISHED
+               for job in plan.jobs)
 
 
 class RichProgress(Progress):
@@ -115,7 +132,9 @@ class RichProgress(Progress):
         head = (f"jobs done {self.done_count}/{self.total}"
                 + (f" ({self.failed} failed)" if self.failed else ""))
         bar = ProgressBar(total=max(self.total, 1), completed=self.done_count, width=40)
-        return Group(head, bar, table)
+        top = Table.grid(padding=(0, 2))
+        top.add_row(bar, head)  # a grid row ends its line; a bare ProgressBar does not
+        return Group(top, table)
 
     def stage(self, run: JobRun) -> None:
         self.running[run.job.job_id] = (run.job.label, run.stage, time.time())
