@@ -79,6 +79,9 @@ def launch(
     if dry_run:
         _print_plan(plan, fmt)
         return
+    from campaign.cluster import configure_ray_auth, ray_address
+
+    configure_ray_auth(ray_address(address))  # before Ray is imported (DESIGN.md §5)
     from campaign.launcher import launch_plan
 
     try:

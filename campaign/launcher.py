@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from campaign.cluster import ray_address, unreachable_reason
 from campaign.driver import Driver, JobRun, LaunchSummary, Progress
 from campaign.errors import SpecError
 from campaign.plan import Plan
@@ -50,11 +51,11 @@ def start_ray(address: str | None) -> None:
     import ray
 
     if address:
-        # Ray >= 2.59 enables token auth on new clusters; a driver with RAY_AUTH_MODE unset then
-        # retries forever against a token cluster. Decide explicitly (DESIGN.md §5).
-        if "RAY_AUTH_MODE" not in os.environ:
-            token = Path.home() / ".ray" / "auth_token"
-            os.environ["RAY_AUTH_MODE"] = "token" if token.exists() else "disabled"
+        reason = unreachable_reason(address)
+        if reason is not None:
+            raise SpecError("--address", address, f"no Ray cluster answers there ({reason}); "
+                            "start one (ray start --head) or leave --address and RAY_ADDRESS "
+                            "unset for a local instance")
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     else:
         ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
@@ -64,7 +65,7 @@ def launch_plan(plan: Plan, spec_path: Path, address: str | None, tracking_uri: 
                 show_progress: bool) -> LaunchSummary:
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = ray_address(address)
     if not address:
         check_resources(plan, [local_capacity()], "this machine")
     uri = resolve_tracking_uri(tracking_uri, plan.spec.tracking.uri)

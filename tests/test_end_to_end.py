@@ -135,3 +135,22 @@ def test_second_launch_resumes(campaign_dir: Path, monkeypatch: pytest.MonkeyPat
     status = _run(["status", str(spec)], campaign_dir, monkeypatch)
     assert status.exit_code == 0
     assert status.stdout.splitlines()[0] == "2 finished, 0 running, 1 failed, 0 pending (of 3 jobs)"
+
+
+def test_launch_with_every_job_finished_starts_no_ray(campaign_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import campaign.launcher
+
+    def no_ray(address: str | None) -> None:
+        raise AssertionError("Ray was started although every job had finished")
+
+    monkeypatch.setattr(campaign.launcher, "start_ray", no_ray)
+    data = copy.deepcopy(TINY_SPEC)
+    data["grid"] = {"temperature": [1.0, 2.0]}  # the two jobs that finished above
+    spec = write_spec(campaign_dir, data, "finished_only.yaml")
+    before = _finished_child_runs(campaign_dir)
+    result = _run(["launch", str(spec), "--format", "json"], campaign_dir, monkeypatch)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert len(summary["skipped"]) == 2 and summary["finished"] == []
+    assert _finished_child_runs(campaign_dir) == before
