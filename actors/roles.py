@@ -8,6 +8,7 @@ actor (which re-runs ``__init__``) loses nothing.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -72,10 +73,29 @@ class SamplerActor(_StageWorker):
 
 
 class EnergyEvaluatorActor(_StageWorker):
-    """Potential energies of batches of configurations (one of a pool)."""
+    """Potential energies and forces of batches of configurations (one of a pool).
+
+    Owns its energy functions (an OpenMM Context for the OpenMM backend), built once per
+    system/backend and kept for later batches.
+    """
+
+    def __init__(self, cpus: float = 1.0, gpus: float = 0.0) -> None:
+        super().__init__(cpus, gpus)
+        self._functions: dict[str, pipeline.EnergyFunction] = {}
+
+    def _function(self, config: Mapping[str, Any]) -> pipeline.EnergyFunction:
+        key = json.dumps([config["system"], config.get("energy")], sort_keys=True)
+        if key not in self._functions:
+            self._functions[key] = pipeline.make_energy_function(config, self.threads)
+        return self._functions[key]
 
     def potential(self, config: Mapping[str, Any], x: np.ndarray) -> tuple[np.ndarray, Timing]:
-        return self._timed(pipeline.potential_energy, config, x)
+        return self._timed(pipeline.potential_energy, config, x, self._function(config))
+
+    def energies_and_forces(self, config: Mapping[str, Any], x: np.ndarray
+                            ) -> tuple[tuple[np.ndarray, np.ndarray], Timing]:
+        """(U (B,), ∇U (B, dim)) in the system's energy units per flow coordinate."""
+        return self._timed(self._function(config), x)
 
 
 ROLE_CLASSES: dict[str, type[_StageWorker]] = {

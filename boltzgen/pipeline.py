@@ -25,7 +25,7 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from boltzgen.estimators import (
 )
 from boltzgen.flows import build_flow
 from boltzgen.mcmc import decorrelated, replica_exchange
+from boltzgen.openmm_bridge import OpenMMEvaluator
 from boltzgen.states import NormalBase, ThermodynamicBase
 from boltzgen.systems import System, make_system
 from boltzgen.training import train_flow
@@ -353,12 +354,44 @@ def _batched(fn: Any, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, t
     return torch.cat(outs), torch.cat(logdets)
 
 
-def potential_energy(config: Mapping[str, Any], x: np.ndarray) -> np.ndarray:
+EnergyFunction = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def make_energy_function(config: Mapping[str, Any], threads: int = 1) -> EnergyFunction:
+    """x (B, dim) flow coordinates -> (U (B,) energy units, ∇U (B, dim)) by the job's backend.
+
+    ``energy.backend = torch``: the system's own potential, gradient by autograd.
+    ``energy.backend = openmm``: the system's OpenMM form on ``energy.platform`` with
+    ``threads`` CPU threads; the Context is built on first use, in the calling process.
+    """
+    system = make_system(config["system"])
+    energy = config.get("energy") or {"backend": "torch"}
+    if energy["backend"] == "openmm":
+        import openmm
+
+        evaluator = OpenMMEvaluator(openmm.XmlSerializer.serialize(system.openmm_system()),
+                                    platform=energy.get("platform", "CPU"), threads=threads)
+
+        def openmm_energy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            u, forces = evaluator.energies_and_forces(system.openmm_positions(x))
+            return u, system.flow_gradient(forces)
+
+        return openmm_energy
+
+    def torch_energy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        xt = _tensor(x).requires_grad_(True)
+        u = system.potential(xt)
+        (grad,) = torch.autograd.grad(u.sum(), xt)
+        return u.detach().numpy(), grad.numpy()
+
+    return torch_energy
+
+
+def potential_energy(config: Mapping[str, Any], x: np.ndarray,
+                     energy_function: EnergyFunction | None = None) -> np.ndarray:
     """U(x) in the system's energy units for a batch of flow coordinates (energy stage)."""
     check_injected_failure(config, "energy")
-    system = make_system(config["system"])
-    with torch.no_grad():
-        return system.potential(_tensor(x)).numpy()
+    return (energy_function or make_energy_function(config))(x)[0]
 
 
 def energy_requests(samples: SampleSet, problem: Problem) -> dict[str, np.ndarray]:

@@ -184,6 +184,9 @@ def _check_science(config: JobConfig) -> None:
         build_flow(system.dim, config.flow.model_dump())
     except (ValueError, TypeError) as exc:
         raise _science_error(exc, "flow") from None
+    if config.energy.backend == "openmm" and not system.supports_openmm():
+        raise SpecError("energy.backend", "openmm", f"system '{system.kind}' has no OpenMM "
+                        "form; use torch")
     base = config.base
     if base.kind == "thermodynamic" and base.temperature is None:
         raise SpecError("base.temperature", detail="required: a thermodynamic base needs a "

@@ -126,6 +126,13 @@ class SamplingSettings(Strict):
     energy_batch_size: PositiveInt = 5000
 
 
+class EnergySettings(Strict):
+    """How the energy evaluators compute U: the system's torch potential or its OpenMM form."""
+
+    backend: Literal["torch", "openmm"] = "torch"
+    platform: Literal["CPU", "Reference", "CUDA", "OpenCL"] = "CPU"
+
+
 class JobConfig(Strict):
     """The resolved settings of one job; its canonical JSON is hashed into the job id."""
 
@@ -137,6 +144,7 @@ class JobConfig(Strict):
     flow: FlowSettings = FlowSettings()
     training: TrainingSettings = TrainingSettings()
     sampling: SamplingSettings = SamplingSettings()
+    energy: EnergySettings = EnergySettings()
     inject_failure: Literal["reference", "train", "sample", "energy"] | None = Field(
         default=None, description="raise on purpose in this stage (tests failure handling)"
     )
@@ -173,6 +181,7 @@ class CampaignSpec(Strict):
     flow: FlowSettings = FlowSettings()
     training: TrainingSettings = TrainingSettings()
     sampling: SamplingSettings = SamplingSettings()
+    energy: EnergySettings = EnergySettings()
     inject_failure: Literal["reference", "train", "sample", "energy"] | None = None
     grid: dict[str, Any] | list[dict[str, Any]] = Field(default_factory=dict)
     resources: Resources = Resources()

@@ -1,6 +1,7 @@
 """End to end on a local Ray instance with a temporary SQLite MLflow store.
 
-One launch runs three double-well jobs, one of which fails on purpose in its training stage;
+One launch runs four double-well jobs (one with OpenMM energies), one of which fails on purpose in
+its training stage;
 a second launch must add no finished child run (resume), and rerun only the failed job.
 The double-well estimates are compared with the exact -ln Z by quadrature.
 """
@@ -28,6 +29,7 @@ def campaign_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _spec(directory: Path) -> Path:
     data = copy.deepcopy(TINY_SPEC)
     data["grid"] = [{"temperature": [1.0, 2.0]},
+                    {"temperature": 1.5, "energy": {"backend": "openmm", "platform": "CPU"}},
                     {"temperature": 1.5, "inject_failure": "train"}]
     return write_spec(directory, data)
 
@@ -58,14 +60,14 @@ def test_launch_records_results_and_failure(campaign_dir: Path,
     result = _run(["launch", str(spec), "--format", "json"], campaign_dir, monkeypatch)
     assert result.exit_code == 1, result.output  # one job failed on purpose
     summary = json.loads(result.stdout)
-    assert len(summary["finished"]) == 2 and len(summary["failed"]) == 1
+    assert len(summary["finished"]) == 3 and len(summary["failed"]) == 1
     assert "InjectedFailure" in summary["failed"][0]["error"]
 
     compare = _run(["compare", str(spec), "--format", "json"], campaign_dir, monkeypatch)
     assert compare.exit_code == 0, compare.output
     rows = json.loads(compare.stdout)
     statuses = sorted(row["status"] for row in rows)
-    assert statuses == ["FAILED", "FINISHED", "FINISHED"]
+    assert statuses == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
     for row in rows:
         assert {"job_id", "status", "params", "metrics"} <= set(row)
         if row["status"] != "FINISHED":
@@ -118,13 +120,13 @@ def test_double_well_estimates_agree_with_quadrature(campaign_dir: Path,
         deviation = abs(m["delta_f"] - m["reference_delta_f"])
         assert deviation <= max(4 * m["delta_f_err"], 1e-3), (row["params"]["temperature"], m)
         checked += 1
-    assert checked == 2
+    assert checked == 3
 
 
 def test_second_launch_resumes(campaign_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = _spec(campaign_dir)
     before = _finished_child_runs(campaign_dir)
-    assert sorted(before.values()) == [1, 1]
+    assert sorted(before.values()) == [1, 1, 1]
     result = _run(["launch", str(spec), "--format", "json"], campaign_dir, monkeypatch)
     assert result.exit_code == 1, result.output  # the failing job is retried and fails again
     summary = json.loads(result.stdout)
@@ -134,7 +136,7 @@ def test_second_launch_resumes(campaign_dir: Path, monkeypatch: pytest.MonkeyPat
 
     status = _run(["status", str(spec)], campaign_dir, monkeypatch)
     assert status.exit_code == 0
-    assert status.stdout.splitlines()[0] == "2 finished, 0 running, 1 failed, 0 pending (of 3 jobs)"
+    assert status.stdout.splitlines()[0] == "3 finished, 0 running, 1 failed, 0 pending (of 4 jobs)"
 
 
 def test_launch_with_every_job_finished_starts_no_ray(campaign_dir: Path,
@@ -146,7 +148,7 @@ def test_launch_with_every_job_finished_starts_no_ray(campaign_dir: Path,
 
     monkeypatch.setattr(campaign.launcher, "start_ray", no_ray)
     data = copy.deepcopy(TINY_SPEC)
-    data["grid"] = {"temperature": [1.0, 2.0]}  # the two jobs that finished above
+    data["grid"] = {"temperature": [1.0, 2.0]}  # two of the jobs that finished above
     spec = write_spec(campaign_dir, data, "finished_only.yaml")
     before = _finished_child_runs(campaign_dir)
     result = _run(["launch", str(spec), "--format", "json"], campaign_dir, monkeypatch)

@@ -52,6 +52,12 @@ BAD_SPECS = {
     "bad name": (_with("name", "my campaign!"), ["name", "my campaign!", "letter"]),
     "missing system": ({k: v for k, v in TINY_SPEC.items() if k != "system"},
                        ["system", "required"]),
+    "openmm backend without an OpenMM form": (
+        _with("system", {"kind": "dw4"}) | {"base": {"kind": "thermodynamic", "temperature": 2.0},
+                                            "energy": {"backend": "openmm"}},
+        ["energy.backend", "openmm", "dw4"]),
+    "unknown openmm platform": (_with("energy", {"backend": "openmm", "platform": "Metal"}),
+                                ["energy.platform", "Metal"]),
     "too many cpus": (_with("resources.trainer", {"count": 1, "cpus": 4096}),
                       ["resources.trainer.cpus", "4096"]),
     "too many gpus": (_with("resources.trainer", {"count": 1, "cpus": 1, "gpus": 64}),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -69,6 +69,18 @@ class System(ABC):
         """Reduced energy u_T(x) = U(x) / (k_B T), dimensionless; shape (..., dim) -> (...)."""
         t = check_float("temperature", temperature, positive=True)
         return self.potential(x) / (self.boltzmann_constant * t)
+
+    def openmm_system(self) -> Any:
+        """This system as an ``openmm.System``, for the OpenMM energy backend.
+
+        Systems that support it also define ``openmm_positions(x)`` (flow coordinates -> (B, n, 3)
+        nm) and ``flow_gradient(forces)`` (OpenMM forces -> ∇U in flow coordinates).
+        """
+        raise NotImplementedError(f"system '{self.kind}' has no OpenMM form")
+
+    @classmethod
+    def supports_openmm(cls) -> bool:
+        return cls.openmm_system is not System.openmm_system
 
     def exact_free_energy(self, temperature: float) -> float | None:
         """Exact f(T) = -ln Z(T) in kT (Z as in the module docstring), or None if unknown."""

@@ -16,7 +16,7 @@ systems: data-free training with adaptive tempering", 2025 (the double-well benc
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -47,6 +47,32 @@ class DoubleWell2D(System):
         self._check_coordinates(x)
         x1, x2 = x[..., 0], x[..., 1]
         return self.a * x1**4 + self.b * x1**2 + self.c * x1 + 0.5 * x2**2
+
+    def openmm_system(self) -> Any:
+        """The same potential as an OpenMM System: one particle in the plane z = 0.
+
+        Flow coordinates (x1, x2) are the particle's (x, y) in nm; z is held at 0 (its force is
+        ignored), and OpenMM's kJ/mol read as this system's reduced energy units.
+        """
+        import openmm
+
+        system = openmm.System()
+        system.addParticle(1.0)
+        force = openmm.CustomExternalForce("a*x^4 + b*x^2 + c*x + 0.5*y^2")
+        for name, value in (("a", self.a), ("b", self.b), ("c", self.c)):
+            force.addGlobalParameter(name, value)
+        force.addParticle(0, [])
+        system.addForce(force)
+        return system
+
+    def openmm_positions(self, x: np.ndarray) -> np.ndarray:
+        """Flow coordinates (B, 2) -> positions (B, 1, 3) in nm."""
+        x = np.asarray(x, dtype=np.float64)
+        return np.concatenate([x, np.zeros((len(x), 1))], axis=1)[:, None, :]
+
+    def flow_gradient(self, forces: np.ndarray) -> np.ndarray:
+        """OpenMM forces (B, 1, 3) -> ∇U in flow coordinates (B, 2)."""
+        return -np.asarray(forces)[:, 0, :2]
 
     def _v(self, x1: float | np.ndarray) -> float | np.ndarray:
         """1-D part V(x1) = a x1^4 + b x1^2 + c x1."""
