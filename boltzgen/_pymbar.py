@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 from types import ModuleType
 
@@ -22,6 +23,9 @@ def _silenced():
 
 
 def pymbar() -> ModuleType:
+    # Solver fallbacks ("Failed to reach a solution ... trying next method") are logged as
+    # warnings although the next method succeeds; a real failure raises.
+    logging.getLogger("pymbar").setLevel(logging.ERROR)
     with _silenced():
         import pymbar as module
         import pymbar.other_estimators  # noqa: F401
