@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,13 +88,11 @@ def run_sequential(data: dict) -> dict:
         reference = pipeline.run_reference(config)
         trained = pipeline.train(config, reference)
         samples = pipeline.sample(config, trained, reference)
-        problem = pipeline.Problem.from_config(config)
-        potentials = {key: pipeline.potential_energy(config, coords)
-                      for key, coords in pipeline.energy_requests(samples, problem).items()}
+        energy = pipeline.make_energy_function(config)  # built once per job, as in the actors
+        potentials = {key: pipeline.potential_energy(config, coords, energy)
+                      for key, coords in pipeline.energy_requests(samples).items()}
         estimates = pipeline.estimate(config, reference, samples, potentials)
         figures = pipeline.figures(config, reference, samples, estimates)
-        import matplotlib.pyplot as plt
-
         for figure in figures.values():
             plt.close(figure)
     return {"wall_s": time.perf_counter() - start, "n_jobs": len(plan.jobs)}

@@ -45,8 +45,6 @@ from boltzgen.states import NormalBase, ThermodynamicBase
 from boltzgen.systems import System, make_system
 from boltzgen.training import train_flow
 
-STAGES = ("reference", "train", "sample", "energy")
-
 
 class InjectedFailure(RuntimeError):
     """Raised on purpose when a job's ``inject_failure`` names the running stage."""
@@ -394,7 +392,7 @@ def potential_energy(config: Mapping[str, Any], x: np.ndarray,
     return (energy_function or make_energy_function(config))(x)[0]
 
 
-def energy_requests(samples: SampleSet, problem: Problem) -> dict[str, np.ndarray]:
+def energy_requests(samples: SampleSet) -> dict[str, np.ndarray]:
     """Coordinates whose potential energy the energy stage must evaluate."""
     requests = {"mapped": samples.mapped}
     if samples.u_a_pulled_back is None:  # a thermodynamic base needs U at T⁻¹(y_B) too

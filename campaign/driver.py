@@ -100,9 +100,12 @@ class Progress:
     def stop(self) -> None: ...
 
 
+# actor method -> (actor role that runs it, job stage it belongs to)
+METHODS = {"run_reference": ("mcmc", "reference"), "train": ("trainer", "train"),
+           "sample": ("sampler", "sample"), "potential": ("energy_evaluator", "energy")}
+
+
 class Driver:
-    ROLE_OF_METHOD = {"run_reference": "mcmc", "train": "trainer", "sample": "sampler",
-                      "potential": "energy_evaluator"}
 
     def __init__(self, plan: Plan, tracker: Tracker, tags: dict[str, str],
                  progress: Progress | None = None) -> None:
@@ -116,6 +119,7 @@ class Driver:
         self.in_flight: dict[Any, tuple[Task, Any, Any]] = {}
         self.pending_ready: dict[Any, tuple[str, Any]] = {}
         self.parent_run_id: str | None = None
+        self._actors_started = math.inf
 
     # -- actors --------------------------------------------------------------------------------
     def start_actors(self) -> None:
@@ -220,7 +224,7 @@ class Driver:
                 raise RuntimeError(f"resources.{role}: no actor of this role could be started")
         if time.time() - self._actors_started > READY_TIMEOUT_S:
             for role, queue in self.queues.items():
-                busy = any(self.ROLE_OF_METHOD[t.method] == role
+                busy = any(METHODS[t.method][0] == role
                            for t, _, _ in self.in_flight.values())
                 if queue and not self.idle[role] and not busy:
                     raise RuntimeError(
@@ -229,9 +233,10 @@ class Driver:
 
     def _enqueue(self, run: JobRun, method: str, args: tuple[Any, ...],
                  on_done: Callable[[JobRun, Any], None], fetch: bool) -> None:
-        record = TaskRecord(stage=_stage_of(method), enqueued=time.time())
+        role, stage = METHODS[method]
+        record = TaskRecord(stage=stage, enqueued=time.time())
         run.tasks.append(record)
-        self.queues[self.ROLE_OF_METHOD[method]].append(
+        self.queues[role].append(
             Task(run=run, method=method, args=args, record=record, on_done=on_done, fetch=fetch))
 
     def _dispatch(self) -> None:
@@ -252,7 +257,7 @@ class Driver:
                 self.in_flight[timing_ref] = (task, actor, value_ref)
 
     def _complete(self, task: Task, actor: Any, timing_ref: Any, value_ref: Any) -> None:
-        role = self.ROLE_OF_METHOD[task.method]
+        role = METHODS[task.method][0]
         run = task.run
         try:
             timing = ray.get(timing_ref)
@@ -282,9 +287,8 @@ class Driver:
 
     def _after_sample(self, run: JobRun, samples: pipeline.SampleSet) -> None:
         run.samples = samples
-        problem = pipeline.Problem.from_config(run.config)
         batch = int(run.config["sampling"]["energy_batch_size"])
-        for key, coords in pipeline.energy_requests(samples, problem).items():
+        for key, coords in pipeline.energy_requests(samples).items():
             chunks = [coords[i:i + batch] for i in range(0, len(coords), batch)] or [coords]
             run.energy_parts[key] = [None] * len(chunks)
             for index, chunk in enumerate(chunks):
@@ -359,11 +363,6 @@ class Driver:
                                            _last_stage(run)})
         self.tracker.log_text(run.run_id, trace, "traceback.txt")
         self.tracker.end(run.run_id, FAILED)
-
-
-def _stage_of(method: str) -> str:
-    return {"run_reference": "reference", "train": "train", "sample": "sample",
-            "potential": "energy"}[method]
 
 
 def _last_stage(run: JobRun) -> str:

@@ -35,8 +35,6 @@ from pydantic import (
 from campaign.errors import SpecError
 
 SAFE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-STAGES = ("reference", "train", "sample", "energy")
-ROLES = ("mcmc", "trainer", "sampler", "energy_evaluator")
 
 
 def _finite_positive(value: float) -> float:

@@ -7,9 +7,11 @@ The driver is the only writer. Runs are nested with the ``mlflow.parentRunId`` t
 from __future__ import annotations
 
 import logging
+import math
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,31 +158,24 @@ class Tracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-        import math
-        import time
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float | None]) -> None:
+        self._log_points(run_id, [(key, value, 0) for key, value in metrics.items()])
 
+    def log_series(self, run_id: str, key: str, values: list[float], max_points: int = 200
+                   ) -> None:
+        """One metric over steps (e.g. the training loss), thinned to about ``max_points``."""
+        stride = max(1, len(values) // max_points)
+        self._log_points(run_id, [(key, v, step) for step, v in enumerate(values)
+                                  if step % stride == 0])
+
+    def _log_points(self, run_id: str, points: list[tuple[str, float | None, int]]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         # MLflow stores NaN, but a non-finite estimate must not read as a number: skip it
-        # (the run's tags say why, see ``set_tags``).
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if v is not None and math.isfinite(float(v))]
-        for i in range(0, len(items), 500):
-            self.client.log_batch(run_id, metrics=items[i:i + 500])
-
-    def log_series(self, run_id: str, key: str, values: list[float], max_points: int = 200
-                   ) -> None:
-        import math
-        import time
-
-        from mlflow.entities import Metric
-
-        stride = max(1, len(values) // max_points)
-        now = int(time.time() * 1000)
-        items = [Metric(key, float(v), now, step) for step, v in enumerate(values)
-                 if step % stride == 0 and math.isfinite(v)]
+        # (the run's tag ``estimate_valid`` says so).
+        items = [Metric(key, float(value), now, step) for key, value, step in points
+                 if value is not None and math.isfinite(float(value))]
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i:i + 500])
 
