@@ -41,7 +41,7 @@ from boltzgen.estimators import (
 from boltzgen.flows import build_flow
 from boltzgen.mcmc import decorrelated, replica_exchange
 from boltzgen.openmm_bridge import OpenMMEvaluator
-from boltzgen.states import NormalBase, ThermodynamicBase
+from boltzgen.states import AnalyticBase, NormalBase, ThermodynamicBase, UniformBase
 from boltzgen.systems import System, make_system
 from boltzgen.training import train_flow
 
@@ -68,14 +68,17 @@ class Problem:
 
     system: System
     temperature: float
-    base: NormalBase | ThermodynamicBase
+    base: NormalBase | UniformBase | ThermodynamicBase
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Problem:
         system = make_system(config["system"])
         base_cfg = config["base"]
         if base_cfg["kind"] == "normal":
-            base: NormalBase | ThermodynamicBase = NormalBase(system.dim, base_cfg["scale"])
+            base: NormalBase | UniformBase | ThermodynamicBase = NormalBase(system.dim,
+                                                                            base_cfg["scale"])
+        elif base_cfg["kind"] == "uniform":
+            base = UniformBase(system)
         else:
             base = ThermodynamicBase(system, base_cfg["temperature"])
         return cls(system=system, temperature=float(config["temperature"]), base=base)
@@ -103,10 +106,14 @@ class Problem:
                 f"f(T={self.temperature:g}) - f(T_A={self.base.temperature:g}) in kT, "
                 f"f = -ln Z; {self.system.estimand_note}"
             )
+        base = "Gaussian" if isinstance(self.base, NormalBase) else "uniform"
         return (
-            f"-ln Z at T={self.temperature:g} in kT (f of a normalized Gaussian base is 0); "
+            f"-ln Z at T={self.temperature:g} in kT (f of the normalized {base} base is 0); "
             f"{self.system.estimand_note}"
         )
+
+    def build_flow(self, flow_config: Mapping[str, Any]) -> torch.nn.Module:
+        return build_flow(self.system.dim, flow_config, layout=self.system.rigid_layout())
 
 
 @dataclass
@@ -128,11 +135,14 @@ class ReferenceData:
 
 
 def run_reference(config: Mapping[str, Any]) -> ReferenceData:
-    """Replica-exchange MCMC over the ladder; exact or MBAR reference ΔF (kT)."""
+    """Reference data and ΔF (kT): replica-exchange MCMC over the ladder with an exact or MBAR
+    reference, or (``reference.sampler = exact``) the system's exact sampler and exact f."""
     check_injected_failure(config, "reference")
     start = time.perf_counter()
     problem = Problem.from_config(config)
     ref = config["reference"]
+    if ref.get("sampler", "mcmc") == "exact":
+        return _exact_reference(config, problem, start)
     ladder = problem.ladder(ref)
     seed = stage_seed(config, "reference")
     generator = torch.Generator().manual_seed(seed)
@@ -208,6 +218,44 @@ def run_reference(config: Mapping[str, Any]) -> ReferenceData:
     )
 
 
+def _exact_reference(config: Mapping[str, Any], problem: Problem, start: float
+                     ) -> ReferenceData:
+    """Independent samples from the system's exact sampler at the target (and a thermodynamic
+    base's) temperature; exact f from the system (quadrature)."""
+    ref = config["reference"]
+    seed = stage_seed(config, "reference")
+    rng = np.random.default_rng(seed)
+    system = problem.system
+
+    def draw(temperature: float, offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                       np.ndarray, float]:
+        samples, proposals = system.exact_samples(ref["n_exact_samples"], temperature,
+                                                  seed + offset)
+        potentials = system.potential(_tensor(samples)).detach().numpy()
+        train_x, test_x, _, test_u = _split((samples, potentials, 1.0), ref, rng)
+        return train_x, test_x, test_u, potentials, len(samples) / proposals
+
+    target_train, target_test, target_pot, _, acceptance = draw(problem.temperature, 0)
+    diagnostics = {"exact_sampler_acceptance": acceptance}
+    base_train = base_test = base_pot = None
+    f_target = system.exact_free_energy(problem.temperature)
+    if isinstance(problem.base, ThermodynamicBase):
+        base_train, base_test, base_pot, _, _ = draw(problem.base.temperature, 1)
+        f_base = system.exact_free_energy(problem.base.temperature)
+        ref_f = None if f_target is None or f_base is None else f_target - f_base
+    else:
+        ref_f = f_target
+    return ReferenceData(
+        target_train=target_train, target_test=target_test, target_test_potential=target_pot,
+        base_train=base_train, base_test=base_test, base_test_potential=base_pot,
+        reference_delta_f=ref_f, reference_delta_f_err=None if ref_f is None else 0.0,
+        method="exact (system quadrature); samples by the system's exact sampler"
+        if ref_f is not None else "none; samples by the system's exact sampler",
+        ladder=[problem.temperature], diagnostics=diagnostics,
+        seconds=time.perf_counter() - start,
+    )
+
+
 def _split(
     state: tuple[np.ndarray, np.ndarray, float], ref: Mapping[str, Any], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -220,10 +268,11 @@ def _split(
 
 @dataclass
 class TrainedFlow:
-    checkpoint: bytes  # torch.save of {"state_dict", "flow_config", "dim"}
+    checkpoint: bytes  # torch.save of {"state_dict", "flow_config", "dim", "system"}
     losses: list[float]
     seconds: float
     skipped_steps: int = 0  # steps whose loss or gradient was not finite
+    n_parameters: int = 0  # trainable parameters of the flow
 
 
 def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cpu"
@@ -238,10 +287,10 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
     problem = Problem.from_config(config)
     seed = stage_seed(config, "train")
     torch.manual_seed(seed)
-    flow = build_flow(problem.system.dim, config["flow"]).to(device)
+    flow = problem.build_flow(config["flow"]).to(device)
     generator = torch.Generator().manual_seed(seed)
     training = config["training"]
-    if isinstance(problem.base, NormalBase):
+    if isinstance(problem.base, AnalyticBase):
 
         def sample_a(n: int) -> torch.Tensor:
             return problem.base.sample(n, generator).to(device)
@@ -270,16 +319,19 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
             "state_dict": {k: v.cpu() for k, v in flow.state_dict().items()},
             "flow_config": dict(config["flow"]),
             "dim": problem.system.dim,
+            "system": dict(config["system"]),
         },
         buffer,
     )
+    n_parameters = sum(p.numel() for p in flow.parameters() if p.requires_grad)
     return TrainedFlow(buffer.getvalue(), result.losses, time.perf_counter() - start,
-                       result.n_skipped)
+                       result.n_skipped, n_parameters)
 
 
 def load_flow(checkpoint: bytes) -> torch.nn.Module:
     state = torch.load(io.BytesIO(checkpoint), weights_only=True)
-    flow = build_flow(state["dim"], state["flow_config"])
+    layout = make_system(state["system"]).rigid_layout() if "system" in state else None
+    flow = build_flow(state["dim"], state["flow_config"], layout=layout)
     flow.load_state_dict(state["state_dict"])
     return flow.eval()
 
@@ -309,7 +361,7 @@ def sample(
     problem = Problem.from_config(config)
     flow = load_flow(trained.checkpoint)
     n = int(config["sampling"]["n_samples"])
-    if isinstance(problem.base, NormalBase):
+    if isinstance(problem.base, AnalyticBase):
         generator = torch.Generator().manual_seed(stage_seed(config, "sample"))
         x = problem.base.sample(n, generator)
         u_a = problem.base.reduced_energy(x)
@@ -324,7 +376,7 @@ def sample(
         back, logdet_inv = _batched(flow.inverse, y_b, batch_size)
         u_a_back = (
             problem.base.reduced_energy(back).numpy()
-            if isinstance(problem.base, NormalBase)
+            if isinstance(problem.base, AnalyticBase)
             else None
         )
     return SampleSet(
@@ -440,6 +492,16 @@ def estimate(
             problem.system.boltzmann_constant * problem.base.temperature
         )
     u_b_test = reference.target_test_potential / problem.kt
+    if "nll" in metrics and reference.reference_delta_f is not None:
+        # KL(p_B || q) = E_B[log p_B − log q], log p_B(y) = −u_B(y) + f_B on the base's
+        # normalized measure (f_A = 0, so f_B is the reference ΔF); paired per test sample.
+        kl_terms = -u_b_test + reference.reference_delta_f + (u_a_back - samples.logdet_inverse)
+        finite = np.isfinite(kl_terms)
+        if finite.sum() >= 2:
+            metrics["forward_kl"] = float(np.mean(kl_terms[finite]))
+            metrics["forward_kl_err"] = float(np.std(kl_terms[finite], ddof=1)
+                                              / np.sqrt(finite.sum()))
+    metrics.update(_mode_metrics(problem, samples.mapped, log_w))
     forward_work = u_b_mapped - samples.logdet - samples.u_a
     reverse_work = u_a_back - samples.logdet_inverse - u_b_test
     if len(reverse_work) >= 2 and np.isfinite(forward_work).sum() >= 2:
@@ -452,12 +514,35 @@ def estimate(
         "reference_method": reference.method,
         "estimator": "LFEP: ln N - logsumexp(u_A + log|det J| - u_B); error by the delta "
         "method sqrt((1/ESS_fraction - 1)/N)",
-        "nll_convention": "mean -log q(y) in nats over held-out MCMC samples of the target, "
-        "flow coordinates"
+        "nll_convention": f"mean -log q(y) in nats over held-out reference samples of the "
+        f"target ({reference.method.split(';')[-1].strip()}), density on the base's measure: "
+        f"{problem.system.estimand_note}; forward_kl = nll - entropy of the target (nats)"
         if "nll" in metrics
         else "not defined",
     }
     return Estimates(metrics=metrics, log_weights=log_w, notes=notes)
+
+
+def _mode_metrics(problem: Problem, mapped: np.ndarray, log_w: np.ndarray) -> dict[str, float]:
+    """Largest absolute error of a mode's probability: flow samples as drawn (``mode_weight_error``)
+    and importance-reweighted (``..._reweighted``), against the system's exact mode weights;
+    ``..._noise`` is the largest one-sigma sampling error sqrt(p(1 − p)/N) of an exact sampler."""
+    exact = problem.system.exact_mode_probabilities(problem.temperature)
+    if exact is None or len(mapped) == 0:
+        return {}
+    labels = problem.system.mode_index(mapped)
+    drawn = np.bincount(labels, minlength=len(exact)) / len(labels)
+    finite = np.isfinite(log_w)
+    weights = np.zeros_like(log_w)
+    if finite.any():
+        weights[finite] = np.exp(log_w[finite] - log_w[finite].max())
+    reweighted = np.bincount(labels, weights=weights, minlength=len(exact)) / max(
+        weights.sum(), 1e-300)
+    return {
+        "mode_weight_error": float(np.abs(drawn - exact).max()),
+        "mode_weight_error_reweighted": float(np.abs(reweighted - exact).max()),
+        "mode_weight_error_noise": float(np.sqrt(exact * (1 - exact) / len(labels)).max()),
+    }
 
 
 def figures(
@@ -479,7 +564,20 @@ def figures(
         per_sample = len(values) // len(w) if len(w) else 0
         if per_sample and per_sample * len(w) == len(values):
             weights[key] = np.repeat(w, per_sample)
-    return {
+    out = {
         "log_weights.png": log_weight_histogram(log_w, title),
         "marginals.png": marginals(sampled, ref_obs, weights, title),
     }
+    layout = problem.system.rigid_layout()
+    if layout is not None:
+        from boltzgen.plots import axis_direction_maps
+        from boltzgen.rigid.quaternions import quaternion_to_matrix
+
+        def axes_of(x: np.ndarray) -> dict[str, np.ndarray]:
+            _, q = layout.split(torch.as_tensor(np.asarray(x, dtype=np.float64)))
+            columns = quaternion_to_matrix(q).numpy()  # (N, bodies, 3, 3); column a is R e_a
+            return {a: columns[..., i].reshape(-1, 3) for i, a in enumerate("xyz")}
+
+        out["axis_directions.png"] = axis_direction_maps(axes_of(samples.mapped),
+                                                         axes_of(reference.target_test), title)
+    return out

@@ -108,3 +108,27 @@ def marginals(
         ax.set_visible(False)
     fig.suptitle(title)
     return fig
+
+
+def axis_direction_maps(flow_axes: dict[str, np.ndarray], exact_axes: dict[str, np.ndarray],
+                        title: str) -> Figure:
+    """Where each body axis points: 2-D histograms over (azimuth, cos polar angle), an equal-area
+    map of the sphere, flow samples (left) against exact samples (right), one row per axis.
+
+    ``*_axes`` map an axis name to unit vectors (N, 3) in the lab frame.
+    """
+    names = list(exact_axes)
+    fig = _new_figure(8.0, 2.6 * len(names))
+    bins = (48, 24)
+    extent = [[-math.pi, math.pi], [-1.0, 1.0]]
+    for row, name in enumerate(names):
+        for col, (label, vectors) in enumerate((("flow", flow_axes[name]),
+                                               ("exact", exact_axes[name]))):
+            v = np.asarray(vectors, dtype=np.float64)
+            ax = fig.add_subplot(len(names), 2, 2 * row + col + 1)
+            ax.hist2d(np.arctan2(v[:, 1], v[:, 0]), v[:, 2], bins=bins, range=extent,
+                      density=True, cmap="viridis")
+            ax.set_title(f"{title}: body {name} axis, {label}", fontsize=9)
+            ax.set_xlabel("azimuth (rad)")
+            ax.set_ylabel("cos(polar angle)")
+    return fig

@@ -71,3 +71,40 @@ class ThermodynamicBase:
     def reduced_energy(self, x: torch.Tensor) -> torch.Tensor:
         """u_A(x) = U(x) / (k_B T_A), shape (..., dim) -> (...), dimensionless."""
         return self.system.reduced_energy(x, self.temperature)
+
+
+class UniformBase:
+    """The normalized uniform distribution on a rigid-body system's coordinates; f_A = 0.
+
+    Positions uniform in the periodic box, orientations uniform on S³ (Haar on SO(3)), both
+    with normalized measures (:mod:`boltzgen.flows.rigid`), so the density is 1 and
+    u_A(x) = −log 1 = 0 everywhere. Pinned coordinates take the system's pinned values.
+    """
+
+    free_energy: float = 0.0
+
+    def __init__(self, system: System) -> None:
+        if not isinstance(system, System):
+            raise TypeError(f"system: expected a boltzgen System, got {type(system)}")
+        if system.rigid_layout() is None:
+            raise ValueError(f"base.kind: 'uniform' needs a rigid-body system; '{system.kind}' "
+                             "has Euclidean coordinates (use 'normal')")
+        self.system = system
+        self.dim = system.dim
+
+    def __repr__(self) -> str:
+        return f"UniformBase({self.system!r})"
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` samples, shape (n, dim), float64."""
+        return self.system.sample_uniform(check_int("n", n, minimum=1), generator)
+
+    def reduced_energy(self, x: torch.Tensor) -> torch.Tensor:
+        """u_A(x) = 0 (the normalized uniform density is 1), shape (..., dim) -> (...)."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x: shape {tuple(x.shape)} is not allowed; need (..., {self.dim})")
+        return x.new_zeros(x.shape[:-1])
+
+
+AnalyticBase = NormalBase | UniformBase
+"""Bases with a normalized density that can be sampled directly (f_A = 0)."""

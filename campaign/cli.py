@@ -121,6 +121,7 @@ def status(spec: SpecPath, tracking_uri: TrackingUri = None,
 def compare(spec: SpecPath, tracking_uri: TrackingUri = None,
             fmt: Annotated[CompareFormat, typer.Option("--format")] = CompareFormat.table) -> None:
     """One row per job: status, key params and metrics."""
+    from campaign.plan import short_value
     from campaign.report import KEY_METRICS, comparison_records
 
     plan = _plan(spec)
@@ -132,7 +133,7 @@ def compare(spec: SpecPath, tracking_uri: TrackingUri = None,
     metrics = [m for m in KEY_METRICS if any(m in r["metrics"] for r in records)]
     header = ["job_id", "status", "system", *params, *metrics]
     rows = [[r["job_id"], r["status"], r["params"].get("system.kind", ""),
-             *(r["grid"].get(p, "") for p in params),
+             *(short_value(r["grid"][p]) if p in r["grid"] else "" for p in params),
              *(r["metrics"].get(m, "") for m in metrics)] for r in records]
     if fmt == CompareFormat.csv:
         buffer = io.StringIO()

@@ -337,6 +337,7 @@ class Driver:
             metrics[key] = run.stage_seconds(stage)
         metrics["time_orchestration"] = run.orchestration_overhead
         metrics["train_skipped_steps"] = trained.skipped_steps
+        metrics["flow_parameters"] = trained.n_parameters
         self.tracker.log_metrics(run.run_id, metrics)
         self.tracker.log_series(run.run_id, "train_loss", trained.losses)
         self.tracker.log_params(run.run_id, {

@@ -66,7 +66,7 @@ class Job:
 
     @property
     def label(self) -> str:
-        shown = " ".join(f"{k}={_short(v)}" for k, v in self.grid_values.items())
+        shown = " ".join(f"{k}={short_value(v)}" for k, v in self.grid_values.items())
         return f"{self.config.system.kind} {shown}".strip()
 
 
@@ -110,7 +110,10 @@ def make_plan(spec: CampaignSpec) -> Plan:
             if job_id in seen:
                 continue  # two blocks can name the same job; it runs once
             seen.add(job_id)
-            varying = {k: v for k, v in overrides.items() if isinstance(block[k], list)}
+            # What tells the jobs apart: the axes of the block and, where blocks differ in a
+            # component (a flow, a base), that component's fixed value.
+            varying = {k: v for k, v in overrides.items() if isinstance(block[k], list) or (
+                many_blocks and k != "system" and isinstance(v, dict) and "kind" in v)}
             jobs.append(Job(job_id=job_id, config=config, grid_values=varying))
     resources = spec.resources.model_dump(mode="json")
     spec_hash = content_hash(
@@ -181,9 +184,22 @@ def _check_science(config: JobConfig) -> None:
     except (ValueError, TypeError) as exc:
         raise _science_error(exc, "system") from None
     try:
-        build_flow(system.dim, config.flow.model_dump())
+        build_flow(system.dim, config.flow.model_dump(), layout=system.rigid_layout())
     except (ValueError, TypeError) as exc:
         raise _science_error(exc, "flow") from None
+    rigid = system.rigid_layout() is not None
+    if rigid and config.base.kind != "uniform":
+        raise SpecError("base.kind", config.base.kind, f"system '{system.kind}' has rigid-body "
+                        "coordinates (torus × S³); use 'uniform'")
+    if not rigid and config.base.kind == "uniform":
+        raise SpecError("base.kind", "uniform", f"system '{system.kind}' has Euclidean "
+                        "coordinates; use 'normal' or 'thermodynamic'")
+    if config.reference.sampler == "exact" and not system.supports_exact_sampling():
+        raise SpecError("reference.sampler", "exact", f"system '{system.kind}' has no exact "
+                        "sampler; use 'mcmc'")
+    if rigid and config.reference.sampler != "exact":
+        raise SpecError("reference.sampler", config.reference.sampler, "MCMC on rigid-body "
+                        "coordinates is not implemented; use 'exact'")
     if config.energy.backend == "openmm" and not system.supports_openmm():
         raise SpecError("energy.backend", "openmm", f"system '{system.kind}' has no OpenMM "
                         "form; use torch")
@@ -191,9 +207,9 @@ def _check_science(config: JobConfig) -> None:
     if base.kind == "thermodynamic" and base.temperature is None:
         raise SpecError("base.temperature", detail="required: a thermodynamic base needs a "
                         "temperature > 0")
-    if base.kind == "normal" and base.temperature is not None:
+    if base.kind in ("normal", "uniform") and base.temperature is not None:
         raise SpecError("base.temperature", base.temperature,
-                        "a normal base has no temperature; use base.scale")
+                        f"a {base.kind} base has no temperature")
     if base.kind == "thermodynamic" and base.temperature == config.temperature:
         raise SpecError("base.temperature", base.temperature,
                         "it equals the target temperature (ΔF = 0); choose another")
@@ -211,7 +227,9 @@ def _science_error(exc: Exception, section: str) -> SpecError:
     return SpecError(section, detail=text)
 
 
-def _short(value: Any) -> str:
+def short_value(value: Any) -> str:
+    """A mapping shows its kind and its categorical (string) settings: rigid_body/double_mobius."""
     if isinstance(value, dict):
-        return str(value.get("kind", "{...}"))
+        choices = [str(v) for k, v in value.items() if k != "kind" and isinstance(v, str)]
+        return "/".join([str(value.get("kind", "{...}")), *choices])
     return str(value)

@@ -19,8 +19,8 @@ from campaign.tracking import (
 )
 
 KEY_METRICS = ("delta_f", "delta_f_err", "reference_delta_f", "reference_delta_f_err",
-               "delta_f_lbar", "delta_f_lbar_err", "ess", "nll", "time_reference", "time_train",
-               "time_sample", "time_energy")
+               "delta_f_lbar", "delta_f_lbar_err", "ess", "nll", "forward_kl",
+               "mode_weight_error", "time_reference", "time_train", "time_sample", "time_energy")
 STATE_OF_STATUS = {FINISHED: "finished", RUNNING: "running", FAILED: "failed", KILLED: "failed"}
 
 

@@ -81,16 +81,24 @@ class BaseSettings(Strict):
     ``normal``: a normalized Gaussian N(0, scale²) in flow coordinates (f_A = 0 exactly), so
     ``delta_f`` is the absolute reduced free energy −ln Z of the target.
     ``thermodynamic``: the same system at ``temperature``; ``delta_f`` is f(T) − f(T_A).
+    ``uniform``: for rigid-body systems, the normalized uniform distribution on their
+    coordinates (box × Haar), f_A = 0, so ``delta_f`` is the absolute −ln Z (normalized measure).
     """
 
-    kind: Literal["normal", "thermodynamic"] = "normal"
+    kind: Literal["normal", "thermodynamic", "uniform"] = "normal"
     scale: PositiveFloat = 1.0
     temperature: PositiveFloat | None = None
 
 
 class ReferenceSettings(Strict):
-    """Replica-exchange MCMC that produces reference data (and the MBAR ladder)."""
+    """Reference data and ΔF: replica-exchange MCMC (and the MBAR ladder), or exact sampling.
 
+    ``sampler: exact`` uses the system's own exact sampler (e.g. rejection sampling) for
+    ``n_exact_samples`` independent samples; the MCMC settings are then unused.
+    """
+
+    sampler: Literal["mcmc", "exact"] = "mcmc"
+    n_exact_samples: PositiveInt = 20000
     ladder_size: PositiveInt = 4
     hot_temperature_factor: PositiveFloat = 4.0
     n_chains: PositiveInt = 32

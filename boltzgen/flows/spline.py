@@ -84,12 +84,17 @@ def _knots(
     return knots, knots[..., 1:] - knots[..., :-1]
 
 
-def _knot_derivatives(unnormalized: torch.Tensor, min_derivative: float) -> torch.Tensor:
-    """Derivatives at all K + 1 knots: 1 at both ends, m + softplus(θ + c) inside (1 at θ = 0)."""
+def _knot_derivatives(unnormalized: torch.Tensor, min_derivative: float,
+                      boundary: torch.Tensor | None = None) -> torch.Tensor:
+    """Derivatives at all K + 1 knots: m + softplus(θ + c) inside (1 at θ = 0); at both ends 1,
+    or, with ``boundary`` (..., 1), the same shared value m + softplus(θ_b + c) (periodic)."""
     offset = math.log(math.expm1(1.0 - min_derivative))
     inner = min_derivative + F.softplus(unnormalized + offset)
-    one = inner.new_ones((*inner.shape[:-1], 1))
-    return torch.cat([one, inner, one], dim=-1)
+    if boundary is None:
+        end = inner.new_ones((*inner.shape[:-1], 1))
+    else:
+        end = min_derivative + F.softplus(boundary + offset)
+    return torch.cat([end, inner, end], dim=-1)
 
 
 def _gather(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -107,16 +112,21 @@ def rational_quadratic_spline(
     min_bin_width: float = MIN_BIN_WIDTH,
     min_bin_height: float = MIN_BIN_HEIGHT,
     min_derivative: float = MIN_DERIVATIVE,
+    unnormalized_boundary_derivative: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Elementwise monotone RQ spline on [-B, B], identity outside (see the module docstring).
 
-    Shapes: ``inputs`` (...), widths and heights (..., K), derivatives (..., K - 1). Returns
+    Shapes: ``inputs`` (...), widths and heights (..., K), derivatives (..., K - 1), and the
+    optional boundary derivative (..., 1) that replaces the fixed end slopes 1 by one learnable
+    slope shared by both ends (a circular spline: the map of [-B, B] then joins smoothly
+    across the identified ends). Returns
     (outputs, log|d outputs / d inputs|), both shaped like ``inputs``; with ``inverse`` the
     inverse map and its log-derivative.
     """
     x_knots, widths = _knots(unnormalized_widths, tail_bound, min_bin_width)
     y_knots, heights = _knots(unnormalized_heights, tail_bound, min_bin_height)
-    derivatives = _knot_derivatives(unnormalized_derivatives, min_derivative)
+    derivatives = _knot_derivatives(unnormalized_derivatives, min_derivative,
+                                    unnormalized_boundary_derivative)
 
     inside = (inputs >= -tail_bound) & (inputs <= tail_bound)
     # Tail points are evaluated at the clamped value (finite, zero gradient) and then discarded,

@@ -11,10 +11,23 @@ from collections.abc import Mapping
 from boltzgen.systems.base import System
 from boltzgen.systems.double_well import DoubleWell2D
 from boltzgen.systems.dw4 import DW4
+from boltzgen.systems.tetrahedron import TetrahedronInField
 
-SYSTEMS: dict[str, type[System]] = {"double_well": DoubleWell2D, "dw4": DW4}
+SYSTEMS: dict[str, type[System]] = {
+    "double_well": DoubleWell2D,
+    "dw4": DW4,
+    "tetrahedron_field": TetrahedronInField,
+}
 
-__all__ = ["DW4", "SYSTEMS", "DoubleWell2D", "System", "make_system", "system_parameter_names"]
+__all__ = [
+    "DW4",
+    "SYSTEMS",
+    "DoubleWell2D",
+    "System",
+    "TetrahedronInField",
+    "make_system",
+    "system_parameter_names",
+]
 
 
 def _system_class(kind: object) -> type[System]:

@@ -87,6 +87,34 @@ class System(ABC):
         check_float("temperature", temperature, positive=True)
         return None
 
+    def rigid_layout(self) -> Any:
+        """The :class:`boltzgen.rigid.bodies.RigidLayout` of a rigid-body system, else None.
+
+        Rigid-body systems have flow coordinates on a manifold (torus × S³ per body); their base
+        is the uniform distribution (``sample_uniform``) and their flows need the layout.
+        """
+        return None
+
+    def sample_uniform(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` samples of the normalized uniform measure of a rigid-body system's coordinates."""
+        raise NotImplementedError(f"system '{self.kind}' has no uniform distribution")
+
+    def exact_samples(self, n: int, temperature: float, seed: int) -> tuple[np.ndarray, int]:
+        """``n`` independent samples of p_T and the number of proposals used, where available."""
+        raise NotImplementedError(f"system '{self.kind}' cannot draw exact samples")
+
+    @classmethod
+    def supports_exact_sampling(cls) -> bool:
+        return cls.exact_samples is not System.exact_samples
+
+    def exact_mode_probabilities(self, temperature: float) -> np.ndarray | None:
+        """Exact probability of each mode (cells of :meth:`mode_index`) at T, or None."""
+        return None
+
+    def mode_index(self, x: np.ndarray) -> np.ndarray | None:
+        """The mode (an int) each sample (N, dim) belongs to, or None for systems without modes."""
+        return None
+
     def observables(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """1-D arrays for marginal histograms; default: each coordinate, ``{"x1": ..., ...}``.
 
