@@ -30,15 +30,26 @@ def local_capacity() -> dict[str, float]:
 
 
 def check_resources(plan: Plan, nodes: list[dict[str, float]], where: str) -> None:
-    """Every role's actor must fit on at least one node; else a SpecError naming the field."""
-    for role, res in plan.resources.items():
-        for key, field in (("CPU", "cpus"), ("GPU", "gpus")):
+    """Every role's actor must fit on at least one node, and all actors together (each role's
+    count × its share) within the total; else a SpecError naming the field. Every actor lives
+    for the whole launch, so an actor that does not fit would wait forever."""
+    for key, field in (("CPU", "cpus"), ("GPU", "gpus")):
+        for role, res in plan.resources.items():
             asked = float(res[field])
             best = max((node.get(key, 0.0) for node in nodes), default=0.0)
             if asked > best:
                 raise SpecError(
                     f"resources.{role}.{field}", res[field],
                     f"the largest node of {where} has {best:g} {key}s; ask for at most that")
+        total = sum(float(res["count"]) * float(res[field]) for res in plan.resources.values())
+        available = sum(node.get(key, 0.0) for node in nodes)
+        if total > available + 1e-9:
+            shares = ", ".join(f"{role} {res['count']} x {res[field]:g}"
+                               for role, res in plan.resources.items())
+            raise SpecError(
+                "resources", f"{total:g} {key}s in all ({shares})",
+                f"{where} has {available:g} {key}s; all actors run at once, so their "
+                f"{field} (count x {field}) must add up to at most that")
 
 
 def _ray_nodes() -> list[dict[str, float]]:

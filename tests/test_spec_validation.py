@@ -62,6 +62,10 @@ BAD_SPECS = {
                       ["resources.trainer.cpus", "4096"]),
     "too many gpus": (_with("resources.trainer", {"count": 1, "cpus": 1, "gpus": 64}),
                       ["resources.trainer.gpus", "64"]),
+    "actors together exceed the machine": (_with("resources.trainer", {"count": 4096, "cpus": 1}),
+                                           ["resources", "CPUs in all", "add up to at most"]),
+    "rigid flow on a Euclidean system": (_with("flow", {"kind": "rigid_body"}),
+                                         ["flow.kind", "rigid_body", "needs a rigid-body"]),
 }
 
 BAD_FILES = {

@@ -80,3 +80,21 @@ def test_spec_refuses_mismatched_bases_samplers_and_flows() -> None:
     with pytest.raises(SpecError, match="base.kind.*Euclidean"):
         make_plan(parse_spec({**dw, "flow": {"kind": "affine_coupling"},
                                "reference": {"sampler": "mcmc"}}))
+
+
+def test_forward_kl_of_the_uniform_flow_is_the_target_s_kl_to_uniform() -> None:
+    """For the identity flow q = uniform (log q = 0), forward_kl = E_p[log p] = E_p[−u] + f_B,
+    which is positive (KL(p ‖ uniform) >= 0) and is computed here independently."""
+    config = _config()
+    reference = pipeline.run_reference(config)
+    n = len(reference.target_test)
+    samples = pipeline.SampleSet(
+        u_a=np.zeros(n), mapped=reference.target_test, logdet=np.zeros(n),
+        pulled_back=reference.target_test, logdet_inverse=np.zeros(n),
+        u_a_pulled_back=np.zeros(n), seconds=0.0)
+    potentials = {"mapped": reference.target_test_potential}
+    metrics = pipeline.estimate(config, reference, samples, potentials).metrics
+    kt = 0.00831446261815324 * config["temperature"]
+    expected = float(np.mean(-reference.target_test_potential / kt)) + reference.reference_delta_f
+    assert metrics["forward_kl"] == pytest.approx(expected, abs=1e-12)
+    assert metrics["forward_kl"] > 5 * metrics["forward_kl_err"]
