@@ -165,7 +165,7 @@ class RoleResources(Strict):
 
 
 class Resources(Strict):
-    mcmc: RoleResources = RoleResources(count=1, cpus=0.5)
+    mcmc: RoleResources = RoleResources(count=1, cpus=0.25)
     trainer: RoleResources = RoleResources(count=2, cpus=0.5)
     sampler: RoleResources = RoleResources(count=1, cpus=0.25)
     energy_evaluator: RoleResources = RoleResources(count=2, cpus=0.25)

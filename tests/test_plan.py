@@ -63,7 +63,10 @@ def test_grid_product_blocks_and_fixed_values() -> None:
     assert len({job.job_id for job in plan.jobs}) == 6
     dw4 = [job for job in plan.jobs if job.config.system.kind == "dw4"][0]
     assert dw4.config.base.temperature == 1.5
-    assert dw4.grid_values == {"temperature": 1.0}
+    # a block's fixed component (here its base) is shown: it tells the blocks' jobs apart
+    assert dw4.grid_values == {"base": {"kind": "thermodynamic", "temperature": 1.5},
+                               "temperature": 1.0}
+    assert dw4.label == "dw4 base=thermodynamic temperature=1.0"
 
 
 def test_dry_run_json_prints_plan_and_starts_nothing(workdir: Path) -> None:

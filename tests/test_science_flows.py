@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from boltzgen.flows import (
-    FLOW_KINDS,
+    EUCLIDEAN_FLOW_KINDS,
     AffineCouplingFlow,
     SplineCouplingFlow,
     build_flow,
@@ -78,7 +78,7 @@ def _points(dim: int, n: int, seed: int = 1) -> torch.Tensor:
 # -- contract, every kind ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", FLOW_KINDS)
+@pytest.mark.parametrize("kind", EUCLIDEAN_FLOW_KINDS)
 @pytest.mark.parametrize("dim", DIMS)
 def test_identity_at_initialisation(kind: str, dim: int) -> None:
     flow = FLOW_CLASSES[kind](dim, n_layers=3, hidden=8)
@@ -94,7 +94,7 @@ def test_identity_at_initialisation(kind: str, dim: int) -> None:
     torch.testing.assert_close(logdet_inv, x.new_zeros(10), rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("kind", FLOW_KINDS)
+@pytest.mark.parametrize("kind", EUCLIDEAN_FLOW_KINDS)
 @pytest.mark.parametrize("dim", DIMS)
 def test_round_trip_and_inverse_logdet(kind: str, dim: int) -> None:
     flow = _randomized_flow(kind, dim)
@@ -110,7 +110,7 @@ def test_round_trip_and_inverse_logdet(kind: str, dim: int) -> None:
     torch.testing.assert_close(ld2, -flow.inverse(x)[1], rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("kind", FLOW_KINDS)
+@pytest.mark.parametrize("kind", EUCLIDEAN_FLOW_KINDS)
 @pytest.mark.parametrize("dim", DIMS)
 def test_logdet_matches_autograd_jacobian(kind: str, dim: int) -> None:
     flow = _randomized_flow(kind, dim, seed=3)
@@ -127,7 +127,7 @@ def test_logdet_matches_autograd_jacobian(kind: str, dim: int) -> None:
         )
 
 
-@pytest.mark.parametrize("kind", FLOW_KINDS)
+@pytest.mark.parametrize("kind", EUCLIDEAN_FLOW_KINDS)
 @pytest.mark.parametrize("dim", DIMS)
 def test_gradients_reach_every_parameter(kind: str, dim: int) -> None:
     flow = _randomized_flow(kind, dim, seed=5)
@@ -141,7 +141,7 @@ def test_gradients_reach_every_parameter(kind: str, dim: int) -> None:
         assert p.grad.abs().max() > 0, name
 
 
-@pytest.mark.parametrize("kind", FLOW_KINDS)
+@pytest.mark.parametrize("kind", EUCLIDEAN_FLOW_KINDS)
 def test_batch_shapes_and_state_dict_round_trip(kind: str) -> None:
     flow = _randomized_flow(kind, 3, seed=6)
     x = _points(3, 12).reshape(3, 4, 3)
@@ -156,7 +156,7 @@ def test_batch_shapes_and_state_dict_round_trip(kind: str) -> None:
     torch.testing.assert_close(logdet2, logdet, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", FLOW_KINDS)
+@pytest.mark.parametrize("kind", EUCLIDEAN_FLOW_KINDS)
 def test_input_checks(kind: str) -> None:
     cls = FLOW_CLASSES[kind]
     flow = cls(2, n_layers=2, hidden=4)
@@ -310,7 +310,7 @@ def test_spline_checks() -> None:
 
 
 def test_build_flow_and_errors() -> None:
-    assert FLOW_KINDS == ["affine_coupling", "spline_coupling"]
+    assert EUCLIDEAN_FLOW_KINDS == ["affine_coupling", "spline_coupling"]
     flow = build_flow(3, {"kind": "affine_coupling", "n_layers": 2, "hidden": 8})
     assert isinstance(flow, AffineCouplingFlow) and flow.n_layers == 2
     with pytest.raises(

@@ -31,9 +31,13 @@ _FLOWS: dict[str, type[nn.Module]] = {
     "rotation_vector_spline": RotationVectorSplineFlow,
 }
 FLOW_KINDS: list[str] = list(_FLOWS)
+RIGID_FLOW_KINDS: list[str] = [k for k, c in _FLOWS.items() if getattr(c, "needs_layout", False)]
+EUCLIDEAN_FLOW_KINDS: list[str] = [k for k in FLOW_KINDS if k not in RIGID_FLOW_KINDS]
 
 __all__ = [
+    "EUCLIDEAN_FLOW_KINDS",
     "FLOW_KINDS",
+    "RIGID_FLOW_KINDS",
     "AffineCouplingFlow",
     "RigidBodyFlow",
     "RotationVectorSplineFlow",
@@ -80,11 +84,11 @@ def build_flow(dim: int, config: Mapping, layout: RigidLayout | None = None) -> 
     rigid = getattr(cls, "needs_layout", False)
     if rigid and layout is None:
         raise ValueError(f"flow.kind: {config['kind']!r} needs a rigid-body system; choose one "
-                         f"of {', '.join(k for k, c in _FLOWS.items() if not _is_rigid(c))}")
+                         f"of {', '.join(EUCLIDEAN_FLOW_KINDS)}")
     if not rigid and layout is not None:
         raise ValueError(f"flow.kind: {config['kind']!r} acts on R^dim, but this system's "
                          "coordinates are rigid bodies (torus × S³); choose one of "
-                         f"{', '.join(k for k, c in _FLOWS.items() if _is_rigid(c))}")
+                         f"{', '.join(RIGID_FLOW_KINDS)}")
     try:
         if rigid:
             return cls(layout, **params)
@@ -93,6 +97,3 @@ def build_flow(dim: int, config: Mapping, layout: RigidLayout | None = None) -> 
         prefix = "" if str(err).startswith("dim:") else "flow."
         raise ValueError(f"{prefix}{err}") from err
 
-
-def _is_rigid(cls: type[nn.Module]) -> bool:
-    return bool(getattr(cls, "needs_layout", False))
