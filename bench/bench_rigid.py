@@ -31,7 +31,7 @@ the maximum: the allocator keeps much of what it freed, so later calls add less 
 ``torch.cuda.max_memory_allocated`` above the memory allocated before the call.
 ``--max-batch-per-call`` splits a batch into chunks (one timed "call" is then all chunks), for
 machines where the whole batch does not fit. Every measurement records a hash of the boltzgen
-sources it imported; a warning is printed if they differ between rows of one run.
+sources it imported; a warning names the files that differ between rows of one run.
 
 Why ratios: the benchmark machines are shared and noisy, so absolute samples/s move from run
 to run; the ratio rigid / affine baseline, both measured in the same run, is the number to
@@ -159,14 +159,12 @@ def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _MAXRSS_BYTES
 
 
-def sources_sha256() -> str:
-    """Hash of the boltzgen source files this process has imported."""
-    digest = hashlib.sha256()
-    files = sorted(str(module.__file__) for name, module in sys.modules.items()
+def sources_sha256() -> dict[str, str]:
+    """SHA-256 (first 16 hex digits) of every boltzgen source file this process has imported."""
+    files = sorted(Path(module.__file__) for name, module in list(sys.modules.items())
                    if name.split(".")[0] == "boltzgen" and getattr(module, "__file__", None))
-    for file in files:
-        digest.update(Path(file).read_bytes())
-    return digest.hexdigest()
+    return {str(file.relative_to(ROOT)): hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+            for file in files}
 
 
 def _reset_peak_rss() -> bool:
@@ -331,7 +329,9 @@ def main() -> None:
                              "label": label, **result,
                              "ratio_to_affine": result["median_samples_per_s"]
                              / affine["median_samples_per_s"]})
-    changed = len({row["sources_sha256"] for row in rows}) > 1
+    changed = sorted({file for row in rows for file, digest in row["sources_sha256"].items()
+                      if any(other["sources_sha256"].get(file, digest) != digest
+                             for other in rows)})
 
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
@@ -355,8 +355,8 @@ def main() -> None:
     print("ratio = samples/s / samples/s of the affine baseline on the line above it "
           "(< 1: slower than the baseline)")
     if changed:
-        print("WARNING: the boltzgen sources changed during the run (rows have different "
-              "sources_sha256 in the JSON); rerun for a consistent comparison")
+        print(f"WARNING: boltzgen sources changed during the run: {', '.join(changed)} "
+              "(see sources_sha256 per row in the JSON); rerun if that code is measured")
     print(f"written to {args.out}")
 
 
