@@ -103,15 +103,11 @@ class TetrahedronInField(System):
     # -- energy ---------------------------------------------------------------------------
     def site_energy(self, directions: torch.Tensor) -> torch.Tensor:
         """Energy (kJ/mol) of one site at unit direction(s) (..., 3) -> (...)."""
-        corners = torch.as_tensor(_CORNERS, dtype=directions.dtype, device=directions.device)
-        depths = torch.as_tensor(self._depths, dtype=directions.dtype, device=directions.device)
-        cosines = directions @ corners.T
-        return -(depths * torch.exp(self._kappa * (cosines - 1.0))).sum(-1)
+        return _site_energy(directions, self._kappa, self._depths)
 
     def site_directions(self, q: torch.Tensor) -> torch.Tensor:
         """World directions R(q) n_i of the four sites, (..., 4) -> (..., 4 sites, 3)."""
-        body = torch.as_tensor(_EVEN, dtype=q.dtype, device=q.device)
-        return (quaternion_to_matrix(q)[..., None, :, :] @ body[..., None])[..., 0]
+        return _site_directions(q)
 
     def potential(self, x: torch.Tensor) -> torch.Tensor:
         """U(q) in kJ/mol; (..., 4) -> (...). Flip-invariant: U(q) = U(−q)."""
@@ -196,6 +192,18 @@ class TetrahedronInField(System):
         return (self._kappa, *self._depths.tolist(), float(self.quadrature_points))
 
 
+def _site_energy(directions: torch.Tensor, kappa: float, depths: np.ndarray) -> torch.Tensor:
+    """−Σ_j ε_j exp(κ (n·c_j − 1)) for unit directions n (..., 3), kJ/mol."""
+    corners = torch.as_tensor(_CORNERS, dtype=directions.dtype, device=directions.device)
+    eps = torch.as_tensor(depths, dtype=directions.dtype, device=directions.device)
+    return -(eps * torch.exp(kappa * (directions @ corners.T - 1.0))).sum(-1)
+
+
+def _site_directions(q: torch.Tensor) -> torch.Tensor:
+    body = torch.as_tensor(_EVEN, dtype=q.dtype, device=q.device)
+    return (quaternion_to_matrix(q)[..., None, :, :] @ body[..., None])[..., 0]
+
+
 @lru_cache(maxsize=8)
 def _energy_floor(kappa: float, depths: tuple[float, ...]) -> float:
     corners = torch.as_tensor(_CORNERS)
@@ -205,13 +213,13 @@ def _energy_floor(kappa: float, depths: tuple[float, ...]) -> float:
     n = (start / start.norm(dim=-1, keepdim=True)).clone()
     for _ in range(2000):
         n.requires_grad_(True)
-        e = -(eps * torch.exp(kappa * (n @ corners.T - 1.0))).sum(-1)
+        e = _site_energy(n, kappa, np.asarray(depths))
         (grad,) = torch.autograd.grad(e.sum(), n)
         with torch.no_grad():
             n = n - 1e-3 / (kappa * float(eps.max())) * grad
             n = n / n.norm(dim=-1, keepdim=True)
     with torch.no_grad():
-        e = -(eps * torch.exp(kappa * (n @ corners.T - 1.0))).sum(-1)
+        e = _site_energy(n, kappa, np.asarray(depths))
     lipschitz = float((eps * kappa).sum())
     return 4.0 * (float(e.min()) - lipschitz * 1e-6)
 
@@ -219,8 +227,6 @@ def _energy_floor(kappa: float, depths: tuple[float, ...]) -> float:
 @lru_cache(maxsize=16)
 def _quadrature(key: tuple[float, ...], temperature: float) -> tuple[float, np.ndarray, float]:
     kappa, depths, n = key[0], np.array(key[1:9]), int(key[9])
-    system = TetrahedronInField.__new__(TetrahedronInField)
-    system._kappa, system._depths = kappa, depths
     kt = KB_KJ_PER_MOL_K * temperature
     nodes, weights = np.polynomial.legendre.leggauss(n)  # in cos β
     beta = torch.as_tensor(np.arccos(nodes))
@@ -234,7 +240,7 @@ def _quadrature(key: tuple[float, ...], temperature: float) -> tuple[float, np.n
     for i in range(n):  # one β at a time keeps memory at (2n)² nodes
         qb = _axis_quaternion(beta[i : i + 1], 1)[None, :, :]
         q = multiply(multiply(qz_alpha, qb), qz_gamma[None, :, :]).reshape(-1, 4)
-        u = system.site_energy(system.site_directions(q)).sum(-1)
+        u = _site_energy(_site_directions(q), kappa, depths).sum(-1)
         log_terms.append(-u / kt + math.log(float(w_beta[i])) - 2 * math.log(2 * n))
         overlap = (q @ group.T).abs()
         top2 = overlap.topk(2, dim=-1).values
