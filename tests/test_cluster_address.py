@@ -6,14 +6,17 @@ authentication on; the driver must pick the token up by itself (DESIGN.md §5).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,44 @@ from tests.conftest import TINY_SPEC, write_spec
 
 RAY = str(Path(sys.executable).with_name("ray"))
 CAMPAIGN = str(Path(sys.executable).with_name("campaign"))
+
+
+def _stop_ray_under(temp_dir: str) -> None:
+    """Stop only the Ray processes of the head started with ``temp_dir`` (and their children).
+
+    ``ray stop`` would end every Ray process on the machine, including a campaign a user is
+    running next to the tests; the head's daemons all name the temp dir on their command line.
+    """
+    def processes() -> dict[int, tuple[int, str]]:
+        table = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            table[int(entry.name)] = (parent, cmdline)
+        return table
+
+    def targets() -> set[int]:
+        table = processes()
+        chosen = {pid for pid, (_, cmd) in table.items() if temp_dir in cmd} - {os.getpid()}
+        grew = True
+        while grew:
+            children = {pid for pid, (parent, _) in table.items() if parent in chosen}
+            grew = not children <= chosen
+            chosen |= children
+        return chosen
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in targets():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 15
+        while targets() and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 def _free_port() -> int:
@@ -42,7 +83,7 @@ def ray_head():
     try:
         yield f"127.0.0.1:{port}", env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_ray_under(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -167,9 +167,13 @@ def test_pinned_coordinates_never_move_and_start_near_identity(name: str,
     fresh = make_layer(name, layout)
     angles, q = random_state(layout, 8)
     a1, q1, ld = fresh(angles, q)
-    # Every layer starts at the identity except the convex-gradient map, which starts at a
-    # small γ (0.05): a few degrees away, so that its Newton inverse is well conditioned.
-    tolerance = 0.15 if name == "convex_gradient" else 1e-12
+    # The position layers start at the identity. The S³ layers start a little away from it:
+    # the convex-gradient map at a small γ (0.05), so that its Newton inverse is well
+    # conditioned; the double Möbius map at |q| = 0.15 and the axial mixture with log-strengths
+    # spread over ±0.5, because at the identity their training cannot start (see
+    # test_fresh_orientation_layers_can_learn); both are within O(0.15², 0.5²) of it.
+    tolerance = {"convex_gradient": 0.15, "double_mobius": 0.05, "axial_mobius": 0.05}.get(
+        name, 1e-12)
     assert (q1 - q).abs().max() <= tolerance
     moved = perturb(make_layer(name, layout))
     a2, q2, _ = moved(angles, q)
@@ -177,6 +181,28 @@ def test_pinned_coordinates_never_move_and_start_near_identity(name: str,
         assert torch.equal(q2[:, body], q[:, body])
     for body in layout.pinned_positions:
         assert torch.equal(a2[:, body], angles[:, body])
+
+
+@pytest.mark.parametrize("name", ["double_mobius", "axial_mobius"])
+def test_fresh_orientation_layers_can_learn(name: str) -> None:
+    """At its initialisation a layer gets a gradient, and mixture components are not clones.
+
+    The symmetrized Möbius map is even in its reflection point q, so at q = 0 every gradient
+    with respect to q vanishes; K identical mixture components get identical updates forever.
+    Either would leave a layer (or K − 1 components) dead however long one trains.
+    """
+    layout = RigidLayout(1)
+    layer = LAYERS[name](layout, **SMALL, **({"components": 4} if name == "axial_mobius"
+                                             else {}))
+    _, q = random_state(layout, 256)
+    _, _, log_det = layer(None, q)
+    log_det.square().mean().backward()
+    grad = layer.conditioner.head.bias.grad
+    assert float(grad.abs().max()) > 1e-6
+    if name == "axial_mobius":
+        strengths = grad[:4]
+        assert float((strengths - strengths.mean()).abs().max()) > 1e-6 * float(
+            strengths.abs().max())
 
 
 # -- composite flows ------------------------------------------------------------------------

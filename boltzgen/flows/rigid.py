@@ -63,6 +63,12 @@ __all__ = ["LAYERS", "BodyAttention", "RigidBodyFlow", "RigidLayer"]
 
 State = tuple[torch.Tensor | None, torch.Tensor]
 
+INITIAL_REFLECTION_NORM = 0.15
+"""|q| of a :class:`DoubleMobiusLayer` at initialisation (see there why not 0)."""
+
+INITIAL_LOG_STRENGTH_SPREAD = 0.5
+"""Log-strengths of an :class:`AxialMobiusLayer`'s K components start at linspace(−s, s, K)."""
+
 
 class BodyAttention(nn.Module):
     """Per-body features (B, N, n_in) -> per-body outputs (B, N, n_out), float64.
@@ -236,8 +242,16 @@ class DoubleMobiusLayer(_OrientationLayer):
     """Symmetrized Möbius map of every quaternion, q_i = t / sqrt(1 + |t|²) from the positions."""
 
     def __init__(self, layout: RigidLayout, channels: int = 32, heads: int = 4,
-                 blocks: int = 2) -> None:
+                 blocks: int = 2, seed: int = 0) -> None:
         super().__init__(layout, 6 if layout.has_positions else 0, 4, channels, heads, blocks)
+        # The symmetrized map is even in q, so q = 0 (the identity) is a critical point of any
+        # loss: a layer started there never moves. Start at a small random reflection point
+        # instead (|q| = INITIAL_REFLECTION_NORM; the map is then within O(|q|²) of the identity).
+        g = torch.Generator().manual_seed(15485863 * (seed + 1))
+        direction = torch.randn(4, generator=g, dtype=torch.float64)
+        t = INITIAL_REFLECTION_NORM / math.sqrt(1.0 - INITIAL_REFLECTION_NORM**2)
+        with torch.no_grad():
+            self.conditioner.head.bias.copy_(t * direction / torch.linalg.vector_norm(direction))
 
     def _map(self, angles, quaternions, inverse):
         raw = self.condition(angles, quaternions)
@@ -268,6 +282,14 @@ class AxialMobiusLayer(_OrientationLayer):
         n_pos = 6 if layout.has_positions else 0
         super().__init__(layout, n_pos + 16, 2 * self.components, channels, heads, blocks)
         self.register_buffer("axis", fixed_axis(axis_index))
+        # Identical components get identical gradients (Adam even equalises their step sizes)
+        # and would stay identical, a mixture of one. Spread the log-strengths symmetrically
+        # about 0 instead: the mixture is then the identity to first order in the spread.
+        if self.components > 1:
+            with torch.no_grad():
+                self.conditioner.head.bias[: self.components] = torch.linspace(
+                    -INITIAL_LOG_STRENGTH_SPREAD, INITIAL_LOG_STRENGTH_SPREAD, self.components,
+                    dtype=torch.float64)
 
     def features(self, angles, quaternions):
         return [position_features(angles, [0, 1, 2], quaternions),
@@ -334,8 +356,10 @@ POSITION_LAYERS = ("circle_mobius", "circular_spline")
 class RigidBodyFlow(nn.Module):
     """``n_blocks`` × [position layers for x, y, z (if the layout has a box), orientation layers].
 
-    Orientation part of a block: for ``rotation_layer = "double_mobius"`` one
-    :class:`DoubleMobiusLayer` and ``rotation_layers_per_block`` :class:`AxialMobiusLayer` (each
+    Orientation part of a block: for ``rotation_layer = "double_mobius"``
+    ``mobius_layers_per_block`` :class:`DoubleMobiusLayer` (conditioned on the positions; for a
+    body without positions its reflection point is a free parameter) and
+    ``rotation_layers_per_block`` :class:`AxialMobiusLayer` (each
     about its own fixed axis, ``mixture_components`` components); for ``"convex_gradient"``,
     ``rotation_layers_per_block`` :class:`ConvexGradientLayer` (``convex_terms`` terms,
     exponent ``convex_exponent``).
@@ -349,7 +373,8 @@ class RigidBodyFlow(nn.Module):
 
     def __init__(self, layout: RigidLayout, rotation_layer: str = "double_mobius",
                  position_layer: str = "circle_mobius", n_blocks: int = 4,
-                 rotation_layers_per_block: int = 1, mixture_components: int = 4,
+                 rotation_layers_per_block: int = 1, mobius_layers_per_block: int = 1,
+                 mixture_components: int = 4,
                  convex_terms: int = 16, convex_exponent: int = 2, n_bins: int = 8,
                  channels: int = 32, heads: int = 4, attention_blocks: int = 2) -> None:
         super().__init__()
@@ -363,6 +388,8 @@ class RigidBodyFlow(nn.Module):
                              f"{', '.join(POSITION_LAYERS)}")
         n_blocks = check_int("n_blocks", n_blocks, minimum=1)
         per_block = check_int("rotation_layers_per_block", rotation_layers_per_block, minimum=1)
+        mobius_per_block = check_int("mobius_layers_per_block", mobius_layers_per_block,
+                                     minimum=0)
         channels = check_int("channels", channels, minimum=1)
         heads = check_int("heads", heads, minimum=1)
         if channels % heads:
@@ -381,7 +408,9 @@ class RigidBodyFlow(nn.Module):
                     else:
                         layers.append(CircularSplineLayer(layout, component, n_bins, **attention))
             if rotation_layer == "double_mobius":
-                layers.append(DoubleMobiusLayer(layout, **attention))
+                layers += [DoubleMobiusLayer(layout, seed=block * mobius_per_block + j,
+                                             **attention)
+                           for j in range(mobius_per_block)]
                 layers += [AxialMobiusLayer(layout, block * per_block + j, mixture_components,
                                             **attention) for j in range(per_block)]
             else:
