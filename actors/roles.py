@@ -47,10 +47,12 @@ class _StageWorker:
 
 
 class McmcActor(_StageWorker):
-    """Reference data: replica-exchange MCMC over a temperature ladder, MBAR/exact reference."""
+    """Reference data: replica-exchange MCMC or OpenMM MD over a temperature ladder, and the
+    MBAR (or exact) reference ΔF."""
 
-    def run_reference(self, config: Mapping[str, Any]) -> tuple[pipeline.ReferenceData, Timing]:
-        return self._timed(pipeline.run_reference, config)
+    def run_reference(self, config: Mapping[str, Any], work_dir: str | None = None
+                      ) -> tuple[pipeline.ReferenceData, Timing]:
+        return self._timed(pipeline.run_reference, config, work_dir, self.threads)
 
 
 class TrainerActor(_StageWorker):

@@ -224,16 +224,32 @@ def mbar_ladder(
     n_k = np.array([u.size for u in arrays], dtype=int)
     beta = 1.0 / (kb * np.asarray(temps))
     u_kn = beta[:, None] * u_n[None, :]
+    # From pymbar's default zero start the solver can stop at f = 0 without a word when the
+    # states' free energies differ by hundreds of kT (ice between temperatures); BAR between
+    # neighbours starts it near the answer. The bootstrap runs in a second MBAR started at the
+    # converged f_k: pymbar 4.0.3 combines BAR initialisation and bootstrapping by overwriting
+    # the point estimate with a resample's.
+    state = np.random.get_state()
+    try:
+        # pymbar 4.0 reseeds the global NumPy RNG from entropy when rseed is None.
+        f_k = np.asarray(MBAR(u_kn, n_k, initialize="BAR", rseed=seed).f_k, dtype=np.float64)
+    finally:
+        np.random.set_state(state)
+    # The MBAR equations say every state's weights over the pooled samples sum to 1:
+    # W_nk = exp(f_k − u_kn) / Σ_j N_j exp(f_j − u_jn).
+    log_denominator = logsumexp(np.log(n_k)[:, None] + f_k[:, None] - u_kn, axis=0)
+    column_sums = np.exp(f_k[:, None] - u_kn - log_denominator[None, :]).sum(axis=1)
+    if not np.allclose(column_sums, 1.0, atol=1e-6):
+        raise RuntimeError(f"MBAR did not converge: state weight sums {column_sums} differ "
+                           "from 1")
     state = np.random.get_state()
     try:
         # pymbar 4.0 draws bootstrap indices from the global NumPy RNG and, when rseed is None,
         # reseeds it from entropy; a non-None rseed leaves our seeding in place.
         np.random.seed(seed)
-        mbar = MBAR(u_kn, n_k, n_bootstraps=n_bootstraps, rseed=seed)
+        mbar = MBAR(u_kn, n_k, initial_f_k=f_k, n_bootstraps=n_bootstraps, rseed=seed)
         method = "bootstrap" if n_bootstraps > 0 else None
         result = mbar.compute_free_energy_differences(uncertainty_method=method)
     finally:
         np.random.set_state(state)
-    return np.asarray(result["Delta_f"][0], dtype=np.float64), np.asarray(
-        result["dDelta_f"][0], dtype=np.float64
-    )
+    return f_k - f_k[0], np.asarray(result["dDelta_f"][0], dtype=np.float64)

@@ -34,6 +34,7 @@ class OpenMMEvaluator:
     platform: str = "CPU"
     threads: int = 1
     _context: Any = field(default=None, init=False, repr=False)
+    _virtual: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.platform not in PLATFORMS:
@@ -45,7 +46,7 @@ class OpenMMEvaluator:
     def __getstate__(self) -> dict[str, Any]:
         # A Context cannot travel between processes; the receiver builds its own.
         return {"system_xml": self.system_xml, "platform": self.platform,
-                "threads": self.threads, "_context": None}
+                "threads": self.threads, "_context": None, "_virtual": None}
 
     def context(self) -> Any:
         if self._context is None:
@@ -57,10 +58,16 @@ class OpenMMEvaluator:
             # The integrator never steps: the Context only evaluates energies and forces.
             integrator = openmm.VerletIntegrator(0.001)
             self._context = openmm.Context(system, integrator, platform, properties)
+            self._virtual = np.array([system.isVirtualSite(i)
+                                      for i in range(system.getNumParticles())], dtype=bool)
         return self._context
 
     def energies_and_forces(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """positions (B, n_particles, 3) nm -> U (B,) kJ/mol, F (B, n_particles, 3) kJ/mol/nm."""
+        """positions (B, n_particles, 3) nm -> U (B,) kJ/mol, F (B, n_particles, 3) kJ/mol/nm.
+
+        Virtual sites' positions are recomputed from their parents; their forces come back as 0
+        (OpenMM has moved them onto the parent atoms), so −F is ∇U over the real atoms.
+        """
         positions = np.asarray(positions, dtype=np.float64)
         if positions.ndim != 3 or positions.shape[-1] != 3:
             raise ValueError(f"positions: shape {positions.shape} is not allowed; must be "
@@ -79,5 +86,9 @@ class OpenMMEvaluator:
             energies[i] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
             forces[i] = state.getForces(asNumpy=True).value_in_unit(
                 unit.kilojoule_per_mole / unit.nanometer)
+        # OpenMM has already added each virtual site's force onto its parent atoms but still
+        # reports it on the site; a virtual site is not a degree of freedom, so its force is
+        # zeroed here (otherwise a chain rule through the site would count it twice).
+        forces[:, self._virtual] = 0.0
         del openmm
         return energies, forces

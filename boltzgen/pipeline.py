@@ -40,6 +40,7 @@ from boltzgen.estimators import (
 )
 from boltzgen.flows import build_flow
 from boltzgen.mcmc import decorrelated, replica_exchange
+from boltzgen.md import MDProtocol, cached_md
 from boltzgen.openmm_bridge import OpenMMEvaluator
 from boltzgen.states import AnalyticBase, NormalBase, ThermodynamicBase, UniformBase
 from boltzgen.systems import System, make_system
@@ -132,17 +133,25 @@ class ReferenceData:
     ladder: list[float]
     diagnostics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    base_train_potential: np.ndarray | None = None  # U of base_train (energy units), if known
 
 
-def run_reference(config: Mapping[str, Any]) -> ReferenceData:
+def run_reference(config: Mapping[str, Any], work_dir: str | None = None, threads: int = 1
+                  ) -> ReferenceData:
     """Reference data and ΔF (kT): replica-exchange MCMC over the ladder with an exact or MBAR
-    reference, or (``reference.sampler = exact``) the system's exact sampler and exact f."""
+    reference, (``reference.sampler = exact``) the system's exact sampler and exact f, or
+    (``md``) OpenMM MD over the ladder, cached under ``work_dir``, with MBAR."""
     check_injected_failure(config, "reference")
     start = time.perf_counter()
     problem = Problem.from_config(config)
     ref = config["reference"]
     if ref.get("sampler", "mcmc") == "exact":
         return _exact_reference(config, problem, start)
+    if ref.get("sampler") == "md":
+        if work_dir is None:
+            raise ValueError("work_dir: None is not allowed for reference.sampler 'md'; MD "
+                             "frames are cached in the campaign's work directory")
+        return _md_reference(config, problem, start, work_dir, threads)
     ladder = problem.ladder(ref)
     seed = stage_seed(config, "reference")
     generator = torch.Generator().manual_seed(seed)
@@ -256,6 +265,57 @@ def _exact_reference(config: Mapping[str, Any], problem: Problem, start: float
     )
 
 
+def md_protocol(config: Mapping[str, Any], temperature: float) -> MDProtocol:
+    """The MD protocol of one ladder temperature. Its seed depends on the campaign seed, the
+    system and the temperature only, so every job that needs this run shares one cache entry."""
+    md = config["reference"].get("md") or {}
+    text = json.dumps([config["seed"], config["system"], round(float(temperature), 6)],
+                      sort_keys=True)
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") & 0x7FFFFFFF
+    return MDProtocol(temperature=round(float(temperature), 6), seed=seed,
+                      **{k: float(v) for k, v in md.items()})
+
+
+def _md_reference(config: Mapping[str, Any], problem: Problem, start: float, work_dir: str,
+                  threads: int) -> ReferenceData:
+    """MD at every ladder temperature (ascending, so jobs sharing the base temperature reach
+    it at different times), decorrelated with pymbar's statistical inefficiency, MBAR ΔF."""
+    ref = config["reference"]
+    system = problem.system
+    ladder = problem.ladder(ref)
+    platform = (config.get("energy") or {}).get("platform", "CPU")
+    runs = [cached_md(system, md_protocol(config, t), work_dir, threads, platform)
+            for t in ladder]
+    per_state = [decorrelated(run.flow_coordinates[None], run.potential_kj_per_mol[None])
+                 for run in runs]
+    seed = stage_seed(config, "reference")
+    rng = np.random.default_rng(seed)
+    target_k = int(np.argmin(np.abs(ladder - problem.temperature)))
+    base_k = int(np.argmin(np.abs(ladder - problem.base.temperature)))
+    target_train, target_test, _, target_pot = _split(per_state[target_k], ref, rng)
+    base_train, base_test, base_train_pot, base_pot = _split(per_state[base_k], ref, rng)
+    f_k, df_k = mbar_ladder([p for _, p, _ in per_state], ladder.tolist(),
+                            system.boltzmann_constant, n_bootstraps=ref["n_bootstraps"], seed=seed)
+    diagnostics = {
+        "md_statistical_inefficiency_max": float(max(g for _, _, g in per_state)),
+        "md_target_decorrelated_frames": float(len(per_state[target_k][0])),
+        "md_base_decorrelated_frames": float(len(per_state[base_k][0])),
+        "md_seconds_run": float(sum(r.seconds for r in runs if not r.reused)),
+        "md_seconds_all_rungs": float(sum(r.seconds for r in runs)),
+        "md_runs_reused": float(sum(r.reused for r in runs)),
+    }
+    return ReferenceData(
+        target_train=target_train, target_test=target_test, target_test_potential=target_pot,
+        base_train=base_train, base_test=base_test, base_test_potential=base_pot,
+        reference_delta_f=float(f_k[target_k] - f_k[base_k]),
+        reference_delta_f_err=float(df_k[target_k] if target_k else df_k[base_k]),
+        method=f"MBAR over {len(ladder)} MD temperatures "
+        f"({', '.join(f'{t:.1f}' for t in ladder)} K)",
+        ladder=ladder.tolist(), diagnostics=diagnostics,
+        seconds=time.perf_counter() - start, base_train_potential=base_train_pot,
+    )
+
+
 def _split(
     state: tuple[np.ndarray, np.ndarray, float], ref: Mapping[str, Any], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -290,15 +350,26 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
     flow = problem.build_flow(config["flow"]).to(device)
     generator = torch.Generator().manual_seed(seed)
     training = config["training"]
+    last: dict[str, torch.Tensor] = {}  # the latest base batch and its known u_A (MD pools)
     if isinstance(problem.base, AnalyticBase):
 
         def sample_a(n: int) -> torch.Tensor:
             return problem.base.sample(n, generator).to(device)
     else:
         pool = _tensor(reference.base_train)
+        pool_u = None if reference.base_train_potential is None else _tensor(
+            reference.base_train_potential) / (problem.system.boltzmann_constant
+                                               * problem.base.temperature)
 
         def sample_a(n: int) -> torch.Tensor:
-            return pool[torch.randint(len(pool), (n,), generator=generator)].to(device)
+            index = torch.randint(len(pool), (n,), generator=generator)
+            x = pool[index].to(device)
+            if pool_u is not None:  # remember u_A of this batch: no energy call for it
+                last["x"], last["u"] = x, pool_u[index].to(device)
+            return x
+
+    def u_a(x: torch.Tensor) -> torch.Tensor:
+        return last["u"] if last.get("x") is x else problem.base.reduced_energy(x)
 
     result = train_flow(
         flow,
@@ -306,7 +377,7 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
         training["steps"],
         training["batch_size"],
         training["learning_rate"],
-        u_a=problem.base.reduced_energy,
+        u_a=u_a,
         u_b=problem.target_reduced_energy,
         sample_a=sample_a,
         data_b=_tensor(reference.target_train).to(device),
@@ -424,7 +495,7 @@ def make_energy_function(config: Mapping[str, Any], threads: int = 1) -> EnergyF
 
         def openmm_energy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             u, forces = evaluator.energies_and_forces(system.openmm_positions(x))
-            return u, system.flow_gradient(forces)
+            return u, system.flow_gradient(forces, x)
 
         return openmm_energy
 

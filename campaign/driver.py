@@ -168,7 +168,9 @@ class Driver:
             if todo:
                 self.start_actors()
                 for run in todo:
-                    self._enqueue(run, "run_reference", (run.config,), self._after_reference,
+                    self._enqueue(run, "run_reference",
+                                  (run.config, str(self.plan.spec.work_path())),
+                                  self._after_reference,
                                   fetch=False)
                 self._loop(todo, summary)
         except BaseException:

@@ -25,6 +25,7 @@ from campaign.spec import (
     JOB_SECTIONS,
     CampaignSpec,
     JobConfig,
+    MDSettings,
     spec_error_from_validation,
 )
 
@@ -188,18 +189,20 @@ def _check_science(config: JobConfig) -> None:
     except (ValueError, TypeError) as exc:
         raise _science_error(exc, "flow") from None
     rigid = system.rigid_layout() is not None
-    if rigid and config.base.kind != "uniform":
+    if rigid and config.base.kind == "normal":
         raise SpecError("base.kind", config.base.kind, f"system '{system.kind}' has rigid-body "
-                        "coordinates (torus × S³); use 'uniform'")
+                        "coordinates (torus × S³); use 'uniform' or 'thermodynamic'")
     if not rigid and config.base.kind == "uniform":
         raise SpecError("base.kind", "uniform", f"system '{system.kind}' has Euclidean "
                         "coordinates; use 'normal' or 'thermodynamic'")
     if config.reference.sampler == "exact" and not system.supports_exact_sampling():
         raise SpecError("reference.sampler", "exact", f"system '{system.kind}' has no exact "
                         "sampler; use 'mcmc'")
-    if rigid and config.reference.sampler != "exact":
-        raise SpecError("reference.sampler", config.reference.sampler, "MCMC on rigid-body "
-                        "coordinates is not implemented; use 'exact'")
+    if rigid and config.reference.sampler == "mcmc":
+        raise SpecError("reference.sampler", "mcmc", "MCMC on rigid-body coordinates is not "
+                        "implemented; use 'exact' or 'md'")
+    if config.reference.sampler == "md":
+        _check_md(config, system)
     if config.energy.backend == "openmm" and not system.supports_openmm():
         raise SpecError("energy.backend", "openmm", f"system '{system.kind}' has no OpenMM "
                         "form; use torch")
@@ -216,6 +219,24 @@ def _check_science(config: JobConfig) -> None:
     if base.kind == "thermodynamic" and config.reference.ladder_size < 2:
         raise SpecError("reference.ladder_size", config.reference.ladder_size,
                         "an MBAR ladder between the base and target temperatures needs >= 2")
+
+
+def _check_md(config: JobConfig, system: Any) -> None:
+    """MD needs an OpenMM system with a starting structure, a temperature ladder between a
+    thermodynamic base and the target, and a protocol with at least one frame."""
+    if not (system.supports_openmm() and hasattr(system, "ideal_coordinates")):
+        raise SpecError("reference.sampler", "md", f"system '{system.kind}' has no OpenMM "
+                        "form with a starting structure; use 'mcmc' or 'exact'")
+    if config.base.kind != "thermodynamic":
+        raise SpecError("base.kind", config.base.kind, "reference.sampler 'md' estimates ΔF "
+                        "between temperatures; use 'thermodynamic' with a base temperature")
+    md = config.reference.md or MDSettings()
+    if md.production_ps < md.frame_interval_ps:
+        raise SpecError("reference.md.production_ps", md.production_ps,
+                        f"shorter than one frame interval ({md.frame_interval_ps} ps)")
+    if md.frame_interval_ps * 1000.0 < md.timestep_fs:
+        raise SpecError("reference.md.frame_interval_ps", md.frame_interval_ps,
+                        f"shorter than one time step ({md.timestep_fs} fs)")
 
 
 def _science_error(exc: Exception, section: str) -> SpecError:

@@ -30,8 +30,10 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     ValidationError,
+    model_serializer,
 )
 
+from boltzgen.md import MDProtocol
 from campaign.errors import SpecError
 
 SAFE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
@@ -90,15 +92,40 @@ class BaseSettings(Strict):
     temperature: PositiveFloat | None = None
 
 
+class MDSettings(Strict):
+    """OpenMM NVT MD per ladder temperature: LangevinMiddle with ``timestep_fs`` and
+    ``friction_per_ps``, minimisation, ``equilibration_ps``, then ``production_ps`` with a frame
+    every ``frame_interval_ps``."""
+
+    equilibration_ps: NonNegativeFloat = MDProtocol.equilibration_ps
+    production_ps: PositiveFloat = MDProtocol.production_ps
+    frame_interval_ps: PositiveFloat = MDProtocol.frame_interval_ps
+    timestep_fs: PositiveFloat = MDProtocol.timestep_fs
+    friction_per_ps: PositiveFloat = MDProtocol.friction_per_ps
+
+
 class ReferenceSettings(Strict):
     """Reference data and ΔF: replica-exchange MCMC (and the MBAR ladder), or exact sampling.
 
     ``sampler: exact`` uses the system's own exact sampler (e.g. rejection sampling) for
     ``n_exact_samples`` independent samples; the MCMC settings are then unused.
+    ``sampler: md`` runs OpenMM Langevin MD (protocol ``md``, defaults if left out) at each of
+    the ``ladder_size`` temperatures geomspace(T, T_base, K), cached in the campaign's work
+    directory, and MBAR over them gives the reference ΔF.
     """
 
-    sampler: Literal["mcmc", "exact"] = "mcmc"
+    @model_serializer(mode="wrap")
+    def _leave_out_unset_md(self, handler: Any) -> dict[str, Any]:
+        # An unset optional section is left out of the dump, so that adding it did not change
+        # the ids (hashes of the dump) of jobs that do not use it.
+        data = handler(self)
+        if data.get("md") is None:
+            data.pop("md", None)
+        return data
+
+    sampler: Literal["mcmc", "exact", "md"] = "mcmc"
     n_exact_samples: PositiveInt = 20000
+    md: MDSettings | None = None
     ladder_size: PositiveInt = 4
     hot_temperature_factor: PositiveFloat = 4.0
     n_chains: PositiveInt = 32
@@ -192,10 +219,18 @@ class CampaignSpec(Strict):
     grid: dict[str, Any] | list[dict[str, Any]] = Field(default_factory=dict)
     resources: Resources = Resources()
     tracking: Tracking = Tracking()
+    work_dir: str | None = Field(
+        default=None, description="cached MD and other files shared by jobs and launches; "
+        "default campaign-work/<name> under the launch directory (a shared file system on a "
+        "cluster)")
 
     @property
     def experiment_name(self) -> str:
         return self.tracking.experiment or self.name
+
+    def work_path(self) -> Path:
+        """The work directory, absolute (relative paths are taken from the current one)."""
+        return Path(self.work_dir or f"campaign-work/{self.name}").resolve()
 
 
 JOB_SECTIONS = tuple(name for name in JobConfig.model_fields if name != "seed")

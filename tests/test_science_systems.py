@@ -13,6 +13,7 @@ from boltzgen.systems import (
     DW4,
     SYSTEMS,
     DoubleWell2D,
+    IceXI,
     TetrahedronInField,
     make_system,
     system_parameter_names,
@@ -107,7 +108,7 @@ def test_dw4_invariances_and_value() -> None:
 
 def test_registry_and_errors() -> None:
     assert SYSTEMS == {"double_well": DoubleWell2D, "dw4": DW4,
-                       "tetrahedron_field": TetrahedronInField}
+                       "tetrahedron_field": TetrahedronInField, "ice_xi": IceXI}
     assert system_parameter_names("double_well") == ["a", "b", "c"]
     assert system_parameter_names("dw4") == ["b", "c", "d0"]
     system = make_system({"kind": "dw4", "d0": 3.0})

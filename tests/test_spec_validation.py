@@ -30,6 +30,14 @@ def _with(path: str, value: object) -> dict:
     return data
 
 
+ICE = {
+    "name": "ice", "system": {"kind": "ice_xi"}, "temperature": 100.0,
+    "base": {"kind": "thermodynamic", "temperature": 250.0},
+    "reference": {"sampler": "md", "ladder_size": 3},
+    "flow": {"kind": "rigid_body", "n_blocks": 1, "channels": 8, "heads": 2},
+    "energy": {"backend": "openmm"},
+}
+
 BAD_SPECS = {
     # case: (spec mapping, words the message must contain)
     "unknown top-level key": ({**TINY_SPEC, "tempratur": 1.0}, ["tempratur", "unknown key"]),
@@ -66,6 +74,25 @@ BAD_SPECS = {
                                            ["resources", "CPUs in all", "add up to at most"]),
     "rigid flow on a Euclidean system": (_with("flow", {"kind": "rigid_body"}),
                                          ["flow.kind", "rigid_body", "needs a rigid-body"]),
+    "ice size that does not tile the lattice": (
+        {**ICE, "system": {"kind": "ice_xi", "molecules": 20}},
+        ["system.molecules", "20", "16 n³"]),
+    "ice cutoff the box cannot hold": (
+        {**ICE, "system": {"kind": "ice_xi", "cutoff": 0.5}},
+        ["system.cutoff", "0.5", "at most 0.36678"]),
+    "ice target temperature equal to the base": (
+        {**ICE, "temperature": 250.0}, ["base.temperature", "250.0", "equals the target"]),
+    "md shorter than one frame": (
+        {**ICE, "reference": {"sampler": "md", "md": {"production_ps": 0.1,
+                                                       "frame_interval_ps": 0.5}}},
+        ["reference.md.production_ps", "0.1", "one frame interval"]),
+    "md ladder with one rung": (
+        {**ICE, "reference": {"sampler": "md", "ladder_size": 1}},
+        ["reference.ladder_size", "1", ">= 2"]),
+    "md on a system without a structure": (
+        _with("reference", {"sampler": "md"}) | {"base": {"kind": "thermodynamic",
+                                                          "temperature": 2.0}},
+        ["reference.sampler", "md", "double_well"]),
 }
 
 BAD_FILES = {

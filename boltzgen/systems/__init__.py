@@ -11,18 +11,21 @@ from collections.abc import Mapping
 from boltzgen.systems.base import System
 from boltzgen.systems.double_well import DoubleWell2D
 from boltzgen.systems.dw4 import DW4
+from boltzgen.systems.ice import IceXI
 from boltzgen.systems.tetrahedron import TetrahedronInField
 
 SYSTEMS: dict[str, type[System]] = {
     "double_well": DoubleWell2D,
     "dw4": DW4,
     "tetrahedron_field": TetrahedronInField,
+    "ice_xi": IceXI,
 }
 
 __all__ = [
     "DW4",
     "SYSTEMS",
     "DoubleWell2D",
+    "IceXI",
     "System",
     "TetrahedronInField",
     "make_system",

@@ -74,7 +74,7 @@ class System(ABC):
         """This system as an ``openmm.System``, for the OpenMM energy backend.
 
         Systems that support it also define ``openmm_positions(x)`` (flow coordinates -> (B, n, 3)
-        nm) and ``flow_gradient(forces)`` (OpenMM forces -> ∇U in flow coordinates).
+        nm) and ``flow_gradient(forces, x)`` (OpenMM forces at x -> ∇U in flow coordinates).
         """
         raise NotImplementedError(f"system '{self.kind}' has no OpenMM form")
 

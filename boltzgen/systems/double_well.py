@@ -70,8 +70,8 @@ class DoubleWell2D(System):
         x = np.asarray(x, dtype=np.float64)
         return np.concatenate([x, np.zeros((len(x), 1))], axis=1)[:, None, :]
 
-    def flow_gradient(self, forces: np.ndarray) -> np.ndarray:
-        """OpenMM forces (B, 1, 3) -> ∇U in flow coordinates (B, 2)."""
+    def flow_gradient(self, forces: np.ndarray, x: np.ndarray | None = None) -> np.ndarray:
+        """OpenMM forces (B, 1, 3) -> ∇U in flow coordinates (B, 2) (linear map: x unused)."""
         return -np.asarray(forces)[:, 0, :2]
 
     def _v(self, x1: float | np.ndarray) -> float | np.ndarray:

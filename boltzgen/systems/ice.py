@@ -1,0 +1,327 @@
+"""Ice XI in TIP4P-Ew water: the rigid-body flows paper's molecular crystal (DESIGN.md §4).
+
+Crystal: GenIce2's lattice ``"XI"`` (the antiferroelectric candidate the paper used; ``"11i"``
+is the ferroelectric Cmc2₁ structure), 16 molecules per orthorhombic cell, ``rep = (n, n, n)``,
+so N = 16 n³ molecules. Water: OpenMM's ``tip4pew.xml``, rigid, PME with Ewald error tolerance
+1e-4, cutoff r_c = min(1 nm, shortest box edge / 2 − 1e-5 nm) unless given, Lennard-Jones
+switched from 0.9 r_c, long-range dispersion correction, fixed box (NVT).
+
+Flow coordinates (``RigidLayout(N, box, pinned_positions=(0,))``), per sample:
+[oxygen positions (N, 3) nm] + [unit quaternions (N, 4)], with the gauge fixed by translating
+every configuration so that molecule 0's oxygen is at the origin and wrapping each molecule
+*whole* (by its oxygen) into [0, L). Molecule 0's position is pinned: no flow moves it, so no
+log-det term counts a direction the data cannot move (DESIGN.md §4: such phantom directions
+bias ΔF by about 1.4 kT). Hydrogens sit at O + R(q) s_H of the TIP4P-Ew template; OpenMM
+places the M site (``computeVirtualSites``) and returns its force distributed onto O, H1, H2.
+
+Units: positions nm, energies kJ/mol, k_B in kJ/mol/K. Only free-energy *differences between
+temperatures* are meaningful here (the base is the crystal at another temperature); the
+constant Jacobian between Cartesian rigid-body volume and (position, Haar) cancels in them
+(:mod:`boltzgen.rigid.bodies`), and so does the volume of the translation that the gauge
+removes.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from boltzgen._checks import check_float, check_int
+from boltzgen.rigid.bodies import WATER_TIP4P_EW, PeriodicBox, RigidLayout, RigidTemplate
+from boltzgen.rigid.quaternions import random_unit_quaternions
+from boltzgen.systems.base import System
+from boltzgen.units import KB_KJ_PER_MOL_K
+
+MOLECULES_PER_CELL = 16
+LATTICES = ("XI", "11i")
+SITES_PER_MOLECULE = 4  # O, H1, H2, M (a virtual site)
+WATER_OHH = RigidTemplate("water_ohh", WATER_TIP4P_EW.sites[:3], WATER_TIP4P_EW.site_names[:3])
+"""The three real atoms of TIP4P-Ew water (the rigid template the flow coordinates use)."""
+
+
+def cells_per_edge(molecules: int) -> int:
+    """n with 16 n³ = ``molecules``; ValueError naming ``molecules`` otherwise."""
+    n = round((molecules / MOLECULES_PER_CELL) ** (1.0 / 3.0))
+    if n < 1 or MOLECULES_PER_CELL * n**3 != molecules:
+        allowed = ", ".join(str(MOLECULES_PER_CELL * k**3) for k in range(1, 5))
+        raise ValueError(f"molecules: {molecules!r} does not tile the ice XI lattice; allowed: "
+                         f"16 n³ ({allowed}, ...)")
+    return n
+
+
+@functools.lru_cache(maxsize=8)
+def ideal_crystal(lattice: str, n: int) -> tuple[tuple[float, float, float], np.ndarray,
+                                                 np.ndarray]:
+    """GenIce2 crystal rep (n, n, n): box edges (nm), oxygen positions (N, 3), quaternions (N, 4).
+
+    GenIce writes O, H, H, M with three decimals (Gromacs format); the rigid TIP4P-Ew template
+    is fitted to each molecule's O, H, H (Kabsch), so the returned molecules are exactly rigid.
+    """
+    from genice2.genice import GenIce
+    from genice2.plugin import Format, Lattice, Molecule
+
+    text = GenIce(Lattice(lattice), rep=[n, n, n]).generate_ice(Format("gromacs"),
+                                                               water=Molecule("tip4p"))
+    lines = text.splitlines()
+    n_atoms = int(lines[1])
+    atoms = lines[2 : 2 + n_atoms]
+    box = tuple(float(v) for v in lines[2 + n_atoms].split()[:3])
+    xyz = np.array([[float(a[20:28]), float(a[28:36]), float(a[36:44])] for a in atoms])
+    names = [a[10:15].strip() for a in atoms]
+    if names[:4] != ["OW", "HW1", "HW2", "MW"] or n_atoms % 4:
+        raise RuntimeError(f"GenIce output has an unexpected layout: {names[:4]}")
+    per_molecule = xyz.reshape(-1, 4, 3)[:, :3]
+    edges = np.array(box)
+    # Molecules may straddle the box edge in GenIce's output: unwrap H by the minimum image.
+    per_molecule[:, 1:] -= edges * np.round((per_molecule[:, 1:] - per_molecule[:, :1]) / edges)
+    positions, quaternions = WATER_OHH.from_sites(torch.as_tensor(per_molecule))
+    return box, positions.numpy(), quaternions.numpy()
+
+
+class IceXI(System):
+    """Ice XI crystal of ``molecules`` rigid TIP4P-Ew waters in its fixed orthorhombic box.
+
+    Args:
+        molecules: N = 16 n³ (16, 128, 432, ...).
+        lattice: GenIce2 lattice name, ``"XI"`` (default, the paper's) or ``"11i"``.
+        cutoff: nonbonded cutoff (nm); default min(1, shortest edge / 2 − 1e-5). PME needs
+            r_c < shortest edge / 2.
+        ewald_error_tolerance: OpenMM's PME accuracy parameter.
+    """
+
+    kind: ClassVar[str] = "ice_xi"
+    estimand_note: ClassVar[str] = (
+        "ice XI, flow coordinates = oxygen positions (nm; molecule 0 at the origin) and unit "
+        "quaternions; only differences between temperatures are defined (Cartesian and "
+        "(position, Haar) volumes differ by a constant that cancels)"
+    )
+    boltzmann_constant: float = KB_KJ_PER_MOL_K
+    manifold: ClassVar[str] = "rigid bodies in a periodic box"
+
+    def __init__(self, *, molecules: int = 16, lattice: str = "XI", cutoff: float | None = None,
+                 ewald_error_tolerance: float = 1e-4) -> None:
+        self.molecules = check_int("molecules", molecules, minimum=1)
+        self._cells = cells_per_edge(self.molecules)
+        if lattice not in LATTICES:
+            raise ValueError(f"lattice: {lattice!r} is not allowed; choose one of "
+                             f"{', '.join(LATTICES)}")
+        self.lattice = lattice
+        self.ewald_error_tolerance = check_float("ewald_error_tolerance", ewald_error_tolerance,
+                                                 positive=True)
+        box, positions, quaternions = ideal_crystal(lattice, self._cells)
+        self.box = PeriodicBox(box)
+        largest = min(box) / 2.0 - 1e-5
+        if cutoff is None:
+            self._cutoff = min(1.0, largest)
+        else:
+            value = check_float("cutoff", cutoff, positive=True)
+            if value > largest:
+                raise ValueError(f"cutoff: {value!r} nm is not allowed; this box (shortest edge "
+                                 f"{min(box):.5f} nm) holds at most {largest:.5f} nm")
+            self._cutoff = value
+        self.cutoff = cutoff
+        self.dim = 7 * self.molecules
+        self._ideal = self.from_cartesian(_sites_of(positions, quaternions)[None])[0]
+        self._evaluator: Any = None
+        self._lock = threading.Lock()
+
+    # -- geometry ---------------------------------------------------------------------------
+    @property
+    def cutoff_nm(self) -> float:
+        """The cutoff in use (nm)."""
+        return self._cutoff
+
+    def rigid_layout(self) -> RigidLayout:
+        return RigidLayout(self.molecules, self.box, pinned_positions=(0,))
+
+    def ideal_coordinates(self) -> np.ndarray:
+        """Flow coordinates (dim,) of the GenIce crystal (molecule 0 at the origin)."""
+        return self._ideal.copy()
+
+    def to_cartesian(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Flow coordinates (B, dim) -> O, H1, H2, M positions (B, 4N, 3) nm (differentiable)."""
+        x = torch.as_tensor(x)
+        positions, quaternions = self.rigid_layout().split(x)
+        sites = WATER_TIP4P_EW.to_sites(positions, quaternions)  # (B, N, 4, 3)
+        return sites.reshape(*sites.shape[:-3], SITES_PER_MOLECULE * self.molecules, 3)
+
+    def from_cartesian(self, xyz: np.ndarray | torch.Tensor) -> np.ndarray:
+        """O, H1, H2[, M] positions (B, 3N or 4N, 3) nm -> flow coordinates (B, dim).
+
+        Each molecule is unwrapped around its oxygen (minimum image), fitted by the rigid
+        template (exact for rigid input), translated so that molecule 0's oxygen is at the
+        origin and wrapped whole into [0, L) by its oxygen.
+        """
+        xyz = torch.as_tensor(np.asarray(xyz, dtype=np.float64))
+        per = 4 if xyz.shape[-2] == 4 * self.molecules else 3
+        if xyz.ndim != 3 or xyz.shape[-2] != per * self.molecules:
+            raise ValueError(f"xyz: shape {tuple(xyz.shape)} is not allowed; need (B, "
+                             f"{3 * self.molecules} or {4 * self.molecules}, 3)")
+        atoms = xyz.reshape(xyz.shape[0], self.molecules, per, 3)[:, :, :3]
+        edges = self.box.tensor(xyz)
+        hydrogens = atoms[:, :, 1:] - edges * torch.round(
+            (atoms[:, :, 1:] - atoms[:, :, :1]) / edges)
+        atoms = torch.cat([atoms[:, :, :1], hydrogens], dim=2)
+        position, quaternion = WATER_OHH.from_sites(atoms)
+        # The fitted position is the template origin (the oxygen), not the centroid.
+        position = self.box.wrap(position - position[:, :1])
+        position[:, 0] = 0.0
+        return self.rigid_layout().join(position, quaternion).numpy()
+
+    def sample_uniform(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Uniform positions in the box (molecule 0 at the origin) and Haar orientations."""
+        n = check_int("n", n, minimum=1)
+        edges = self.box.tensor(torch.zeros(1, dtype=torch.float64))
+        positions = torch.rand(n, self.molecules, 3, generator=generator,
+                               dtype=torch.float64) * edges
+        positions[:, 0] = 0.0
+        q = random_unit_quaternions((n, self.molecules), generator)
+        return self.rigid_layout().join(positions, q)
+
+    # -- energy ---------------------------------------------------------------------------
+    def openmm_system(self) -> Any:
+        """The OpenMM System (TIP4P-Ew, PME, switching, dispersion correction, rigid water)."""
+        import openmm
+        from openmm import app, unit
+
+        topology = app.Topology()
+        chain = topology.addChain()
+        oxygen, hydrogen = app.Element.getBySymbol("O"), app.Element.getBySymbol("H")
+        for _ in range(self.molecules):
+            residue = topology.addResidue("HOH", chain)
+            o = topology.addAtom("O", oxygen, residue)
+            h1 = topology.addAtom("H1", hydrogen, residue)
+            h2 = topology.addAtom("H2", hydrogen, residue)
+            topology.addAtom("M", None, residue)
+            topology.addBond(o, h1)
+            topology.addBond(o, h2)
+        topology.setPeriodicBoxVectors(_box_vectors(self.box.edges) * unit.nanometer)
+        forcefield = app.ForceField("tip4pew.xml")
+        system = forcefield.createSystem(
+            topology, nonbondedMethod=app.PME, nonbondedCutoff=self._cutoff * unit.nanometer,
+            rigidWater=True, ewaldErrorTolerance=self.ewald_error_tolerance,
+            switchDistance=0.9 * self._cutoff * unit.nanometer,
+            useDispersionCorrection=True, removeCMMotion=True)
+        for force in system.getForces():
+            if isinstance(force, openmm.NonbondedForce):
+                if not force.getUseSwitchingFunction():
+                    raise RuntimeError("OpenMM ignored switchDistance for the NonbondedForce")
+        return system
+
+    def openmm_topology(self) -> Any:
+        """An mdtraj Topology of the crystal (for trajectories and RDFs)."""
+        import mdtraj
+
+        top = mdtraj.Topology()
+        chain = top.add_chain()
+        for _ in range(self.molecules):
+            residue = top.add_residue("HOH", chain)
+            o = top.add_atom("O", mdtraj.element.oxygen, residue)
+            h1 = top.add_atom("H1", mdtraj.element.hydrogen, residue)
+            h2 = top.add_atom("H2", mdtraj.element.hydrogen, residue)
+            top.add_atom("M", mdtraj.element.virtual, residue)
+            top.add_bond(o, h1)
+            top.add_bond(o, h2)
+        return top
+
+    def openmm_positions(self, x: np.ndarray) -> np.ndarray:
+        """Flow coordinates (B, dim) -> (B, 4N, 3) nm for OpenMM."""
+        return self.to_cartesian(torch.as_tensor(np.asarray(x, dtype=np.float64))).numpy()
+
+    def flow_gradient(self, forces: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """∇U in flow coordinates (B, dim) from OpenMM forces (B, 4N, 3) kJ/mol/nm at ``x``.
+
+        OpenMM has already moved the M sites' forces onto O, H1, H2; the chain rule runs through
+        x -> sites (the quaternion part is the ambient R⁴ gradient).
+        """
+        xt = torch.as_tensor(np.asarray(x, dtype=np.float64)).requires_grad_(True)
+        sites = self.to_cartesian(xt)
+        (grad,) = torch.autograd.grad(sites, xt, grad_outputs=-torch.as_tensor(forces))
+        return grad.numpy()
+
+    def _local_evaluator(self) -> Any:
+        with self._lock:
+            if self._evaluator is None:
+                import openmm
+
+                from boltzgen.openmm_bridge import OpenMMEvaluator
+
+                self._evaluator = OpenMMEvaluator(
+                    openmm.XmlSerializer.serialize(self.openmm_system()), platform="CPU",
+                    threads=max(1, torch.get_num_threads()))
+            return self._evaluator
+
+    def potential(self, x: torch.Tensor) -> torch.Tensor:
+        """U(x) in kJ/mol from OpenMM (CPU platform, in this process); (..., dim) -> (...).
+
+        Differentiable: the gradient comes from OpenMM's forces (:class:`OpenMMPotential`).
+        Non-finite inputs give NaN energies, never finite-looking numbers.
+        """
+        self._check_coordinates(x)
+        flat = x.reshape(-1, self.dim)
+        sites = self.to_cartesian(flat)
+        energy = OpenMMPotential.apply(sites, self._local_evaluator())
+        return energy.reshape(x.shape[:-1])
+
+    def observables(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Oxygen displacement from the ideal site (nm) per axis, pooled over molecules."""
+        arr = self._as_samples(x)
+        layout = self.rigid_layout()
+        positions, _ = layout.split(torch.as_tensor(arr))
+        ideal, _ = layout.split(torch.as_tensor(self._ideal))
+        edges = self.box.tensor(positions)
+        delta = positions - ideal
+        delta = (delta - edges * torch.round(delta / edges))[:, 1:].reshape(-1, 3).numpy()
+        return {f"oxygen_displacement_{a}_nm": delta[:, i].copy() for i, a in enumerate("xyz")}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_evaluator"] = None
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class OpenMMPotential(torch.autograd.Function):
+    """U (kJ/mol) of site positions (B, n, 3) nm by OpenMM; backward uses −forces.
+
+    Non-finite positions give NaN energies (OpenMM is not called on them).
+    """
+
+    @staticmethod
+    def forward(ctx, sites: torch.Tensor, evaluator: Any) -> torch.Tensor:
+        array = sites.detach().cpu().numpy()
+        finite = np.isfinite(array).all(axis=(1, 2))
+        energies = np.full(len(array), np.nan)
+        forces = np.zeros_like(array)
+        if finite.any():
+            energies[finite], forces[finite] = evaluator.energies_and_forces(array[finite])
+        ctx.save_for_backward(torch.as_tensor(forces, dtype=sites.dtype, device=sites.device))
+        return torch.as_tensor(energies, dtype=sites.dtype, device=sites.device)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (forces,) = ctx.saved_tensors
+        return -forces * grad_output[:, None, None], None
+
+
+def _sites_of(positions: np.ndarray, quaternions: np.ndarray) -> np.ndarray:
+    sites = WATER_TIP4P_EW.to_sites(torch.as_tensor(positions), torch.as_tensor(quaternions))
+    return sites.reshape(-1, 3).numpy()
+
+
+def _box_vectors(edges: tuple[float, float, float]) -> Any:
+    from openmm import Vec3
+
+    a, b, c = edges
+    return (Vec3(a, 0, 0), Vec3(0, b, 0), Vec3(0, 0, c))
+
+
+__all__ = ["IceXI", "OpenMMPotential", "cells_per_edge", "ideal_crystal"]
