@@ -177,7 +177,7 @@ def _write(system: Any, directory: Path, xyz: np.ndarray, potentials: np.ndarray
            times: np.ndarray, protocol: MDProtocol, seconds: float) -> None:
     import mdtraj
 
-    topology = system.openmm_topology()
+    topology = system.mdtraj_topology()
     edges = np.array(system.box.edges)
     trajectory = mdtraj.Trajectory(xyz, topology, time=times,
                                    unitcell_lengths=np.tile(edges, (len(xyz), 1)),

@@ -58,9 +58,12 @@ def check_injected_failure(config: Mapping[str, Any], stage: str) -> None:
 
 def stage_seed(config: Mapping[str, Any], stage: str) -> int:
     """A seed per (job configuration, stage): reproducible, independent across jobs and stages."""
-    text = json.dumps(config, sort_keys=True, default=str)
-    digest = hashlib.sha256(f"{text}|{stage}".encode())
-    return int.from_bytes(digest.digest()[:4], "little") & 0x7FFFFFFF
+    return _seed_of(f"{json.dumps(config, sort_keys=True, default=str)}|{stage}")
+
+
+def _seed_of(text: str) -> int:
+    """A 31-bit seed from the sha256 of ``text`` (the same on every machine)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
 @dataclass
@@ -269,9 +272,8 @@ def md_protocol(config: Mapping[str, Any], temperature: float) -> MDProtocol:
     """The MD protocol of one ladder temperature. Its seed depends on the campaign seed, the
     system and the temperature only, so every job that needs this run shares one cache entry."""
     md = config["reference"].get("md") or {}
-    text = json.dumps([config["seed"], config["system"], round(float(temperature), 6)],
-                      sort_keys=True)
-    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") & 0x7FFFFFFF
+    seed = _seed_of(json.dumps([config["seed"], config["system"], round(float(temperature), 6)],
+                               sort_keys=True))
     return MDProtocol(temperature=round(float(temperature), 6), seed=seed,
                       **{k: float(v) for k, v in md.items()})
 

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from boltzgen.flows import build_flow
+from boltzgen.md import MDProtocol
 from boltzgen.systems import make_system
 from campaign.errors import SpecError
 from campaign.spec import (
@@ -231,12 +232,11 @@ def _check_md(config: JobConfig, system: Any) -> None:
         raise SpecError("base.kind", config.base.kind, "reference.sampler 'md' estimates ΔF "
                         "between temperatures; use 'thermodynamic' with a base temperature")
     md = config.reference.md or MDSettings()
-    if md.production_ps < md.frame_interval_ps:
-        raise SpecError("reference.md.production_ps", md.production_ps,
-                        f"shorter than one frame interval ({md.frame_interval_ps} ps)")
-    if md.frame_interval_ps * 1000.0 < md.timestep_fs:
-        raise SpecError("reference.md.frame_interval_ps", md.frame_interval_ps,
-                        f"shorter than one time step ({md.timestep_fs} fs)")
+    try:  # the protocol checks its own consistency (at least one frame, one step per frame)
+        MDProtocol(temperature=config.temperature, **md.model_dump())
+    except ValueError as exc:
+        field, _, detail = str(exc).partition(": ")
+        raise SpecError(f"reference.md.{field}", detail=detail) from None
 
 
 def _science_error(exc: Exception, section: str) -> SpecError:

@@ -212,7 +212,7 @@ class IceXI(System):
                     raise RuntimeError("OpenMM ignored switchDistance for the NonbondedForce")
         return system
 
-    def openmm_topology(self) -> Any:
+    def mdtraj_topology(self) -> Any:
         """An mdtraj Topology of the crystal (for trajectories and RDFs)."""
         import mdtraj
 
