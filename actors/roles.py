@@ -58,12 +58,12 @@ class McmcActor(_StageWorker):
 class TrainerActor(_StageWorker):
     """Fits a flow (PyTorch)."""
 
-    def train(self, config: Mapping[str, Any], reference: pipeline.ReferenceData
-              ) -> tuple[pipeline.TrainedFlow, Timing]:
+    def train(self, config: Mapping[str, Any], reference: pipeline.ReferenceData,
+              work_dir: str | None = None) -> tuple[pipeline.TrainedFlow, Timing]:
         # Ray sets CUDA_VISIBLE_DEVICES for an actor that holds GPUs; one that asked for none
         # trains on the CPU even where Ray leaves GPUs visible (Ray >= 2.60).
         device = "cuda" if self.gpus > 0 and torch.cuda.is_available() else "cpu"
-        return self._timed(pipeline.train, config, reference, device)
+        return self._timed(pipeline.train, config, reference, device, work_dir)
 
 
 class SamplerActor(_StageWorker):

@@ -24,9 +24,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +37,7 @@ import torch
 
 from boltzgen.estimators import (
     importance_free_energy,
+    kish_ess_fraction,
     lbar,
     lfep_log_weights,
     mbar_ladder,
@@ -291,11 +295,12 @@ def _md_reference(config: Mapping[str, Any], problem: Problem, start: float, wor
     per_state = [decorrelated(run.flow_coordinates[None], run.potential_kj_per_mol[None])
                  for run in runs]
     seed = stage_seed(config, "reference")
-    rng = np.random.default_rng(seed)
     target_k = int(np.argmin(np.abs(ladder - problem.temperature)))
     base_k = int(np.argmin(np.abs(ladder - problem.base.temperature)))
-    target_train, target_test, _, target_pot = _split(per_state[target_k], ref, rng)
-    base_train, base_test, base_train_pot, base_pot = _split(per_state[base_k], ref, rng)
+    target_train, target_test, _, target_pot = _time_split(runs[target_k],
+                                                           ref["holdout_fraction"])
+    base_train, base_test, base_train_pot, base_pot = _time_split(runs[base_k],
+                                                                  ref["holdout_fraction"])
     f_k, df_k = mbar_ladder([p for _, p, _ in per_state], ladder.tolist(),
                             system.boltzmann_constant, n_bootstraps=ref["n_bootstraps"], seed=seed)
     diagnostics = {
@@ -318,6 +323,22 @@ def _md_reference(config: Mapping[str, Any], problem: Problem, start: float, wor
     )
 
 
+def _time_split(run: Any, holdout_fraction: float
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train x, test x, train U, test U) of one MD run, split in time.
+
+    Training frames: the first (1 − h) of the run, every frame (correlated frames are still
+    samples of the ensemble, and more distinct ones help the fit). Held-out frames: the last h,
+    subsampled by their statistical inefficiency so that estimators that assume independent
+    samples get honest error bars, and never adjacent in time to a training frame.
+    """
+    x, u = run.flow_coordinates, run.potential_kj_per_mol
+    n_test = min(len(x) - 1, max(1, int(round(len(x) * holdout_fraction))))
+    cut = len(x) - n_test
+    test_x, test_u, _ = decorrelated(x[None, cut:], u[None, cut:])
+    return x[:cut], test_x, u[:cut], test_u
+
+
 def _split(
     state: tuple[np.ndarray, np.ndarray, float], ref: Mapping[str, Any], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -335,14 +356,18 @@ class TrainedFlow:
     seconds: float
     skipped_steps: int = 0  # steps whose loss or gradient was not finite
     n_parameters: int = 0  # trainable parameters of the flow
+    energy_evaluations: int = 0  # configurations whose system energy training computed
+    checkpoint_path: str | None = None  # the final checkpoint in the work directory, if any
 
 
-def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cpu"
-          ) -> TrainedFlow:
-    """Fit the flow A -> B by maximum likelihood on B's MCMC data or by reverse KL (LFEP loss).
+def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cpu",
+          work_dir: str | None = None) -> TrainedFlow:
+    """Fit the flow A -> B by maximum likelihood on B's reference data or by reverse KL (the
+    LFEP loss), after ``training.warm_start_steps`` maximum-likelihood steps where asked.
 
     ``device`` is where the flow trains ("cuda" when the caller holds a GPU); the checkpoint is
-    always saved from CPU tensors so that any process can load it.
+    always saved from CPU tensors so that any process can load it. With a ``work_dir`` the final
+    flow is also written to ``<work_dir>/checkpoints/<job hash>/flow.pt``.
     """
     check_injected_failure(config, "train")
     start = time.perf_counter()
@@ -352,6 +377,7 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
     flow = problem.build_flow(config["flow"]).to(device)
     generator = torch.Generator().manual_seed(seed)
     training = config["training"]
+    evaluations = [0]  # rows sent to the system's energy (OpenMM for molecular systems)
     last: dict[str, torch.Tensor] = {}  # the latest base batch and its known u_A (MD pools)
     if isinstance(problem.base, AnalyticBase):
 
@@ -370,22 +396,39 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
                 last["x"], last["u"] = x, pool_u[index].to(device)
             return x
 
-    def u_a(x: torch.Tensor) -> torch.Tensor:
-        return last["u"] if last.get("x") is x else problem.base.reduced_energy(x)
+    if (config["flow"].get("thermal_scaling") and isinstance(problem.base, ThermodynamicBase)
+            and len(reference.base_train)):
+        # A harmonic crystal's ensembles at T_A and T map onto each other by scaling every
+        # displacement from the mean structure by sqrt(T / T_A) (ThermalScalingLayer).
+        flow.fit_thermal_scaling(_tensor(reference.base_train).to(device),
+                                 math.sqrt(problem.temperature / problem.base.temperature))
 
-    result = train_flow(
-        flow,
-        training["objective"],
-        training["steps"],
-        training["batch_size"],
-        training["learning_rate"],
-        u_a=u_a,
-        u_b=problem.target_reduced_energy,
-        sample_a=sample_a,
-        data_b=_tensor(reference.target_train).to(device),
-        seed=seed,
-        final_learning_rate=training.get("final_learning_rate"),
-    )
+    def u_a(x: torch.Tensor) -> torch.Tensor:
+        if last.get("x") is x:
+            return last["u"]
+        if not isinstance(problem.base, AnalyticBase):
+            evaluations[0] += len(x)
+        return problem.base.reduced_energy(x)
+
+    def u_b(y: torch.Tensor) -> torch.Tensor:
+        evaluations[0] += len(y)
+        return problem.target_reduced_energy(y)
+
+    phases = [(training["objective"], training["steps"])]
+    warm = int(training.get("warm_start_steps") or 0)
+    if warm and training["objective"] == "reverse_kl":
+        phases.insert(0, ("maximum_likelihood", warm))
+    losses: list[float] = []
+    skipped = 0
+    for index, (objective, steps) in enumerate(phases):
+        result = train_flow(
+            flow, objective, steps, training["batch_size"], training["learning_rate"],
+            u_a=u_a, u_b=u_b, sample_a=sample_a,
+            data_b=_tensor(reference.target_train).to(device), seed=seed + index,
+            final_learning_rate=training.get("final_learning_rate"),
+        )
+        losses += result.losses
+        skipped += result.n_skipped
     buffer = io.BytesIO()
     torch.save(
         {
@@ -396,9 +439,26 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
         },
         buffer,
     )
+    path = _save_checkpoint(config, buffer.getvalue(), work_dir) if work_dir else None
     n_parameters = sum(p.numel() for p in flow.parameters() if p.requires_grad)
-    return TrainedFlow(buffer.getvalue(), result.losses, time.perf_counter() - start,
-                       result.n_skipped, n_parameters)
+    return TrainedFlow(buffer.getvalue(), losses, time.perf_counter() - start, skipped,
+                       n_parameters, evaluations[0], path)
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """16 hex digits of the sha256 of the job configuration's canonical JSON."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _save_checkpoint(config: Mapping[str, Any], data: bytes, work_dir: str) -> str:
+    """Write ``data`` to <work_dir>/checkpoints/<config hash>/flow.pt atomically."""
+    directory = Path(work_dir) / "checkpoints" / config_hash(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = directory / f".flow.pt.{os.getpid()}"
+    staging.write_bytes(data)
+    os.replace(staging, directory / "flow.pt")
+    return str(directory / "flow.pt")
 
 
 def load_flow(checkpoint: bytes) -> torch.nn.Module:
@@ -530,6 +590,7 @@ class Estimates:
     metrics: dict[str, float]
     log_weights: np.ndarray
     notes: dict[str, str]
+    mapped_potential: np.ndarray | None = None  # U(T(x)) in the system's energy units
 
 
 def estimate(
@@ -580,6 +641,11 @@ def estimate(
     if len(reverse_work) >= 2 and np.isfinite(forward_work).sum() >= 2:
         lbar_f, lbar_err = lbar(forward_work, reverse_work)
         metrics["delta_f_lbar"], metrics["delta_f_lbar_err"] = lbar_f, lbar_err
+    if np.isfinite(reverse_work).any():
+        # Backward weights w(y) ∝ p_A(T⁻¹ y)|det J_T⁻¹(y)| / p_B(y) = exp(−reverse work), y ~ B.
+        metrics["ess_backward"] = kish_ess_fraction(-reverse_work)
+    metrics.update(_named_free_energies(problem, reference, metrics))
+    metrics.update(_structure_metrics(problem, reference, samples.mapped, log_w))
     metrics.update(reference.diagnostics)
     metrics = {k: float(v) for k, v in metrics.items()}
     notes = {
@@ -593,7 +659,78 @@ def estimate(
         if "nll" in metrics
         else "not defined",
     }
-    return Estimates(metrics=metrics, log_weights=log_w, notes=notes)
+    return Estimates(metrics=metrics, log_weights=log_w, notes=notes,
+                     mapped_potential=np.asarray(potentials["mapped"]))
+
+
+def _normalized_weights(log_w: np.ndarray) -> np.ndarray:
+    """exp(log w − max) with non-finite log weights as 0 (all 0 when none is finite)."""
+    finite = np.isfinite(log_w)
+    w = np.zeros_like(log_w, dtype=np.float64)
+    if finite.any():
+        w[finite] = np.exp(log_w[finite] - log_w[finite].max())
+    return w
+
+
+def _structure_curves(problem: Problem, reference: ReferenceData, mapped: np.ndarray,
+                      log_w: np.ndarray) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Pair type -> {sample set -> (r nm, g(r))} for a system with radial distributions:
+    held-out target reference ("target MD"), its training half ("target MD, other frames"),
+    flow samples reweighted to the target and as drawn."""
+    if not hasattr(problem.system, "radial_distributions") or len(mapped) == 0:
+        return {}
+    w = _normalized_weights(log_w)
+    sets = {"target MD": (reference.target_test, None),
+            "target MD, other frames": (reference.target_train, None),
+            "flow, reweighted": (mapped, w if w.sum() > 0 else None),
+            "flow, as drawn": (mapped, None)}
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for label, (x, weights) in sets.items():
+        if len(x) == 0 or (label == "flow, reweighted" and weights is None):
+            continue
+        for pair, curve in problem.system.radial_distributions(x, weights).items():
+            curves.setdefault(pair, {})[label] = curve
+    return curves
+
+
+def _structure_metrics(problem: Problem, reference: ReferenceData, mapped: np.ndarray,
+                       log_w: np.ndarray) -> dict[str, float]:
+    """``rdf_<pair>_max_difference``: largest |g_flow,reweighted − g_target MD| over r, and
+    ``rdf_<pair>_md_split_difference``: the same between two disjoint target MD sets (the
+    sampling noise the first should be compared with)."""
+    out = {}
+    for pair, curves in _structure_curves(problem, reference, mapped, log_w).items():
+        name = pair.replace("-", "_")
+        target = curves["target MD"][1]
+        if "flow, reweighted" in curves:
+            out[f"rdf_{name}_max_difference"] = float(
+                np.abs(curves["flow, reweighted"][1] - target).max())
+        if "target MD, other frames" in curves:
+            out[f"rdf_{name}_md_split_difference"] = float(
+                np.abs(curves["target MD, other frames"][1] - target).max())
+    return out
+
+
+def _named_free_energies(problem: Problem, reference: ReferenceData, metrics: dict[str, float]
+                         ) -> dict[str, float]:
+    """ΔF by estimator under its own name, in kT for the whole system and, for a molecular
+    system, ``..._per_molecule`` (kT per molecule), each with its 1-sigma ``_err``:
+    ``delta_f_lfep`` (= ``delta_f``), ``delta_f_lbar``, ``delta_f_mbar`` (the reference where it
+    is MBAR over a temperature ladder)."""
+    out = {"delta_f_lfep": metrics["delta_f"], "delta_f_lfep_err": metrics["delta_f_err"]}
+    if "delta_f_lbar" in metrics:
+        out["delta_f_lbar"] = metrics["delta_f_lbar"]
+        out["delta_f_lbar_err"] = metrics["delta_f_lbar_err"]
+    if reference.method.startswith("MBAR") and "reference_delta_f" in metrics:
+        out["delta_f_mbar"] = metrics["reference_delta_f"]
+        out["delta_f_mbar_err"] = metrics["reference_delta_f_err"]
+    molecules = problem.system.molecule_count
+    if molecules:
+        for name in ("delta_f_lfep", "delta_f_lbar", "delta_f_mbar"):
+            if name in out:
+                out[f"{name}_per_molecule"] = out[name] / molecules
+                out[f"{name}_per_molecule_err"] = out[f"{name}_err"] / molecules
+    return out
 
 
 def _mode_metrics(problem: Problem, mapped: np.ndarray, log_w: np.ndarray) -> dict[str, float]:
@@ -605,10 +742,7 @@ def _mode_metrics(problem: Problem, mapped: np.ndarray, log_w: np.ndarray) -> di
         return {}
     labels = problem.system.mode_index(mapped)
     drawn = np.bincount(labels, minlength=len(exact)) / len(labels)
-    finite = np.isfinite(log_w)
-    weights = np.zeros_like(log_w)
-    if finite.any():
-        weights[finite] = np.exp(log_w[finite] - log_w[finite].max())
+    weights = _normalized_weights(log_w)
     reweighted = np.bincount(labels, weights=weights, minlength=len(exact)) / max(
         weights.sum(), 1e-300)
     return {
@@ -621,7 +755,8 @@ def _mode_metrics(problem: Problem, mapped: np.ndarray, log_w: np.ndarray) -> di
 def figures(
     config: Mapping[str, Any], reference: ReferenceData, samples: SampleSet, estimates: Estimates
 ) -> dict[str, Any]:
-    """Matplotlib figures: log-weight distribution and sampled vs reference marginals."""
+    """Matplotlib figures: log-weight distribution, sampled vs reference marginals, and for
+    molecular systems radial distribution functions and potential-energy histograms."""
     from boltzgen.plots import log_weight_histogram, marginals
 
     problem = Problem.from_config(config)
@@ -629,9 +764,7 @@ def figures(
     sampled = problem.system.observables(samples.mapped)
     ref_obs = problem.system.observables(reference.target_test)
     log_w = estimates.log_weights
-    finite = np.isfinite(log_w)
-    w = np.zeros_like(log_w)
-    w[finite] = np.exp(log_w[finite] - log_w[finite].max()) if finite.any() else 0.0
+    w = _normalized_weights(log_w)
     weights = {}
     for key, values in sampled.items():
         per_sample = len(values) // len(w) if len(w) else 0
@@ -653,4 +786,17 @@ def figures(
 
         out["axis_directions.png"] = axis_direction_maps(axes_of(samples.mapped),
                                                          axes_of(reference.target_test), title)
+    curves = _structure_curves(problem, reference, samples.mapped, log_w)
+    if curves:
+        from boltzgen.plots import energy_histograms, radial_distributions
+
+        out["radial_distributions.png"] = radial_distributions(curves, title)
+        if estimates.mapped_potential is not None:
+            energies = {"target MD": reference.target_test_potential,
+                        "flow, reweighted": estimates.mapped_potential,
+                        "flow, as drawn": estimates.mapped_potential}
+            if reference.base_test_potential is not None:
+                energies["base MD (flow input)"] = reference.base_test_potential
+            out["energy_histograms.png"] = energy_histograms(
+                energies, {"flow, reweighted": w}, "kJ/mol", title)
     return out

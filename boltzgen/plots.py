@@ -132,3 +132,42 @@ def axis_direction_maps(flow_axes: dict[str, np.ndarray], exact_axes: dict[str, 
             ax.set_xlabel("azimuth (rad)")
             ax.set_ylabel("cos(polar angle)")
     return fig
+
+
+def radial_distributions(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+                         title: str) -> Figure:
+    """One panel per pair type (e.g. "O-O"): g(r) of each labelled sample set over r (nm)."""
+    fig = _new_figure(4.2 * max(1, len(curves)), 3.5)
+    styles = ("-", "--", ":", "-.")
+    for index, (pair, by_label) in enumerate(curves.items()):
+        ax = fig.add_subplot(1, len(curves), index + 1)
+        for k, (label, (r, g)) in enumerate(by_label.items()):
+            ax.plot(r, g, styles[k % len(styles)], color=f"C{k}", label=label)
+        ax.set_xlabel("r (nm)")
+        ax.set_ylabel(f"g(r) {pair}")
+        ax.set_title(f"{title}: {pair}", fontsize="small")
+        ax.legend(fontsize="x-small")
+    return fig
+
+
+def energy_histograms(energies: dict[str, np.ndarray], weights: dict[str, np.ndarray],
+                      unit: str, title: str) -> Figure:
+    """Overlaid normalized histograms of potential energies (``unit``) of labelled sample sets;
+    a set listed in ``weights`` is histogrammed with those (importance) weights."""
+    fig = _new_figure(5.0, 3.5)
+    ax = fig.add_subplot()
+    finite = {k: np.asarray(v, dtype=np.float64) for k, v in energies.items()}
+    pooled = np.concatenate([v[np.isfinite(v)] for v in finite.values()] or [np.zeros(1)])
+    lo, hi = np.percentile(pooled, [0.5, 99.5]) if pooled.size else (0.0, 1.0)
+    bins = np.linspace(lo, hi if hi > lo else lo + 1.0, _BINS + 1)
+    for k, (label, values) in enumerate(finite.items()):
+        mask = np.isfinite(values)
+        w = weights.get(label)
+        ax.hist(values[mask], bins=bins, density=True, histtype="step", color=f"C{k}",
+                weights=None if w is None else np.asarray(w)[mask],
+                label=f"{label} (n = {mask.sum()})")
+    ax.set_xlabel(f"potential energy ({unit})")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend(fontsize="x-small")
+    return fig

@@ -122,7 +122,7 @@ def compare(spec: SpecPath, tracking_uri: TrackingUri = None,
             fmt: Annotated[CompareFormat, typer.Option("--format")] = CompareFormat.table) -> None:
     """One row per job: status, key params and metrics."""
     from campaign.plan import short_value
-    from campaign.report import KEY_METRICS, comparison_records
+    from campaign.report import KEY_METRICS, KEY_PARAMS, comparison_records
 
     plan = _plan(spec)
     records = comparison_records(plan, tracking_uri)
@@ -130,10 +130,14 @@ def compare(spec: SpecPath, tracking_uri: TrackingUri = None,
         print(json.dumps(records, indent=2, allow_nan=False, default=str))
         return
     params = sorted({k for r in records for k in r["grid"]})
+    axes = {"target_temperature_k": "temperature", "base_temperature_k": "base.temperature"}
+    shown_params = [p for p in KEY_PARAMS if axes.get(p) not in params
+                    and any(p in r["params"] for r in records)]
     metrics = [m for m in KEY_METRICS if any(m in r["metrics"] for r in records)]
-    header = ["job_id", "status", "system", *params, *metrics]
+    header = ["job_id", "status", "system", *params, *shown_params, *metrics]
     rows = [[r["job_id"], r["status"], r["params"].get("system.kind", ""),
              *(short_value(r["grid"][p]) if p in r["grid"] else "" for p in params),
+             *(r["params"].get(p, "") for p in shown_params),
              *(r["metrics"].get(m, "") for m in metrics)] for r in records]
     if fmt == CompareFormat.csv:
         buffer = io.StringIO()
@@ -144,18 +148,49 @@ def compare(spec: SpecPath, tracking_uri: TrackingUri = None,
         return
     from rich.table import Table
 
-    shown = [i for i, name in enumerate(header) if name in TABLE_COLUMNS or i < 3 + len(params)]
-    table = Table(title=f"{plan.spec.name}: {len(records)} jobs (free energies in kT)")
-    for i in shown:
-        name = header[i].replace("reference_", "ref_")
+    columns = _table_columns(header, 3 + len(params) + len(shown_params))
+    table = Table(title=f"{plan.spec.name}: {len(records)} jobs (free energies in kT; "
+                  "value ± 1 sigma)")
+    for _, name in columns:
         table.add_column(name, no_wrap=True, min_width=min(len(name), 16))
     for row in rows:
-        table.add_row(*(str(row[i])[:12] if i == 0 else _fmt(row[i]) for i in shown))
+        cells = []
+        for i, _ in columns:
+            err = header.index(f"{header[i]}_err") if f"{header[i]}_err" in header else None
+            if i == 0:
+                cells.append(str(row[i])[:12])
+            elif err is not None and isinstance(row[i], float) and isinstance(row[err], float):
+                cells.append(f"{_fmt(row[i])} ± {row[err]:.2g}")
+            else:
+                cells.append(_fmt(row[i]))
+        table.add_row(*cells)
     Console(width=max(200, Console().width)).print(table)
 
 
-TABLE_COLUMNS = ("delta_f", "delta_f_err", "reference_delta_f", "reference_delta_f_err", "ess",
-                 "nll", "time_train")
+# Metrics the table shows (each with its ``_err`` in the same cell); an estimator's own name
+# (delta_f_lfep, delta_f_mbar) replaces the generic one where a job records both.
+TABLE_COLUMNS = ("delta_f", "reference_delta_f", "delta_f_lfep", "delta_f_lbar", "delta_f_mbar",
+                 "delta_f_lfep_per_molecule", "delta_f_lbar_per_molecule",
+                 "delta_f_mbar_per_molecule", "ess", "ess_backward", "nll", "time_train",
+                 "energy_evaluations")
+SHORT_NAMES = {"reference_delta_f": "ref_delta_f", "_per_molecule": "/mol",
+               "delta_f_": "", "energy_evaluations": "n_energy", "target_temperature_k": "T (K)",
+               "base_temperature_k": "T_base (K)", "molecules": "N"}
+
+
+def _table_columns(header: list[str], n_leading: int) -> list[tuple[int, str]]:
+    """(index, title) of the columns the table shows: the leading ones and TABLE_COLUMNS."""
+    hidden = {"delta_f"} if "delta_f_lfep" in header else set()
+    if "delta_f_mbar" in header:
+        hidden.add("reference_delta_f")
+    columns = []
+    for i, name in enumerate(header):
+        if i < n_leading or (name in TABLE_COLUMNS and name not in hidden):
+            title = name
+            for long, short in SHORT_NAMES.items():
+                title = title.replace(long, short)
+            columns.append((i, title or name))
+    return columns
 
 
 def _fmt(value: Any) -> str:

@@ -280,7 +280,8 @@ class Driver:
     # -- stage transitions ---------------------------------------------------------------------
     def _after_reference(self, run: JobRun, reference_ref: Any) -> None:
         run.reference = reference_ref
-        self._enqueue(run, "train", (run.config, reference_ref), self._after_train, fetch=False)
+        self._enqueue(run, "train", (run.config, reference_ref, str(self.plan.spec.work_path())),
+                      self._after_train, fetch=False)
 
     def _after_train(self, run: JobRun, trained_ref: Any) -> None:
         run.trained = trained_ref
@@ -340,6 +341,12 @@ class Driver:
         metrics["time_orchestration"] = run.orchestration_overhead
         metrics["train_skipped_steps"] = trained.skipped_steps
         metrics["flow_parameters"] = trained.n_parameters
+        # Configurations whose system energy was computed (OpenMM for molecular systems):
+        # in training, and in the energy stage (mapped samples and pulled-back targets).
+        estimate_evaluations = sum(len(v) for v in pipeline.energy_requests(run.samples).values())
+        metrics["energy_evaluations_train"] = trained.energy_evaluations
+        metrics["energy_evaluations_estimate"] = estimate_evaluations
+        metrics["energy_evaluations"] = trained.energy_evaluations + estimate_evaluations
         self.tracker.log_metrics(run.run_id, metrics)
         self.tracker.log_series(run.run_id, "train_loss", trained.losses)
         self.tracker.log_params(run.run_id, {
@@ -348,6 +355,7 @@ class Driver:
             "estimator": estimates.notes["estimator"],
             "nll_convention": estimates.notes["nll_convention"],
             "reference_ladder": ",".join(f"{t:.6g}" for t in reference.ladder),
+            **({"checkpoint_path": trained.checkpoint_path} if trained.checkpoint_path else {}),
         })
         valid = math.isfinite(metrics.get("delta_f", math.nan))
         self.tracker.set_tags(run.run_id, {"estimate_valid": str(valid).lower()})

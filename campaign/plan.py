@@ -56,6 +56,7 @@ class Job:
     job_id: str
     config: JobConfig
     grid_values: dict[str, Any]
+    molecules: int | None = None  # the system's molecule count, for a molecular system
 
     @property
     def config_dict(self) -> dict[str, Any]:
@@ -63,8 +64,16 @@ class Job:
 
     @property
     def params(self) -> dict[str, Any]:
-        """The flattened resolved configuration (what MLflow records as params)."""
-        return flatten(self.config_dict)
+        """The flattened resolved configuration (what MLflow records as params), plus
+        ``target_temperature_k``, ``base_temperature_k`` (a thermodynamic base) and
+        ``molecules`` (a molecular system) under names that say what they are."""
+        params = flatten(self.config_dict)
+        params["target_temperature_k"] = self.config.temperature
+        if self.config.base.temperature is not None:
+            params["base_temperature_k"] = self.config.base.temperature
+        if self.molecules is not None:
+            params["molecules"] = self.molecules
+        return params
 
     @property
     def label(self) -> str:
@@ -99,6 +108,7 @@ def make_plan(spec: CampaignSpec) -> Plan:
     many_blocks = isinstance(spec.grid, list)
     jobs: list[Job] = []
     seen: set[str] = set()
+    molecules: dict[str, int | None] = {}  # system JSON -> molecule count
     for block_index, block in enumerate(blocks):
         label = f"grid[{block_index}]" if many_blocks else "grid"
         if not isinstance(block, dict):
@@ -116,7 +126,11 @@ def make_plan(spec: CampaignSpec) -> Plan:
             # component (a flow, a base), that component's fixed value.
             varying = {k: v for k, v in overrides.items() if isinstance(block[k], list) or (
                 many_blocks and k != "system" and isinstance(v, dict) and "kind" in v)}
-            jobs.append(Job(job_id=job_id, config=config, grid_values=varying))
+            system_key = json.dumps(config.system.model_dump(mode="json"), sort_keys=True)
+            if system_key not in molecules:
+                molecules[system_key] = make_system(config.system.model_dump()).molecule_count
+            jobs.append(Job(job_id=job_id, config=config, grid_values=varying,
+                            molecules=molecules[system_key]))
     resources = spec.resources.model_dump(mode="json")
     spec_hash = content_hash(
         {"jobs": [job.job_id for job in jobs], "name": spec.name, "resources": resources}
@@ -217,6 +231,14 @@ def _check_science(config: JobConfig) -> None:
     if base.kind == "thermodynamic" and base.temperature == config.temperature:
         raise SpecError("base.temperature", base.temperature,
                         "it equals the target temperature (ΔF = 0); choose another")
+    if config.flow.model_dump().get("thermal_scaling") and base.kind != "thermodynamic":
+        raise SpecError("flow.thermal_scaling", True, "it scales displacements by "
+                        "sqrt(T / T_base); it needs base.kind 'thermodynamic'")
+    if (config.training.warm_start_steps is not None
+            and config.training.objective != "reverse_kl"):
+        raise SpecError("training.warm_start_steps", config.training.warm_start_steps,
+                        "a maximum-likelihood warm start precedes reverse_kl training; "
+                        "leave it out for maximum_likelihood")
     if base.kind == "thermodynamic" and config.reference.ladder_size < 2:
         raise SpecError("reference.ladder_size", config.reference.ladder_size,
                         "an MBAR ladder between the base and target temperatures needs >= 2")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -68,6 +68,17 @@ Fraction = Annotated[Number, AfterValidator(_fraction)]
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Optional fields added after jobs existed: left out of the dump while None, so that adding
+    # them did not change the ids (hashes of the dump) of jobs that do not use them.
+    _left_out_when_unset: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unset(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        for name in self._left_out_when_unset:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
 
 class SystemSettings(BaseModel):
@@ -114,14 +125,7 @@ class ReferenceSettings(Strict):
     directory, and MBAR over them gives the reference ΔF.
     """
 
-    @model_serializer(mode="wrap")
-    def _leave_out_unset_md(self, handler: Any) -> dict[str, Any]:
-        # An unset optional section is left out of the dump, so that adding it did not change
-        # the ids (hashes of the dump) of jobs that do not use it.
-        data = handler(self)
-        if data.get("md") is None:
-            data.pop("md", None)
-        return data
+    _left_out_when_unset = ("md",)
 
     sampler: Literal["mcmc", "exact", "md"] = "mcmc"
     n_exact_samples: PositiveInt = 20000
@@ -152,6 +156,10 @@ class TrainingSettings(Strict):
     batch_size: PositiveInt = 256
     learning_rate: PositiveFloat = 1e-3
     final_learning_rate: PositiveFloat | None = None
+    warm_start_steps: PositiveInt | None = Field(
+        default=None, description="reverse_kl only: this many maximum-likelihood steps on the "
+        "reference's target samples first (its own cosine schedule), then ``steps`` of reverse KL")
+    _left_out_when_unset = ("warm_start_steps",)
 
 
 class SamplingSettings(Strict):

@@ -218,6 +218,9 @@ FLOW_CASES = {
     "rigid_double_mobius_single_body": lambda: RigidBodyFlow(RigidLayout(1), "double_mobius",
                                                              n_blocks=2, channels=8, heads=2,
                                                              rotation_layers_per_block=2),
+    "rigid_thermal_scaling_box": lambda: RigidBodyFlow(WITH_BOX, "double_mobius", n_blocks=1,
+                                                       channels=8, heads=2, attention_blocks=1,
+                                                       thermal_scaling=True),
     "rotation_vector_spline": lambda: RotationVectorSplineFlow(NO_BOX, n_layers=2, hidden=8),
 }
 

@@ -340,6 +340,80 @@ class ConvexGradientLayer(_OrientationLayer):
         return self._finish(angles, quaternions, new, log_det)
 
 
+class ThermalScalingLayer(nn.Module):
+    """Per-body scaling of each coordinate's displacement from a centre: the exact map between
+    the temperatures of a harmonic crystal, as the first layer of an LFEP flow.
+
+    If U is harmonic about its minimum, p_T ∝ exp(−U/k_B T) is a Gaussian whose covariance is
+    ∝ T, so x ↦ μ + s (x − μ) with s = sqrt(T_B / T_A) maps the ensemble at T_A onto the one
+    at T_B exactly, correlations between bodies included. On the manifold:
+
+    * position angle θ (per body and axis) about a centre c, a real Möbius map of the circle
+      that fixes c and c + π: tan(δ'/2) = s tan(δ/2), δ = θ − c, with
+      log dθ'/dθ = log s − log(cos²(δ/2) + s² sin²(δ/2));
+    * quaternion q ↦ M q / |M q| with a 4 × 4 matrix M per body (a projective linear map of
+      S³, odd in q), log-det log|det M| − 4 log|M q|. M = s I + (1 − s) q₀ q₀ᵀ keeps the
+      component along the centre orientation ±q₀ and scales the tangent part by s: to first
+      order a scaling of the rotation angle away from q₀ by s.
+
+    Starts as the identity (s = 1, M = I); :meth:`fit` sets the centres from base samples and s.
+    Every parameter is trainable. Pinned coordinates are left as they are.
+    """
+
+    def __init__(self, layout: RigidLayout) -> None:
+        super().__init__()
+        self.layout = layout
+        n = layout.n_bodies
+        self.centre = nn.Parameter(torch.zeros(n, 3, dtype=torch.float64))
+        self.log_scale = nn.Parameter(torch.zeros(n, 3, dtype=torch.float64))
+        self.matrix = nn.Parameter(torch.eye(4, dtype=torch.float64).repeat(n, 1, 1))
+        self.register_buffer("mobile_positions", layout.mobile_mask("positions", torch.zeros(1)))
+        self.register_buffer("mobile_orientations",
+                             layout.mobile_mask("orientations", torch.zeros(1)))
+
+    @torch.no_grad()
+    def fit(self, angles: torch.Tensor | None, quaternions: torch.Tensor, scale: float) -> None:
+        """Centres from samples (B, N, 3) / (B, N, 4) of the base: the circular mean of each
+        angle and the principal axis ±q₀ of Σ q qᵀ (sign-free); every scale = ``scale``."""
+        if angles is not None:
+            mean = torch.atan2(torch.sin(angles).mean(0), torch.cos(angles).mean(0))
+            self.centre.copy_(torch.remainder(mean, 2 * math.pi))
+        self.log_scale.fill_(math.log(scale))
+        second_moment = torch.einsum("bni,bnj->nij", quaternions, quaternions)
+        q0 = torch.linalg.eigh(second_moment).eigenvectors[..., -1]  # (N, 4), largest eigenvalue
+        eye = torch.eye(4, dtype=quaternions.dtype)
+        self.matrix.copy_(scale * eye + (1.0 - scale) * q0[:, :, None] * q0[:, None, :])
+
+    def forward(self, angles: torch.Tensor | None, quaternions: torch.Tensor
+                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        return self._map(angles, quaternions, inverse=False)
+
+    def inverse(self, angles: torch.Tensor | None, quaternions: torch.Tensor
+                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        return self._map(angles, quaternions, inverse=True)
+
+    def _map(self, angles: torch.Tensor | None, quaternions: torch.Tensor, inverse: bool
+             ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        log_det = quaternions.new_zeros(quaternions.shape[:-2])
+        if angles is not None:
+            log_s = -self.log_scale if inverse else self.log_scale
+            s = torch.exp(log_s)
+            half = 0.5 * (torch.remainder(angles - self.centre + math.pi, 2 * math.pi) - math.pi)
+            new_half = torch.atan2(s * torch.sin(half), torch.cos(half))
+            log_derivative = log_s - torch.log(torch.cos(half) ** 2 + (s * torch.sin(half)) ** 2)
+            new = torch.remainder(self.centre + 2.0 * new_half, 2 * math.pi)
+            mobile = self.mobile_positions[:, None]
+            angles = torch.where(mobile, new, angles)
+            log_det = log_det + (log_derivative * mobile).sum((-1, -2))
+        matrix = torch.linalg.inv(self.matrix) if inverse else self.matrix
+        image = torch.einsum("nij,bnj->bni", matrix, quaternions)
+        norm = torch.linalg.vector_norm(image, dim=-1, keepdim=True)
+        log_det_q = torch.linalg.slogdet(matrix).logabsdet - 4.0 * torch.log(norm[..., 0])
+        new_q = torch.where(self.mobile_orientations[:, None], image / norm, quaternions)
+        log_det = log_det + (log_det_q * self.mobile_orientations).sum(-1)
+        return angles, new_q, log_det
+
+
 LAYERS: dict[str, type[RigidLayer]] = {
     "circle_mobius": CircleMobiusLayer,
     "circular_spline": CircularSplineLayer,
@@ -367,6 +441,8 @@ class RigidBodyFlow(nn.Module):
     Args:
         layout: bodies, box and pinned coordinates (:class:`boltzgen.rigid.bodies.RigidLayout`).
         channels, heads, attention_blocks: size of every conditioner.
+        thermal_scaling: start with a :class:`ThermalScalingLayer` (identity until
+            :meth:`fit_thermal_scaling`; the pipeline fits it for a thermodynamic base).
     """
 
     needs_layout = True
@@ -376,7 +452,8 @@ class RigidBodyFlow(nn.Module):
                  rotation_layers_per_block: int = 1, mobius_layers_per_block: int = 1,
                  mixture_components: int = 4,
                  convex_terms: int = 16, convex_exponent: int = 2, n_bins: int = 8,
-                 channels: int = 32, heads: int = 4, attention_blocks: int = 2) -> None:
+                 channels: int = 32, heads: int = 4, attention_blocks: int = 2,
+                 thermal_scaling: bool = False) -> None:
         super().__init__()
         if not isinstance(layout, RigidLayout):
             raise TypeError(f"layout: expected a RigidLayout, got {type(layout)}")
@@ -399,7 +476,9 @@ class RigidBodyFlow(nn.Module):
                      "blocks": check_int("attention_blocks", attention_blocks, minimum=0)}
         self.layout = layout
         self.dim = layout.dim
-        layers: list[RigidLayer] = []
+        if not isinstance(thermal_scaling, bool):
+            raise ValueError(f"thermal_scaling: {thermal_scaling!r} is not allowed; true or false")
+        layers: list[nn.Module] = [ThermalScalingLayer(layout)] if thermal_scaling else []
         for block in range(n_blocks):
             if layout.has_positions:
                 for component in range(3):
@@ -418,6 +497,15 @@ class RigidBodyFlow(nn.Module):
                                                seed=block * per_block + j, **attention)
                            for j in range(per_block)]
         self.layers = nn.ModuleList(layers)
+
+    def fit_thermal_scaling(self, x_base: torch.Tensor, scale: float) -> None:
+        """Centre the :class:`ThermalScalingLayer` (``thermal_scaling: true``) on base samples
+        (B, dim) and set its scale (sqrt(T_target / T_base)); the rest of the flow is unchanged."""
+        if not self.layers or not isinstance(self.layers[0], ThermalScalingLayer):
+            raise ValueError("thermal_scaling: this flow has no thermal scaling layer")
+        positions, quaternions = self._check_input("x_base", x_base)
+        angles = self.layout.box.to_angles(positions) if self.layout.box is not None else None
+        self.layers[0].fit(angles, quaternions, scale)
 
     def _check_input(self, name: str, x: torch.Tensor) -> State:
         if not isinstance(x, torch.Tensor):

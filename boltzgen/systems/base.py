@@ -87,6 +87,11 @@ class System(ABC):
         check_float("temperature", temperature, positive=True)
         return None
 
+    @property
+    def molecule_count(self) -> int | None:
+        """Molecules of a molecular system (per-molecule free energies divide by it), else None."""
+        return None
+
     def rigid_layout(self) -> Any:
         """The :class:`boltzgen.rigid.bodies.RigidLayout` of a rigid-body system, else None.
 

@@ -24,6 +24,7 @@ removes.
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from typing import Any, ClassVar
 
@@ -64,8 +65,18 @@ def ideal_crystal(lattice: str, n: int) -> tuple[tuple[float, float, float], np.
     from genice2.genice import GenIce
     from genice2.plugin import Format, Lattice, Molecule
 
-    text = GenIce(Lattice(lattice), rep=[n, n, n]).generate_ice(Format("gromacs"),
-                                                               water=Molecule("tip4p"))
+    # GenIce2 logs deprecation notes of its own internals as warnings; they say nothing about
+    # this crystal, so they are muted while it runs.
+    loggers = [logging.getLogger(), logging.getLogger("genice_core")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        text = GenIce(Lattice(lattice), reshape=np.diag([n, n, n])).generate_ice(
+            Format("gromacs"), water=Molecule("tip4p"))
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
     lines = text.splitlines()
     n_atoms = int(lines[1])
     atoms = lines[2 : 2 + n_atoms]
@@ -134,6 +145,10 @@ class IceXI(System):
     def cutoff_nm(self) -> float:
         """The cutoff in use (nm)."""
         return self._cutoff
+
+    @property
+    def molecule_count(self) -> int:
+        return self.molecules
 
     def rigid_layout(self) -> RigidLayout:
         return RigidLayout(self.molecules, self.box, pinned_positions=(0,))
@@ -230,7 +245,7 @@ class IceXI(System):
 
     def openmm_positions(self, x: np.ndarray) -> np.ndarray:
         """Flow coordinates (B, dim) -> (B, 4N, 3) nm for OpenMM."""
-        return self.to_cartesian(torch.as_tensor(np.asarray(x, dtype=np.float64))).numpy()
+        return self.to_cartesian(torch.as_tensor(np.array(x, dtype=np.float64))).numpy()
 
     def flow_gradient(self, forces: np.ndarray, x: np.ndarray) -> np.ndarray:
         """∇U in flow coordinates (B, dim) from OpenMM forces (B, 4N, 3) kJ/mol/nm at ``x``.
@@ -277,6 +292,21 @@ class IceXI(System):
         delta = positions - ideal
         delta = (delta - edges * torch.round(delta / edges))[:, 1:].reshape(-1, 3).numpy()
         return {f"oxygen_displacement_{a}_nm": delta[:, i].copy() for i, a in enumerate("xyz")}
+
+    def radial_distributions(self, x: np.ndarray, weights: np.ndarray | None = None,
+                             n_bins: int = 60) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Intermolecular O–O and O–H g(r) of flow coordinates (B, dim), frames weighted by
+        ``weights``: {"O-O": (r nm, g), "O-H": (r nm, g)}, r up to half the shortest box edge
+        (the minimum-image limit). See :mod:`boltzgen.observables`."""
+        from boltzgen.observables import pairs_between_molecules, radial_distribution
+
+        xyz = self.openmm_positions(self._as_samples(x))
+        topology = self.mdtraj_topology()
+        r_max = min(self.box.edges) / 2.0
+        return {f"{a}-{b}": radial_distribution(
+                    xyz, topology, self.box.edges, pairs_between_molecules(topology, a, b),
+                    r_max, n_bins, weights)
+                for a, b in (("O", "O"), ("O", "H"))}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

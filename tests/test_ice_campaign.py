@@ -1,0 +1,86 @@
+"""`campaign launch` / `compare` on a tiny ice XI spec, end to end (real Ray, OpenMM, MLflow).
+
+Two targets share one base MD run; MD lengths, ladder and training are tiny, so only the
+plumbing and the bookkeeping are checked here (the numbers are checked by specs/ice.yaml):
+every metric the ice issue names, the JSON params, the cache entries, the checkpoint, and the
+RDF and energy-histogram artifacts. A relaunch reuses everything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from campaign.cli import app
+from tests.conftest import write_spec
+
+runner = CliRunner()
+
+SPEC_PATH = Path(__file__).resolve().parents[1] / "specs" / "ice.yaml"
+
+
+def tiny_ice_spec() -> dict:
+    """specs/ice.yaml with MD of 2 ps per rung, 2- and 3-rung ladders and 4 training steps."""
+    spec = yaml.safe_load(SPEC_PATH.read_text())
+    spec["name"] = "ice-tiny"
+    spec["reference"]["md"] = {"equilibration_ps": 0.2, "production_ps": 2.0,
+                               "frame_interval_ps": 0.05}
+    spec["flow"].update(n_blocks=1, channels=8, attention_blocks=0, mixture_components=2)
+    spec["training"].update(steps=4, batch_size=4, warm_start_steps=2)
+    spec["grid"] = [{"temperature": 100.0, "reference.ladder_size": 2},
+                    {"temperature": 50.0, "reference.ladder_size": 3}]
+    spec["tracking"] = {"experiment": "ice-tiny"}
+    return spec
+
+
+def test_tiny_ice_campaign_reports_what_the_issue_names(workdir: Path) -> None:
+    spec = write_spec(workdir, tiny_ice_spec())
+    launch = runner.invoke(app, ["launch", str(spec), "--format", "json"])
+    assert launch.exit_code == 0, launch.output
+    assert len(json.loads(launch.stdout)["finished"]) == 2
+
+    # 2 + 3 ladder temperatures, 250 K shared: 4 MD runs in the cache, each with frames and
+    # a topology mdtraj reads; one checkpoint per job.
+    work = workdir / "campaign-work" / "ice-tiny"
+    entries = sorted(p for p in (work / "md").iterdir() if p.is_dir())
+    assert len(entries) == 4
+    assert all((e / "frames.dcd").is_file() and (e / "topology.pdb").is_file() for e in entries)
+    assert len(list((work / "checkpoints").glob("*/flow.pt"))) == 2
+
+    compare = runner.invoke(app, ["compare", str(spec), "--format", "json"])
+    assert compare.exit_code == 0, compare.output
+    rows = json.loads(compare.stdout)
+    assert sorted(float(r["params"]["target_temperature_k"]) for r in rows) == [50.0, 100.0]
+    for row in rows:
+        assert row["status"] == "FINISHED"
+        assert row["params"]["molecules"] == "16"
+        assert float(row["params"]["base_temperature_k"]) == 250.0
+        m = row["metrics"]
+        for method in ("lfep", "lbar", "mbar"):
+            for suffix in ("", "_err", "_per_molecule", "_per_molecule_err"):
+                assert math.isfinite(m[f"delta_f_{method}{suffix}"]), (method, suffix)
+            assert m[f"delta_f_{method}_per_molecule"] * 16 == pytest.approx(
+                m[f"delta_f_{method}"], rel=1e-12)
+        assert 0 < m["ess"] <= 1 and 0 < m["ess_backward"] <= 1
+        # Training evaluated warm-start (ML: u_A at T⁻¹ y) and reverse-KL batches of 4.
+        assert m["energy_evaluations_train"] == 2 * 4 + 4 * 4
+        assert m["energy_evaluations"] > m["energy_evaluations_train"]
+        assert m["time_train"] > 0
+        assert m["rdf_O_O_max_difference"] >= 0 and m["rdf_O_H_md_split_difference"] >= 0
+
+    from mlflow.tracking import MlflowClient
+
+    plots = {a.path for a in MlflowClient().list_artifacts(rows[0]["run_id"], "plots")}
+    assert {"plots/radial_distributions.png", "plots/energy_histograms.png"} <= plots
+
+    table = runner.invoke(app, ["compare", str(spec)])
+    assert table.exit_code == 0 and "lfep/mol" in table.stdout and "mbar" in table.stdout
+
+    again = runner.invoke(app, ["launch", str(spec), "--format", "json"])
+    assert again.exit_code == 0, again.output
+    assert len(json.loads(again.stdout)["skipped"]) == 2
