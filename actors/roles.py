@@ -59,11 +59,29 @@ class TrainerActor(_StageWorker):
     """Fits a flow (PyTorch)."""
 
     def train(self, config: Mapping[str, Any], reference: pipeline.ReferenceData,
-              work_dir: str | None = None) -> tuple[pipeline.TrainedFlow, Timing]:
+              work_dir: str | None = None, evaluators: list[Any] | None = None
+              ) -> tuple[pipeline.TrainedFlow, Timing]:
+        """``evaluators``: EnergyEvaluator actors that compute every training energy (each
+        batch split evenly over them); without them the system's potential runs here."""
         # Ray sets CUDA_VISIBLE_DEVICES for an actor that holds GPUs; one that asked for none
         # trains on the CPU even where Ray leaves GPUs visible (Ray >= 2.60).
         device = "cuda" if self.gpus > 0 and torch.cuda.is_available() else "cpu"
-        return self._timed(pipeline.train, config, reference, device, work_dir)
+        energy = pooled_energy(config, evaluators) if evaluators else None
+        return self._timed(pipeline.train, config, reference, device, work_dir, energy)
+
+
+def pooled_energy(config: Mapping[str, Any], evaluators: list[Any]) -> pipeline.EnergyFunction:
+    """A batch energy function x -> (U, ∇U) that splits x evenly over ``evaluators`` (Ray
+    handles of EnergyEvaluatorActor) and gathers their answers in order."""
+
+    def energy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        chunks = [c for c in np.array_split(x, min(len(evaluators), len(x))) if len(c)]
+        refs = [ev.energies_and_forces.remote(config, chunk)
+                for ev, chunk in zip(evaluators, chunks, strict=False)]
+        parts = [value for value, _timing in ray.get(refs)]
+        return (np.concatenate([u for u, _ in parts]), np.concatenate([g for _, g in parts]))
+
+    return energy
 
 
 class SamplerActor(_StageWorker):

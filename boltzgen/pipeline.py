@@ -50,6 +50,9 @@ from boltzgen.states import AnalyticBase, NormalBase, ThermodynamicBase, Uniform
 from boltzgen.systems import System, make_system
 from boltzgen.training import train_flow
 
+EnergyFunction = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""x (B, dim) flow coordinates -> (U (B,) energy units, ∇U (B, dim))."""
+
 
 class InjectedFailure(RuntimeError):
     """Raised on purpose when a job's ``inject_failure`` names the running stage."""
@@ -360,14 +363,34 @@ class TrainedFlow:
     checkpoint_path: str | None = None  # the final checkpoint in the work directory, if any
 
 
+class BatchEnergy(torch.autograd.Function):
+    """U(x) (B,) in energy units from a batch energy function x -> (U, ∇U) (numpy), with
+    ∇U as the gradient: how training differentiates energies computed elsewhere (the
+    EnergyEvaluator pool's OpenMM Contexts). Non-finite U stay non-finite."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, energy: EnergyFunction) -> torch.Tensor:
+        u, grad = energy(x.detach().cpu().numpy())
+        ctx.save_for_backward(torch.as_tensor(np.asarray(grad, dtype=np.float64),
+                                              device=x.device))
+        return torch.as_tensor(np.asarray(u, dtype=np.float64), device=x.device)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (grad,) = ctx.saved_tensors
+        return grad_output[:, None] * torch.nan_to_num(grad), None
+
+
 def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cpu",
-          work_dir: str | None = None) -> TrainedFlow:
+          work_dir: str | None = None, energy: EnergyFunction | None = None) -> TrainedFlow:
     """Fit the flow A -> B by maximum likelihood on B's reference data or by reverse KL (the
     LFEP loss), after ``training.warm_start_steps`` maximum-likelihood steps where asked.
 
     ``device`` is where the flow trains ("cuda" when the caller holds a GPU); the checkpoint is
     always saved from CPU tensors so that any process can load it. With a ``work_dir`` the final
-    flow is also written to ``<work_dir>/checkpoints/<job hash>/flow.pt``.
+    flow is also written to ``<work_dir>/checkpoints/<job hash>/flow.pt``. ``energy`` (a batch
+    function x -> (U, ∇U), e.g. over the EnergyEvaluator pool) replaces the system's own
+    potential for every energy training needs.
     """
     check_injected_failure(config, "train")
     start = time.perf_counter()
@@ -403,16 +426,19 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
         flow.fit_thermal_scaling(_tensor(reference.base_train).to(device),
                                  math.sqrt(problem.temperature / problem.base.temperature))
 
+    def potential(x: torch.Tensor) -> torch.Tensor:
+        evaluations[0] += len(x)
+        return problem.system.potential(x) if energy is None else BatchEnergy.apply(x, energy)
+
     def u_a(x: torch.Tensor) -> torch.Tensor:
         if last.get("x") is x:
             return last["u"]
-        if not isinstance(problem.base, AnalyticBase):
-            evaluations[0] += len(x)
-        return problem.base.reduced_energy(x)
+        if isinstance(problem.base, AnalyticBase):
+            return problem.base.reduced_energy(x)
+        return potential(x) / (problem.system.boltzmann_constant * problem.base.temperature)
 
     def u_b(y: torch.Tensor) -> torch.Tensor:
-        evaluations[0] += len(y)
-        return problem.target_reduced_energy(y)
+        return potential(y) / problem.kt
 
     phases = [(training["objective"], training["steps"])]
     warm = int(training.get("warm_start_steps") or 0)
@@ -535,9 +561,6 @@ def _batched(fn: Any, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, t
         outs.append(out)
         logdets.append(logdet)
     return torch.cat(outs), torch.cat(logdets)
-
-
-EnergyFunction = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def make_energy_function(config: Mapping[str, Any], threads: int = 1) -> EnergyFunction:

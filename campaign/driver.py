@@ -280,7 +280,12 @@ class Driver:
     # -- stage transitions ---------------------------------------------------------------------
     def _after_reference(self, run: JobRun, reference_ref: Any) -> None:
         run.reference = reference_ref
-        self._enqueue(run, "train", (run.config, reference_ref, str(self.plan.spec.work_path())),
+        # OpenMM energies in training go to the EnergyEvaluator pool (each actor keeps its
+        # Context); torch potentials are cheaper in the trainer's own process.
+        evaluators = (list(self.pools.get("energy_evaluator", []))
+                      if run.config["energy"]["backend"] == "openmm" else None)
+        self._enqueue(run, "train",
+                      (run.config, reference_ref, str(self.plan.spec.work_path()), evaluators),
                       self._after_train, fetch=False)
 
     def _after_train(self, run: JobRun, trained_ref: Any) -> None:

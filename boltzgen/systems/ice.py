@@ -253,9 +253,11 @@ class IceXI(System):
         OpenMM has already moved the M sites' forces onto O, H1, H2; the chain rule runs through
         x -> sites (the quaternion part is the ambient R⁴ gradient).
         """
-        xt = torch.as_tensor(np.asarray(x, dtype=np.float64)).requires_grad_(True)
-        sites = self.to_cartesian(xt)
-        (grad,) = torch.autograd.grad(sites, xt, grad_outputs=-torch.as_tensor(forces))
+        # Also called inside autograd Functions' forward (grad mode off there).
+        with torch.enable_grad():
+            xt = torch.as_tensor(np.array(x, dtype=np.float64)).requires_grad_(True)
+            sites = self.to_cartesian(xt)
+            (grad,) = torch.autograd.grad(sites, xt, grad_outputs=-torch.as_tensor(forces))
         return grad.numpy()
 
     def _local_evaluator(self) -> Any:
@@ -286,7 +288,7 @@ class IceXI(System):
         """Oxygen displacement from the ideal site (nm) per axis, pooled over molecules."""
         arr = self._as_samples(x)
         layout = self.rigid_layout()
-        positions, _ = layout.split(torch.as_tensor(arr))
+        positions, _ = layout.split(torch.as_tensor(np.array(arr)))
         ideal, _ = layout.split(torch.as_tensor(self._ideal))
         edges = self.box.tensor(positions)
         delta = positions - ideal
