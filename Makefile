@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart test lint bench clean
+.PHONY: setup quickstart ice test lint bench clean
 
 $(BIN)/campaign: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ setup: $(BIN)/campaign
 
 quickstart: setup
 	$(BIN)/campaign launch specs/quickstart.yaml
+
+ice: setup
+	$(BIN)/campaign launch specs/ice.yaml
 
 test: setup
 	$(BIN)/ruff check .

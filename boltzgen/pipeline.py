@@ -312,6 +312,7 @@ def _md_reference(config: Mapping[str, Any], problem: Problem, start: float, wor
         "md_base_decorrelated_frames": float(len(per_state[base_k][0])),
         "md_seconds_run": float(sum(r.seconds for r in runs if not r.reused)),
         "md_seconds_all_rungs": float(sum(r.seconds for r in runs)),
+        "md_seconds_base": float(runs[base_k].seconds),
         "md_runs_reused": float(sum(r.reused for r in runs)),
     }
     return ReferenceData(

@@ -89,6 +89,14 @@ BAD_SPECS = {
     "md ladder with one rung": (
         {**ICE, "reference": {"sampler": "md", "ladder_size": 1}},
         ["reference.ladder_size", "1", ">= 2"]),
+    "thermal scaling without a thermodynamic base": (
+        {**ICE, "base": {"kind": "uniform"}, "reference": {"sampler": "exact"},
+         "system": {"kind": "tetrahedron_field"}, "energy": {"backend": "torch"},
+         "flow": {"kind": "rigid_body", "n_blocks": 1, "thermal_scaling": True}},
+        ["flow.thermal_scaling", "True", "thermodynamic"]),
+    "warm start for a maximum-likelihood job": (
+        {**ICE, "training": {"objective": "maximum_likelihood", "warm_start_steps": 10}},
+        ["training.warm_start_steps", "10", "reverse_kl"]),
     "md on a system without a structure": (
         _with("reference", {"sampler": "md"}) | {"base": {"kind": "thermodynamic",
                                                           "temperature": 2.0}},
