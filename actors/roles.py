@@ -50,6 +50,11 @@ class McmcActor(_StageWorker):
     """Reference data: replica-exchange MCMC or OpenMM MD over a temperature ladder, and the
     MBAR (or exact) reference ΔF."""
 
+    def run_md(self, config: Mapping[str, Any], temperature: float, work_dir: str
+               ) -> tuple[float, Timing]:
+        """One MD run of a job's ladder into the cache (seconds it took; 0 if cached)."""
+        return self._timed(pipeline.run_md_rung, config, temperature, work_dir, self.threads)
+
     def run_reference(self, config: Mapping[str, Any], work_dir: str | None = None
                       ) -> tuple[pipeline.ReferenceData, Timing]:
         return self._timed(pipeline.run_reference, config, work_dir, self.threads)

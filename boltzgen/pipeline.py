@@ -44,7 +44,7 @@ from boltzgen.estimators import (
 )
 from boltzgen.flows import build_flow
 from boltzgen.mcmc import decorrelated, replica_exchange
-from boltzgen.md import MDProtocol, cached_md
+from boltzgen.md import MDProtocol, cache_key, cached_md
 from boltzgen.openmm_bridge import OpenMMEvaluator
 from boltzgen.states import AnalyticBase, NormalBase, ThermodynamicBase, UniformBase
 from boltzgen.systems import System, make_system
@@ -283,6 +283,27 @@ def md_protocol(config: Mapping[str, Any], temperature: float) -> MDProtocol:
                                sort_keys=True))
     return MDProtocol(temperature=round(float(temperature), 6), seed=seed,
                       **{k: float(v) for k, v in md.items()})
+
+
+def md_runs(config: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """(cache key, temperature K) of every MD run a job's reference needs (none unless
+    ``reference.sampler`` is ``md``); jobs that need the same run get the same key."""
+    if config["reference"].get("sampler") != "md":
+        return []
+    problem = Problem.from_config(config)
+    return [(cache_key(problem.system, md_protocol(config, t)), float(t))
+            for t in problem.ladder(config["reference"])]
+
+
+def run_md_rung(config: Mapping[str, Any], temperature: float, work_dir: str,
+                threads: int = 1) -> float:
+    """Run (or find in the cache) one MD run of the job's ladder; wall seconds it took.
+    (``inject_failure: reference`` acts in :func:`run_reference`: an MD run can be shared by
+    jobs that do not inject anything.)"""
+    system = make_system(config["system"])
+    platform = (config.get("energy") or {}).get("platform", "CPU")
+    run = cached_md(system, md_protocol(config, temperature), work_dir, threads, platform)
+    return 0.0 if run.reused else run.seconds
 
 
 def _md_reference(config: Mapping[str, Any], problem: Problem, start: float, work_dir: str,

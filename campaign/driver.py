@@ -62,6 +62,7 @@ class JobRun:
     tasks: list[TaskRecord] = field(default_factory=list)
     error: str | None = None
     record_seconds: float = 0.0
+    md_left: set[str] = field(default_factory=set)  # MD cache keys this job still waits for
 
     def stage_seconds(self, stage: str) -> float:
         done = [t for t in self.tasks if t.stage == stage and math.isfinite(t.end)]
@@ -101,7 +102,8 @@ class Progress:
 
 
 # actor method -> (actor role that runs it, job stage it belongs to)
-METHODS = {"run_reference": ("mcmc", "reference"), "train": ("trainer", "train"),
+METHODS = {"run_md": ("mcmc", "reference"), "run_reference": ("mcmc", "reference"),
+           "train": ("trainer", "train"),
            "sample": ("sampler", "sample"), "potential": ("energy_evaluator", "energy")}
 
 
@@ -120,6 +122,10 @@ class Driver:
         self.pending_ready: dict[Any, tuple[str, Any]] = {}
         self.parent_run_id: str | None = None
         self._actors_started = math.inf
+        # Shared MD runs (cache key -> the job whose task runs it / the jobs waiting for it).
+        self.md_owner: dict[str, JobRun] = {}
+        self.md_waiters: dict[str, list[JobRun]] = {}
+        self.md_done: set[str] = set()
 
     # -- actors --------------------------------------------------------------------------------
     def start_actors(self) -> None:
@@ -168,10 +174,7 @@ class Driver:
             if todo:
                 self.start_actors()
                 for run in todo:
-                    self._enqueue(run, "run_reference",
-                                  (run.config, str(self.plan.spec.work_path())),
-                                  self._after_reference,
-                                  fetch=False)
+                    self._start_job(run)
                 self._loop(todo, summary)
         except BaseException:
             for run in todo:
@@ -203,11 +206,13 @@ class Driver:
                 task, actor, value_ref = self.in_flight.pop(ref)
                 task.record.seen = time.time()
                 self._complete(task, actor, ref, value_ref)
-                if task.run.stage in ("finished", "failed") and id(task.run) in open_runs:
-                    open_runs.discard(id(task.run))
-                    (summary.finished if task.run.stage == "finished" else summary.failed
-                     ).append(task.run)
-                    self.progress.done(task.run)
+                # A shared MD run that fails ends every job waiting for it, not only its own.
+                for run in todo:
+                    if run.stage in ("finished", "failed") and id(run) in open_runs:
+                        open_runs.discard(id(run))
+                        (summary.finished if run.stage == "finished" else summary.failed
+                         ).append(run)
+                        self.progress.done(run)
             self._check_roles_alive()
 
     def _actor_ready(self, ref: Any) -> None:
@@ -278,6 +283,42 @@ class Driver:
             self._fail(run, f"{type(exc).__name__}: {exc}", traceback.format_exc())
 
     # -- stage transitions ---------------------------------------------------------------------
+    def _start_job(self, run: JobRun) -> None:
+        """MD ladders first: every distinct MD run of the plan is one task on the MCMC pool,
+        shared by the jobs that need it, so ladders of different lengths spread over all MCMC
+        actors; a job's reference stage (decorrelation, MBAR, splits) starts once its runs are
+        in the cache. Other reference samplers start at once."""
+        runs = pipeline.md_runs(run.config)
+        if not runs:
+            self._enqueue_reference(run)
+            return
+        run.md_left = set()
+        for key, temperature in runs:
+            if key in self.md_done:
+                continue
+            run.md_left.add(key)
+            self.md_waiters.setdefault(key, []).append(run)
+            if key not in self.md_owner:
+                self.md_owner[key] = run
+                self._enqueue(run, "run_md",
+                              (run.config, temperature, str(self.plan.spec.work_path())),
+                              self._md_finisher(key), fetch=True)
+        if not run.md_left:
+            self._enqueue_reference(run)
+
+    def _md_finisher(self, key: str) -> Callable[[JobRun, Any], None]:
+        def finished(_owner: JobRun, _seconds: Any) -> None:
+            self.md_done.add(key)
+            for waiter in self.md_waiters.pop(key, []):
+                waiter.md_left.discard(key)
+                if not waiter.md_left and waiter.stage != "failed":
+                    self._enqueue_reference(waiter)
+        return finished
+
+    def _enqueue_reference(self, run: JobRun) -> None:
+        self._enqueue(run, "run_reference", (run.config, str(self.plan.spec.work_path())),
+                      self._after_reference, fetch=False)
+
     def _after_reference(self, run: JobRun, reference_ref: Any) -> None:
         run.reference = reference_ref
         # OpenMM energies in training go to the EnergyEvaluator pool (each actor keeps its
@@ -373,6 +414,13 @@ class Driver:
         if run.stage == "failed":
             return
         run.stage, run.error = "failed", message
+        # MD runs this job owned and did not finish will not run: their waiters fail too.
+        for key, owner in self.md_owner.items():
+            if owner is run and key not in self.md_done:
+                for waiter in self.md_waiters.pop(key, []):
+                    if waiter is not run:
+                        self._fail(waiter, f"a shared MD run failed in job {run.job.job_id}: "
+                                   f"{message}", trace)
         if run.run_id is None:
             self._open_child_run(run)
         self.tracker.set_tags(run.run_id, {"error": message[:5000], "failed_stage":

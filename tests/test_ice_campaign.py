@@ -84,3 +84,22 @@ def test_tiny_ice_campaign_reports_what_the_issue_names(workdir: Path) -> None:
     again = runner.invoke(app, ["launch", str(spec), "--format", "json"])
     assert again.exit_code == 0, again.output
     assert len(json.loads(again.stdout)["skipped"]) == 2
+
+
+def test_md_that_blows_up_fails_every_job_that_needs_it(workdir: Path) -> None:
+    """Two jobs that differ only in training share all their MD runs (one task each, run by
+    one of them); with a 40 fs time step the MD blows up at once. Both jobs fail with the
+    cause, the launch exits 1, and nothing is left half-written in the cache."""
+    data = tiny_ice_spec()
+    data["name"] = "ice-blowup"
+    data["reference"]["md"].update(timestep_fs=40.0, equilibration_ps=5.0)
+    data["grid"] = {"temperature": 100.0, "reference.ladder_size": 2,
+                    "training.steps": [4, 5]}
+    spec = write_spec(workdir, data)
+    launch = runner.invoke(app, ["launch", str(spec), "--format", "json"])
+    assert launch.exit_code == 1, launch.output
+    errors = sorted(job["error"] for job in json.loads(launch.stdout)["failed"])
+    assert len(errors) == 2 and all("blew up" in e for e in errors), errors
+    assert sum("a shared MD run failed in job" in e for e in errors) == 1, errors
+    md = workdir / "campaign-work" / "ice-blowup" / "md"
+    assert [p.name for p in md.iterdir() if not p.name.endswith(".lock")] == []
