@@ -239,12 +239,18 @@ class Driver:
                         f"{READY_TIMEOUT_S:.0f} s; the cluster may lack the CPUs/GPUs asked for")
 
     def _enqueue(self, run: JobRun, method: str, args: tuple[Any, ...],
-                 on_done: Callable[[JobRun, Any], None], fetch: bool) -> None:
+                 on_done: Callable[[JobRun, Any], None], fetch: bool,
+                 first: bool = False) -> None:
+        """Queue a task for its role; ``first`` puts it ahead of the queued ones."""
         role, stage = METHODS[method]
         record = TaskRecord(stage=stage, enqueued=time.time())
         run.tasks.append(record)
-        self.queues[role].append(
-            Task(run=run, method=method, args=args, record=record, on_done=on_done, fetch=fetch))
+        task = Task(run=run, method=method, args=args, record=record, on_done=on_done,
+                    fetch=fetch)
+        if first:
+            self.queues[role].appendleft(task)
+        else:
+            self.queues[role].append(task)
 
     def _dispatch(self) -> None:
         for role, queue in self.queues.items():
@@ -316,8 +322,10 @@ class Driver:
         return finished
 
     def _enqueue_reference(self, run: JobRun) -> None:
+        # Ahead of queued MD runs: a job whose ladder is done can train while other jobs'
+        # MD goes on (behind them, it would wait for every MD run of the plan).
         self._enqueue(run, "run_reference", (run.config, str(self.plan.spec.work_path())),
-                      self._after_reference, fetch=False)
+                      self._after_reference, fetch=False, first=True)
 
     def _after_reference(self, run: JobRun, reference_ref: Any) -> None:
         run.reference = reference_ref
