@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import sys
 from enum import StrEnum
@@ -160,11 +161,11 @@ def compare(spec: SpecPath, tracking_uri: TrackingUri = None,
             if i == 0:
                 cells.append(str(row[i])[:12])
             elif err is not None and isinstance(row[i], float) and isinstance(row[err], float):
-                cells.append(f"{_fmt(row[i])} ± {row[err]:.2g}")
+                cells.append(_with_error(row[i], row[err]))
             else:
                 cells.append(_fmt(row[i]))
         table.add_row(*cells)
-    Console(width=max(200, Console().width)).print(table)
+    Console(width=max(280, Console().width)).print(table)
 
 
 # Metrics the table shows (each with its ``_err`` in the same cell); an estimator's own name
@@ -191,6 +192,15 @@ def _table_columns(header: list[str], n_leading: int) -> list[tuple[int, str]]:
                 title = title.replace(long, short)
             columns.append((i, title or name))
     return columns
+
+
+def _with_error(value: float, error: float) -> str:
+    """``value ± error`` with the error to 2 significant digits and the value to the same
+    decimal place (e.g. -669.47 ± 0.12, -41.8416 ± 0.0074)."""
+    if not (math.isfinite(value) and math.isfinite(error)) or error <= 0:
+        return f"{_fmt(value)} ± {_fmt(error)}"
+    decimals = max(0, 1 - math.floor(math.log10(error)))
+    return f"{value:.{decimals}f} ± {error:.{decimals}f}"
 
 
 def _fmt(value: Any) -> str:
