@@ -220,6 +220,17 @@ def mbar_ladder(
             raise ValueError(
                 f"potentials_per_state[{k}]: needs at least one sample and only finite energies"
             )
+    # Neighbouring temperatures whose energy ranges do not even touch share no configurations:
+    # MBAR then has nothing to connect them with, and pymbar's solver can run for a very long
+    # time before it gives up. Refuse at once, saying what to change.
+    order = np.argsort(temps)
+    for cold, hot in zip(order[:-1], order[1:], strict=True):
+        if arrays[cold].max() < arrays[hot].min():
+            raise RuntimeError(
+                f"MBAR ladder: the states at {temps[cold]:g} and {temps[hot]:g} do not overlap "
+                f"(highest energy at {temps[cold]:g}: {arrays[cold].max():.6g}, lowest at "
+                f"{temps[hot]:g}: {arrays[hot].min():.6g}); use more rungs "
+                "(reference.ladder_size) or longer runs")
     u_n = np.concatenate(arrays)
     n_k = np.array([u.size for u in arrays], dtype=int)
     beta = 1.0 / (kb * np.asarray(temps))

@@ -825,7 +825,7 @@ def figures(
         from boltzgen.rigid.quaternions import quaternion_to_matrix
 
         def axes_of(x: np.ndarray) -> dict[str, np.ndarray]:
-            _, q = layout.split(torch.as_tensor(np.asarray(x, dtype=np.float64)))
+            _, q = layout.split(torch.as_tensor(np.array(x, dtype=np.float64)))
             columns = quaternion_to_matrix(q).numpy()  # (N, bodies, 3, 3); column a is R e_a
             return {a: columns[..., i].reshape(-1, 3) for i, a in enumerate("xyz")}
 

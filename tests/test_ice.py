@@ -175,3 +175,12 @@ def test_pooled_energy_gradient_equals_the_local_autograd_one(ice: IceXI) -> Non
     (u * weights).sum().backward()
     np.testing.assert_allclose(u.detach().numpy(), ice.potential(x).detach().numpy(), rtol=1e-6)
     np.testing.assert_allclose(pooled.grad.numpy(), local.grad.numpy(), rtol=1e-5, atol=1e-3)
+
+
+def test_mbar_refuses_a_ladder_without_overlap() -> None:
+    """Neighbouring states whose energy ranges are disjoint (N128 ice from 100 K to 250 K in
+    one step) are refused at once with what to change, instead of a solver that runs on."""
+    rng = np.random.default_rng(0)
+    with pytest.raises(RuntimeError, match="do not overlap.*ladder_size"):
+        mbar_ladder([rng.normal(-7600, 10, 50), rng.normal(-7000, 20, 50)], [100.0, 250.0],
+                    boltzmann_constant=0.0083144626, n_bootstraps=2)

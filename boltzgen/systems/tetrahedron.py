@@ -179,7 +179,7 @@ class TetrahedronInField(System):
 
     def observables(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Where each body axis points: cos(polar angle) and azimuth (rad) of R e_a, a = x, y, z."""
-        q = torch.as_tensor(self._as_samples(x))
+        q = torch.as_tensor(np.array(self._as_samples(x)))
         axes = quaternion_to_matrix(q).numpy()  # column a is R e_a
         out: dict[str, np.ndarray] = {}
         for a, name in enumerate("xyz"):
