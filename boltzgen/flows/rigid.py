@@ -122,7 +122,24 @@ def position_features(angles: torch.Tensor | None, visible: list[int], like: tor
     return torch.cat([torch.cos(chosen), torch.sin(chosen)], dim=-1)
 
 
-class RigidLayer(nn.Module):
+class _TwoWayLayer(nn.Module):
+    """A layer as one ``_map(angles, quaternions, inverse)``: ``forward`` maps the base side
+    to the target side, ``inverse`` back; both return (angles, quaternions, log-det (B,))."""
+
+    def forward(self, angles: torch.Tensor | None, quaternions: torch.Tensor
+                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        return self._map(angles, quaternions, inverse=False)
+
+    def inverse(self, angles: torch.Tensor | None, quaternions: torch.Tensor
+                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        return self._map(angles, quaternions, inverse=True)
+
+    def _map(self, angles: torch.Tensor | None, quaternions: torch.Tensor, inverse: bool
+               ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class RigidLayer(_TwoWayLayer):
     """Base class: pinned masks, a conditioner over body tokens, forward/inverse contract."""
 
     def __init__(self, layout: RigidLayout, n_features: int, n_out: int, channels: int,
@@ -153,18 +170,6 @@ class RigidLayer(nn.Module):
         flags = self.flags.to(quaternions.dtype).expand(*quaternions.shape[:-1],
                                                         self.flags.shape[-1])
         return self.conditioner(torch.cat([*features, flags], dim=-1))
-
-    def forward(self, angles: torch.Tensor | None, quaternions: torch.Tensor
-                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        return self._map(angles, quaternions, inverse=False)
-
-    def inverse(self, angles: torch.Tensor | None, quaternions: torch.Tensor
-                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        return self._map(angles, quaternions, inverse=True)
-
-    def _map(self, angles: torch.Tensor | None, quaternions: torch.Tensor, inverse: bool
-               ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
 
 
 class _PositionLayer(RigidLayer):
@@ -340,7 +345,7 @@ class ConvexGradientLayer(_OrientationLayer):
         return self._finish(angles, quaternions, new, log_det)
 
 
-class ThermalScalingLayer(nn.Module):
+class ThermalScalingLayer(_TwoWayLayer):
     """Per-body scaling of each coordinate's displacement from a centre: the exact map between
     the temperatures of a harmonic crystal, as the first layer of an LFEP flow.
 
@@ -383,14 +388,6 @@ class ThermalScalingLayer(nn.Module):
         q0 = torch.linalg.eigh(second_moment).eigenvectors[..., -1]  # (N, 4), largest eigenvalue
         eye = torch.eye(4, dtype=quaternions.dtype)
         self.matrix.copy_(scale * eye + (1.0 - scale) * q0[:, :, None] * q0[:, None, :])
-
-    def forward(self, angles: torch.Tensor | None, quaternions: torch.Tensor
-                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        return self._map(angles, quaternions, inverse=False)
-
-    def inverse(self, angles: torch.Tensor | None, quaternions: torch.Tensor
-                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        return self._map(angles, quaternions, inverse=True)
 
     def _map(self, angles: torch.Tensor | None, quaternions: torch.Tensor, inverse: bool
              ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
