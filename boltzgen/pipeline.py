@@ -636,6 +636,8 @@ class Estimates:
     log_weights: np.ndarray
     notes: dict[str, str]
     mapped_potential: np.ndarray | None = None  # U(T(x)) in the system's energy units
+    # Pair type -> sample set -> (r nm, g(r)), for systems with radial distributions.
+    structure: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
 
 
 def estimate(
@@ -690,7 +692,8 @@ def estimate(
         # Backward weights w(y) ∝ p_A(T⁻¹ y)|det J_T⁻¹(y)| / p_B(y) = exp(−reverse work), y ~ B.
         metrics["ess_backward"] = kish_ess_fraction(-reverse_work)
     metrics.update(_named_free_energies(problem, reference, metrics))
-    metrics.update(_structure_metrics(problem, reference, samples.mapped, log_w))
+    structure = _structure_curves(problem, reference, samples.mapped, log_w)
+    metrics.update(_structure_metrics(structure))
     metrics.update(reference.diagnostics)
     metrics = {k: float(v) for k, v in metrics.items()}
     notes = {
@@ -705,7 +708,7 @@ def estimate(
         else "not defined",
     }
     return Estimates(metrics=metrics, log_weights=log_w, notes=notes,
-                     mapped_potential=np.asarray(potentials["mapped"]))
+                     mapped_potential=np.asarray(potentials["mapped"]), structure=structure)
 
 
 def _normalized_weights(log_w: np.ndarray) -> np.ndarray:
@@ -738,13 +741,13 @@ def _structure_curves(problem: Problem, reference: ReferenceData, mapped: np.nda
     return curves
 
 
-def _structure_metrics(problem: Problem, reference: ReferenceData, mapped: np.ndarray,
-                       log_w: np.ndarray) -> dict[str, float]:
+def _structure_metrics(structure: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+                       ) -> dict[str, float]:
     """``rdf_<pair>_max_difference``: largest |g_flow,reweighted − g_target MD| over r, and
     ``rdf_<pair>_md_split_difference``: the same between two disjoint target MD sets (the
     sampling noise the first should be compared with)."""
     out = {}
-    for pair, curves in _structure_curves(problem, reference, mapped, log_w).items():
+    for pair, curves in structure.items():
         name = pair.replace("-", "_")
         target = curves["target MD"][1]
         if "flow, reweighted" in curves:
@@ -831,7 +834,7 @@ def figures(
 
         out["axis_directions.png"] = axis_direction_maps(axes_of(samples.mapped),
                                                          axes_of(reference.target_test), title)
-    curves = _structure_curves(problem, reference, samples.mapped, log_w)
+    curves = estimates.structure
     if curves:
         from boltzgen.plots import energy_histograms, radial_distributions
 

@@ -25,15 +25,14 @@ SPEC_PATH = Path(__file__).resolve().parents[1] / "specs" / "ice.yaml"
 
 
 def tiny_ice_spec() -> dict:
-    """specs/ice.yaml with MD of 2 ps per rung, 2- and 3-rung ladders and 4 training steps."""
+    """specs/ice.yaml (ladders of 5 and 10 temperatures) with MD of 2 ps per temperature and
+    4 training steps."""
     spec = yaml.safe_load(SPEC_PATH.read_text())
     spec["name"] = "ice-tiny"
     spec["reference"]["md"] = {"equilibration_ps": 0.2, "production_ps": 2.0,
                                "frame_interval_ps": 0.05}
     spec["flow"].update(n_blocks=1, channels=8, attention_blocks=0, mixture_components=2)
     spec["training"].update(steps=4, batch_size=4, warm_start_steps=2)
-    spec["grid"] = [{"temperature": 100.0, "reference.ladder_size": 2},
-                    {"temperature": 50.0, "reference.ladder_size": 3}]
     spec["tracking"] = {"experiment": "ice-tiny"}
     return spec
 
@@ -44,11 +43,11 @@ def test_tiny_ice_campaign_reports_what_the_issue_names(workdir: Path) -> None:
     assert launch.exit_code == 0, launch.output
     assert len(json.loads(launch.stdout)["finished"]) == 2
 
-    # 2 + 3 ladder temperatures, 250 K shared: 4 MD runs in the cache, each with frames and
+    # 5 + 10 ladder temperatures, 250 K shared: 14 MD runs in the cache, each with frames and
     # a topology mdtraj reads; one checkpoint per job.
     work = workdir / "campaign-work" / "ice-tiny"
     entries = sorted(p for p in (work / "md").iterdir() if p.is_dir())
-    assert len(entries) == 4
+    assert len(entries) == 14
     assert all((e / "frames.dcd").is_file() and (e / "topology.pdb").is_file() for e in entries)
     assert len(list((work / "checkpoints").glob("*/flow.pt"))) == 2
 
