@@ -64,7 +64,7 @@ class TrainerActor(_StageWorker):
     """Fits a flow (PyTorch)."""
 
     def train(self, config: Mapping[str, Any], reference: pipeline.ReferenceData,
-              work_dir: str | None = None, evaluators: list[Any] | None = None
+              checkpoint_dir: str | None = None, evaluators: list[Any] | None = None
               ) -> tuple[pipeline.TrainedFlow, Timing]:
         """``evaluators``: EnergyEvaluator actors that compute every training energy (each
         batch split evenly over them); without them the system's potential runs here."""
@@ -72,7 +72,7 @@ class TrainerActor(_StageWorker):
         # trains on the CPU even where Ray leaves GPUs visible (Ray >= 2.60).
         device = "cuda" if self.gpus > 0 and torch.cuda.is_available() else "cpu"
         energy = pooled_energy(config, evaluators) if evaluators else None
-        return self._timed(pipeline.train, config, reference, device, work_dir, energy)
+        return self._timed(pipeline.train, config, reference, device, checkpoint_dir, energy)
 
 
 def pooled_energy(config: Mapping[str, Any], evaluators: list[Any]) -> pipeline.EnergyFunction:

@@ -400,17 +400,20 @@ class BatchEnergy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
         (grad,) = ctx.saved_tensors
-        return grad_output[:, None] * torch.nan_to_num(grad), None
+        # A non-finite U makes the loss non-finite, and training skips that step before any
+        # gradient is used; nothing is zeroed here.
+        return grad_output[:, None] * grad, None
 
 
 def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cpu",
-          work_dir: str | None = None, energy: EnergyFunction | None = None) -> TrainedFlow:
+          checkpoint_dir: str | None = None, energy: EnergyFunction | None = None
+          ) -> TrainedFlow:
     """Fit the flow A -> B by maximum likelihood on B's reference data or by reverse KL (the
     LFEP loss), after ``training.warm_start_steps`` maximum-likelihood steps where asked.
 
     ``device`` is where the flow trains ("cuda" when the caller holds a GPU); the checkpoint is
-    always saved from CPU tensors so that any process can load it. With a ``work_dir`` the final
-    flow is also written to ``<work_dir>/checkpoints/<job hash>/flow.pt``. ``energy`` (a batch
+    always saved from CPU tensors so that any process can load it. With a ``checkpoint_dir``
+    the final flow is also written to ``<checkpoint_dir>/flow.pt``. ``energy`` (a batch
     function x -> (U, ∇U), e.g. over the EnergyEvaluator pool) replaces the system's own
     potential for every energy training needs.
     """
@@ -487,26 +490,20 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
         },
         buffer,
     )
-    path = _save_checkpoint(config, buffer.getvalue(), work_dir) if work_dir else None
+    path = _save_checkpoint(buffer.getvalue(), checkpoint_dir) if checkpoint_dir else None
     n_parameters = sum(p.numel() for p in flow.parameters() if p.requires_grad)
     return TrainedFlow(buffer.getvalue(), losses, time.perf_counter() - start, skipped,
                        n_parameters, evaluations[0], path)
 
 
-def config_hash(config: Mapping[str, Any]) -> str:
-    """16 hex digits of the sha256 of the job configuration's canonical JSON."""
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _save_checkpoint(config: Mapping[str, Any], data: bytes, work_dir: str) -> str:
-    """Write ``data`` to <work_dir>/checkpoints/<config hash>/flow.pt atomically."""
-    directory = Path(work_dir) / "checkpoints" / config_hash(config)
-    directory.mkdir(parents=True, exist_ok=True)
-    staging = directory / f".flow.pt.{os.getpid()}"
+def _save_checkpoint(data: bytes, directory: str) -> str:
+    """Write ``data`` to <directory>/flow.pt atomically (a temporary name, then rename)."""
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / f".flow.pt.{os.getpid()}"
     staging.write_bytes(data)
-    os.replace(staging, directory / "flow.pt")
-    return str(directory / "flow.pt")
+    os.replace(staging, folder / "flow.pt")
+    return str(folder / "flow.pt")
 
 
 def load_flow(checkpoint: bytes) -> torch.nn.Module:

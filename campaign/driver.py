@@ -334,7 +334,9 @@ class Driver:
         evaluators = (list(self.pools.get("energy_evaluator", []))
                       if run.config["energy"]["backend"] == "openmm" else None)
         self._enqueue(run, "train",
-                      (run.config, reference_ref, str(self.plan.spec.work_path()), evaluators),
+                      (run.config, reference_ref,
+                       str(self.plan.spec.work_path() / "checkpoints" / run.job.job_id),
+                       evaluators),
                       self._after_train, fetch=False)
 
     def _after_train(self, run: JobRun, trained_ref: Any) -> None:
