@@ -2,8 +2,9 @@
 
 Every stage method returns ``(result, timing)`` where ``timing`` holds the wall-clock
 ``start``/``end`` (``time.time()``, seconds) of the work inside the actor, so that the driver can
-tell compute time from orchestration time. Actors keep no job state between calls: a restarted
-actor (which re-runs ``__init__``) loses nothing.
+tell compute time from orchestration time, and the Ray ``node`` id, host and pid that did it.
+Actors keep no job state between calls: a restarted actor (which re-runs ``__init__``) loses
+nothing; a trainer's progress lives in checkpoint files in the work directory.
 """
 
 from __future__ import annotations
@@ -35,15 +36,22 @@ class _StageWorker:
         self.gpus = gpus
 
     def ready(self) -> dict[str, Any]:
-        """Called once by the driver: the actor is constructed and its imports are done."""
-        return {"pid": os.getpid(), "host": socket.gethostname(), "threads": self.threads,
+        """Called by the driver when the actor starts or restarts: it is constructed and its
+        imports are done."""
+        return {**_where(), "threads": self.threads,
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     @staticmethod
     def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, Timing]:
         start = time.time()
         result = fn(*args)
-        return result, {"start": start, "end": time.time()}
+        return result, {"start": start, "end": time.time(), **_where()}
+
+
+def _where() -> dict[str, Any]:
+    """The Ray node, host and process this code runs in."""
+    return {"node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+            "pid": os.getpid()}
 
 
 class McmcActor(_StageWorker):
@@ -64,26 +72,53 @@ class TrainerActor(_StageWorker):
     """Fits a flow (PyTorch)."""
 
     def train(self, config: Mapping[str, Any], reference: pipeline.ReferenceData,
-              checkpoint_dir: str | None = None, evaluators: list[Any] | None = None
-              ) -> tuple[pipeline.TrainedFlow, Timing]:
+              checkpoint_dir: str | None = None, evaluators: list[Any] | None = None,
+              checkpoint_every: int = 0) -> tuple[pipeline.TrainedFlow, Timing]:
         """``evaluators``: EnergyEvaluator actors that compute every training energy (each
-        batch split evenly over them); without them the system's potential runs here."""
+        batch split evenly over them); without them the system's potential runs here.
+        Progress is saved to ``checkpoint_dir`` every ``checkpoint_every`` steps and picked up
+        again by the next call for the same job (after this actor died, or the driver)."""
         # Ray sets CUDA_VISIBLE_DEVICES for an actor that holds GPUs; one that asked for none
         # trains on the CPU even where Ray leaves GPUs visible (Ray >= 2.60).
         device = "cuda" if self.gpus > 0 and torch.cuda.is_available() else "cpu"
         energy = pooled_energy(config, evaluators) if evaluators else None
-        return self._timed(pipeline.train, config, reference, device, checkpoint_dir, energy)
+        return self._timed(pipeline.train, config, reference, device, checkpoint_dir, energy,
+                           checkpoint_every)
 
 
 def pooled_energy(config: Mapping[str, Any], evaluators: list[Any]) -> pipeline.EnergyFunction:
     """A batch energy function x -> (U, ∇U) that splits x evenly over ``evaluators`` (Ray
-    handles of EnergyEvaluatorActor) and gathers their answers in order."""
+    handles of EnergyEvaluatorActor) and gathers their answers in order.
+
+    A chunk whose evaluator died is evaluated again on one that still answers (energies are
+    pure functions); the dead one is left out of later batches (Ray restarts it for the
+    driver's later work). Only when every evaluator is gone does the call fail.
+    """
+    dead: set[int] = set()
 
     def energy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        chunks = [c for c in np.array_split(x, min(len(evaluators), len(x))) if len(c)]
-        refs = [ev.energies_and_forces.remote(config, chunk)
-                for ev, chunk in zip(evaluators, chunks, strict=False)]
-        parts = [value for value, _timing in ray.get(refs)]
+        live = [i for i in range(len(evaluators)) if i not in dead]
+        if not live:
+            raise RuntimeError("every EnergyEvaluator this trainer was given has died")
+        chunks = [c for c in np.array_split(x, min(len(live), len(x))) if len(c)]
+        owners = live[:len(chunks)]
+        refs = [evaluators[i].energies_and_forces.remote(config, c)
+                for i, c in zip(owners, chunks, strict=True)]
+        parts: list[tuple[np.ndarray, np.ndarray]] = []
+        for index, chunk in enumerate(chunks):
+            while True:
+                try:
+                    value, _timing = ray.get(refs[index])
+                    break
+                except ray.exceptions.RayActorError:
+                    dead.add(owners[index])
+                    live = [i for i in range(len(evaluators)) if i not in dead]
+                    if not live:
+                        raise
+                    owners[index] = live[index % len(live)]
+                    refs[index] = evaluators[owners[index]].energies_and_forces.remote(
+                        config, chunk)
+            parts.append(value)
         return (np.concatenate([u for u, _ in parts]), np.concatenate([g for _, g in parts]))
 
     return energy
@@ -131,11 +166,21 @@ ROLE_CLASSES: dict[str, type[_StageWorker]] = {
 }
 
 
-def make_actor(role: str, cpus: float, gpus: float, name: str | None = None) -> Any:
-    """Create one Ray actor of ``role`` holding ``cpus`` CPUs and ``gpus`` GPUs."""
+def make_actor(role: str, cpus: float, gpus: float, name: str | None = None,
+               max_restarts: int = 0, max_task_retries: int = 0) -> Any:
+    """Create one Ray actor of ``role`` holding ``cpus`` CPUs and ``gpus`` GPUs.
+
+    ``max_restarts``: times Ray restarts the actor after its process or node died (on any node
+    with room). ``max_task_retries``: times Ray re-runs a call that was in flight then; only for
+    calls that are safe to repeat. Actors of a role are spread over the cluster's nodes, so
+    that losing one node leaves every role with actors elsewhere.
+    """
     cls = ROLE_CLASSES[role]
     remote_cls = ray.remote(cls)
-    options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
+    options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus,
+                               "max_restarts": max_restarts,
+                               "max_task_retries": max_task_retries,
+                               "scheduling_strategy": "SPREAD"}
     if name:
         options["name"] = name
     return remote_cls.options(**options).remote(cpus=cpus, gpus=gpus)

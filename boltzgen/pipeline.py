@@ -48,7 +48,7 @@ from boltzgen.md import MDProtocol, cache_key, cached_md
 from boltzgen.openmm_bridge import OpenMMEvaluator
 from boltzgen.states import AnalyticBase, NormalBase, ThermodynamicBase, UniformBase
 from boltzgen.systems import System, make_system
-from boltzgen.training import train_flow
+from boltzgen.training import TrainingState, train_flow
 
 EnergyFunction = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 """x (B, dim) flow coordinates -> (U (B,) energy units, ∇U (B, dim))."""
@@ -383,6 +383,8 @@ class TrainedFlow:
     n_parameters: int = 0  # trainable parameters of the flow
     energy_evaluations: int = 0  # configurations whose system energy training computed
     checkpoint_path: str | None = None  # the final checkpoint in the work directory, if any
+    resumed_from_step: int = 0  # optimizer steps (all phases) taken from a progress checkpoint
+    steps_run: int = 0  # optimizer steps this call computed
 
 
 class BatchEnergy(torch.autograd.Function):
@@ -405,9 +407,12 @@ class BatchEnergy(torch.autograd.Function):
         return grad_output[:, None] * grad, None
 
 
+PROGRESS_FILE = "progress.pt"
+
+
 def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cpu",
-          checkpoint_dir: str | None = None, energy: EnergyFunction | None = None
-          ) -> TrainedFlow:
+          checkpoint_dir: str | None = None, energy: EnergyFunction | None = None,
+          checkpoint_every: int = 0) -> TrainedFlow:
     """Fit the flow A -> B by maximum likelihood on B's reference data or by reverse KL (the
     LFEP loss), after ``training.warm_start_steps`` maximum-likelihood steps where asked.
 
@@ -416,6 +421,12 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
     the final flow is also written to ``<checkpoint_dir>/flow.pt``. ``energy`` (a batch
     function x -> (U, ∇U), e.g. over the EnergyEvaluator pool) replaces the system's own
     potential for every energy training needs.
+
+    With ``checkpoint_every`` > 0 (and a ``checkpoint_dir``), the whole training state (flow,
+    Adam moments, random generators, losses) goes to ``<checkpoint_dir>/progress.pt`` every
+    that many steps; a later call for the same configuration (a restarted trainer, a relaunch
+    after a lost driver) continues from there and ends with the same flow as an uninterrupted
+    run.
     """
     check_injected_failure(config, "train")
     start = time.perf_counter()
@@ -469,14 +480,34 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
     warm = int(training.get("warm_start_steps") or 0)
     if warm and training["objective"] == "reverse_kl":
         phases.insert(0, ("maximum_likelihood", warm))
+    progress = _Progress(config, checkpoint_dir if checkpoint_every > 0 else None)
+    saved = progress.load()
+    checkpoint_every = checkpoint_every if progress.path is not None else 0
     losses: list[float] = []
-    skipped = 0
-    for index, (objective, steps) in enumerate(phases):
+    skipped = first_phase = resumed = 0
+    if saved is not None:
+        flow.load_state_dict(saved["flow"])
+        generator.set_state(saved["generator"])
+        losses, skipped, first_phase = saved["losses"], saved["skipped"], saved["phase"]
+        evaluations[0] = saved["evaluations"]
+        resumed = len(losses) + saved["state"].step
+    for index in range(first_phase, len(phases)):
+        objective, steps = phases[index]
+        done_before = list(losses), skipped
+
+        def save(state: TrainingState, index: int = index,
+                 done_before: tuple[list[float], int] = done_before) -> None:
+            progress.save({"phase": index, "state": state, "flow": flow.state_dict(),
+                           "generator": generator.get_state(), "losses": done_before[0],
+                           "skipped": done_before[1], "evaluations": evaluations[0]})
+
         result = train_flow(
             flow, objective, steps, training["batch_size"], training["learning_rate"],
             u_a=u_a, u_b=u_b, sample_a=sample_a,
             data_b=_tensor(reference.target_train).to(device), seed=seed + index,
             final_learning_rate=training.get("final_learning_rate"),
+            resume=saved["state"] if saved is not None and index == first_phase else None,
+            checkpoint_every=checkpoint_every, on_checkpoint=save,
         )
         losses += result.losses
         skipped += result.n_skipped
@@ -493,7 +524,31 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
     path = _save_checkpoint(buffer.getvalue(), checkpoint_dir) if checkpoint_dir else None
     n_parameters = sum(p.numel() for p in flow.parameters() if p.requires_grad)
     return TrainedFlow(buffer.getvalue(), losses, time.perf_counter() - start, skipped,
-                       n_parameters, evaluations[0], path)
+                       n_parameters, evaluations[0], path, resumed, len(losses) - resumed)
+
+
+class _Progress:
+    """The training state in ``<directory>/progress.pt``, tied to one job configuration (a file
+    written for another configuration is ignored). Written atomically, so a process killed
+    while writing leaves the previous state."""
+
+    def __init__(self, config: Mapping[str, Any], directory: str | None) -> None:
+        self.path = Path(directory) / PROGRESS_FILE if directory else None
+        self.key = json.dumps(config, sort_keys=True, default=str)
+
+    def load(self) -> dict[str, Any] | None:
+        if self.path is None or not self.path.is_file():
+            return None
+        # CPU tensors: generator states must stay on the CPU; load_state_dict moves the rest.
+        saved = torch.load(self.path, map_location="cpu", weights_only=False)
+        return saved if saved.get("config") == self.key else None
+
+    def save(self, content: dict[str, Any]) -> None:
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.path.with_name(f".{PROGRESS_FILE}.{os.getpid()}")
+        torch.save({**content, "config": self.key}, staging)
+        os.replace(staging, self.path)
 
 
 def _save_checkpoint(data: bytes, directory: str) -> str:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +33,19 @@ class TrainingResult:
     losses: list[float]
     seconds: float
     n_skipped: int = 0  # steps skipped because the loss or the gradient norm was not finite
+
+
+@dataclass
+class TrainingState:
+    """Where a run of :func:`train_flow` stands after ``step`` optimizer steps: enough, with
+    the flow's own parameters, to continue it exactly (Adam moments, the minibatch generator,
+    the losses so far)."""
+
+    step: int
+    optimizer: dict[str, Any]
+    generator: torch.Tensor
+    losses: list[float] = field(default_factory=list)
+    n_skipped: int = 0
 
 
 def _cosine_lr(step: int, steps: int, lr0: float, lr_end: float) -> float:
@@ -52,6 +66,9 @@ def train_flow(
     seed: int = 0,
     final_learning_rate: float | None = None,
     grad_clip: float = 10.0,
+    resume: TrainingState | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[TrainingState], None] | None = None,
 ) -> TrainingResult:
     """Train ``flow`` in place.
 
@@ -64,6 +81,10 @@ def train_flow(
             ``final_learning_rate`` (default learning_rate / 10).
         u_a, u_b: reduced energies (kT) of states A and B, (batch, dim) -> (batch,).
         grad_clip: maximum global gradient norm.
+        resume: continue from this state (the flow must already hold the parameters saved with
+            it); the result is the same as that of an uninterrupted run.
+        checkpoint_every, on_checkpoint: call ``on_checkpoint`` with the state after every
+            ``checkpoint_every`` steps and after the last one (0: never).
     """
     if objective not in OBJECTIVES:
         raise ValueError(
@@ -97,10 +118,22 @@ def train_flow(
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     n_skipped = 0
+    first = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        gen.set_state(resume.generator)
+        losses, n_skipped, first = list(resume.losses), resume.n_skipped, resume.step
     start = time.perf_counter()
     was_training = flow.training
     flow.train()
-    for step in range(steps):
+
+    def checkpoint(done: int) -> None:
+        if on_checkpoint is not None and checkpoint_every > 0 and (
+                done % checkpoint_every == 0 or done == steps):
+            on_checkpoint(TrainingState(done, optimizer.state_dict(), gen.get_state(),
+                                        list(losses), n_skipped))
+
+    for step in range(first, steps):
         for group in optimizer.param_groups:
             group["lr"] = _cosine_lr(step, steps, lr0, lr_end)
         if objective == "reverse_kl":
@@ -112,6 +145,7 @@ def train_flow(
         losses.append(value)
         if not math.isfinite(value) or not loss.requires_grad:
             n_skipped += 1
+            checkpoint(step + 1)
             continue
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -119,7 +153,9 @@ def train_flow(
         if not bool(torch.isfinite(grad_norm)):
             n_skipped += 1
             optimizer.zero_grad(set_to_none=True)
+            checkpoint(step + 1)
             continue
         optimizer.step()
+        checkpoint(step + 1)
     flow.train(was_training)
     return TrainingResult(losses=losses, seconds=time.perf_counter() - start, n_skipped=n_skipped)

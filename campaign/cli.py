@@ -6,12 +6,14 @@ with code 2 before anything is started or written. ``launch`` exits 1 when any j
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
 import sys
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -78,6 +80,18 @@ def launch(
     """Run every job of the spec that has not finished yet (resume is automatic)."""
     plan = _plan(spec)
     if dry_run:
+        from campaign.cluster import configure_ray_auth, ray_address
+        from campaign.launcher import check_cluster_resources, check_resources, local_capacity
+
+        target = ray_address(address)
+        try:
+            if target:  # join the cluster only to read its nodes' resources
+                configure_ray_auth(target)
+                check_cluster_resources(plan, target)
+            else:
+                check_resources(plan, [local_capacity()], "this machine")
+        except SpecError as error:
+            _fail_input(error)
         _print_plan(plan, fmt)
         return
     from campaign.cluster import configure_ray_auth, ray_address
@@ -86,8 +100,9 @@ def launch(
     from campaign.launcher import launch_plan
 
     try:
-        summary = launch_plan(plan, spec, address=address, tracking_uri=tracking_uri,
-                              show_progress=fmt == LaunchFormat.table)
+        with _stdout_to_stderr():
+            summary = launch_plan(plan, spec, address=address, tracking_uri=tracking_uri,
+                                  show_progress=fmt == LaunchFormat.table)
     except SpecError as error:
         _fail_input(error)
     except RuntimeError as error:  # the campaign could not go on (e.g. no actor could start)
@@ -113,9 +128,65 @@ def status(spec: SpecPath, tracking_uri: TrackingUri = None,
         print(json.dumps({"counts": counts, "jobs": rows}, indent=2))
         return
     print(", ".join(f"{n} {state}" for state, n in counts.items()) + f" (of {len(rows)} jobs)")
+    print(f"{'job_id':<16}  {'state':<8}  {'status':<9}  {'stage':<9}  {'node':<12}  retries  "
+          "grid")
     for row in rows:
-        print(f"{row['job_id']}  {row['state']:<8}  {row['status'] or '-':<9}  {row['label']}"
-              + (f"  error: {row['error']}" if row.get("error") else ""))
+        print(f"{row['job_id']}  {row['state']:<8}  {row['status'] or '-':<9}  "
+              f"{row['stage'] or '-':<9}  {(row['node'] or '-')[:12]:<12}  {row['retries']:>7}  "
+              f"{row['label']}" + (f"  error: {row['error']}" if row.get("error") else ""))
+
+
+@app.command()
+def slurm(
+    spec: SpecPath,
+    nodes: Annotated[int, typer.Option("--nodes", help="Ray nodes (one Slurm task each)")] = 2,
+    cpus_per_node: Annotated[int, typer.Option("--cpus-per-node")] = 4,
+    gpus_per_node: Annotated[int, typer.Option("--gpus-per-node")] = 0,
+    ray_nodes_per_host: Annotated[int, typer.Option(
+        "--ray-nodes-per-host", help="Ray nodes that share one Slurm node")] = 1,
+    partition: Annotated[str | None, typer.Option("--partition")] = None,
+    time_limit: Annotated[str, typer.Option("--time", help="Slurm time limit")] = "01:00:00",
+    account: Annotated[str | None, typer.Option("--account")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", help="write the script here (default: stdout)")] = None,
+    submit: Annotated[bool, typer.Option(
+        "--submit", help="hand the script to sbatch and print the job id")] = False,
+) -> None:
+    """Write an sbatch script that starts a Ray cluster in the allocation and runs the campaign
+    on it (resume is automatic: submitting it again continues the campaign)."""
+    from campaign.slurm import SlurmOptions, render_script
+    from campaign.slurm import submit as sbatch
+
+    plan = _plan(spec)
+    options = SlurmOptions(nodes=nodes, cpus_per_node=cpus_per_node,
+                           gpus_per_node=gpus_per_node, ray_nodes_per_host=ray_nodes_per_host,
+                           partition=partition, time=time_limit, account=account)
+    try:
+        script = render_script(spec.resolve(), plan.spec.name, options, Path.cwd())
+        from campaign.launcher import check_resources
+
+        check_resources(plan, [{"CPU": float(cpus_per_node), "GPU": float(gpus_per_node)}]
+                        * nodes, f"the allocation ({nodes} x {cpus_per_node} CPUs, "
+                        f"{gpus_per_node} GPUs)")
+        if submit and output is None:
+            raise SpecError("--submit", detail="needs --output FILE: sbatch submits a file")
+    except SpecError as error:
+        _fail_input(error)
+    if output is None:
+        print(script, end="")
+        return
+    output.write_text(script)
+    output.chmod(0o755)
+    print(f"wrote {output}", file=sys.stderr)
+    if submit:
+        try:
+            job_id = sbatch(output)
+        except SpecError as error:
+            _fail_input(error)
+        except RuntimeError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise typer.Exit(1) from None
+        print(job_id)
 
 
 @app.command()
@@ -207,6 +278,21 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Keep stdout for the summary alone (``--format json`` must parse): while the campaign
+    runs, whatever Ray or a library prints to stdout, from Python or C++, goes to stderr."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _print_plan(plan: Any, fmt: LaunchFormat) -> None:
     if fmt == LaunchFormat.json:
         print(json.dumps(plan.as_records(), indent=2))
@@ -216,6 +302,10 @@ def _print_plan(plan: Any, fmt: LaunchFormat) -> None:
         print(f"  {role:<17} {res['count']} x (cpus={res['cpus']:g}, gpus={res['gpus']:g})")
     for job in plan.jobs:
         print(f"  {job.job_id}  {job.label}")
+        for stage, ask in plan.job_resources(job).items():
+            where = f", OpenMM on {ask['openmm_platform']}" if ask["openmm_platform"] else ""
+            print(f"      {stage:<9} {ask['role']:<17} cpus={ask['cpus']:g} "
+                  f"gpus={ask['gpus']:g}{where}")
 
 
 def _print_summary(summary: Any, fmt: LaunchFormat) -> None:

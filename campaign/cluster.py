@@ -49,3 +49,64 @@ def unreachable_reason(address: str, timeout_s: float = 5.0) -> str | None:
             return None
     except OSError as exc:
         return exc.strerror or type(exc).__name__
+
+
+PROBE_TIMEOUT_S = 25.0
+
+# Run in a child process: Ray's C++ client logs its own lines to stderr, and the parent keeps
+# its Ray import (and auth mode) untouched. Prints one JSON object.
+_PROBE = """
+import json, sys
+try:
+    import ray
+    from ray._raylet import GcsClient
+    import ray._common.usage.usage_lib as usage
+    meta = usage.get_cluster_metadata(GcsClient(address=sys.argv[1])) or {}
+    print(json.dumps({"ok": True, "ray_version": meta.get("ray_version"),
+                      "python_version": meta.get("python_version"), "ours": ray.__version__}))
+except Exception as exc:
+    print(json.dumps({"ok": False, "type": type(exc).__name__, "message": str(exc)}))
+"""
+
+
+def cluster_refusal(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why the Ray cluster at ``address`` would not take this driver, or None.
+
+    Asks the cluster's GCS for its metadata with this process's authentication settings:
+    a missing or wrong token and a different Ray (or Python major.minor) version are named
+    here at once, where ``ray.init`` would retry for minutes or fail deep in its start-up.
+    """
+    import json
+    import platform
+    import subprocess
+    import sys
+
+    target = address.removeprefix("ray://")
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE, target], capture_output=True,
+                              text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return f"the cluster did not answer within {timeout_s:.0f} s"
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return f"the connection check failed: {done.stderr.strip()[-300:]}"
+    answer = json.loads(lines[-1])
+    mode = os.environ.get("RAY_AUTH_MODE", "unset")
+    if not answer["ok"]:
+        if answer["type"] == "AuthenticationError":
+            source = ("RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else
+                      os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token"))
+            return (f"the cluster refused this driver's authentication (RAY_AUTH_MODE={mode}, "
+                    f"token from {source}); set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH "
+                    "(or RAY_AUTH_TOKEN) to the cluster's token")
+        return f"{answer['type']}: {answer['message'][:300]}"
+    theirs, ours = answer.get("ray_version"), answer.get("ours")
+    if theirs and theirs != ours:
+        return (f"the cluster runs Ray {theirs} and this driver Ray {ours}; install the same "
+                "version on both")
+    python = answer.get("python_version") or ""
+    mine = platform.python_version()
+    if python and python.split(".")[:2] != mine.split(".")[:2]:
+        return (f"the cluster runs Python {python} and this driver Python {mine}; use the same "
+                "major.minor version on both")
+    return None

@@ -6,6 +6,14 @@ scheduler over ``ray.wait`` hands a stage to an idle actor of its role; jobs int
 actors stay busy while any job has work for them. Stage results travel between actors as object
 references; the driver fetches only what it records.
 
+Failures of the machinery (an actor's process or node died, an object was lost) are not the
+job's fault: the task goes back to the front of its queue, up to ``fault_tolerance.job_retries``
+times per job, and the actor is probed until Ray has restarted it (``actor_restarts``) or, gone
+for good, replaced. Every stage can be repeated: MD writes its cache atomically, trainers
+continue from their progress checkpoints, energies are pure. Stage results that later stages
+need are copied into the driver's object store, so that losing a node loses no result. An error
+raised by the science code fails the job at once (repeating it would fail again).
+
 Timing: every stage method reports its own start/end; the driver records when it submitted the
 task and when it saw the result. A job's orchestration overhead is the sum, over its tasks, of
 (start − submit) + (seen − end): seconds in which the job's next actor was ready but not working
@@ -15,11 +23,15 @@ on it. Queueing behind other jobs is not counted (it is waiting for a busy actor
 from __future__ import annotations
 
 import collections
+import json
 import math
+import os
+import socket
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +46,11 @@ from campaign.tracking import FAILED, FINISHED, KILLED, RUNNING, Tracker
 READY_TIMEOUT_S = 300.0
 
 
+# Errors that say the machinery failed, not the job: worth running the task again.
+SYSTEM_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
+                 ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)
+
+
 @dataclass
 class TaskRecord:
     stage: str
@@ -42,6 +59,8 @@ class TaskRecord:
     start: float = math.nan
     end: float = math.nan
     seen: float = math.nan
+    node: str = ""  # Ray node id of the actor that did the work
+    retry: bool = False  # a task run again after its actor or node died
 
     @property
     def overhead(self) -> float:
@@ -63,6 +82,7 @@ class JobRun:
     error: str | None = None
     record_seconds: float = 0.0
     md_left: set[str] = field(default_factory=set)  # MD cache keys this job still waits for
+    retries: int = 0  # tasks run again after their actor or node died
 
     def stage_seconds(self, stage: str) -> float:
         done = [t for t in self.tasks if t.stage == stage and math.isfinite(t.end)]
@@ -126,6 +146,9 @@ class Driver:
         self.md_owner: dict[str, JobRun] = {}
         self.md_waiters: dict[str, list[JobRun]] = {}
         self.md_done: set[str] = set()
+        self.fault = plan.spec.fault_tolerance
+        self.actor_nodes: dict[Any, str] = {}  # actor handle -> Ray node id (from ``ready``)
+        self.replacements: collections.Counter[str] = collections.Counter()
 
     # -- actors --------------------------------------------------------------------------------
     def start_actors(self) -> None:
@@ -139,21 +162,35 @@ class Driver:
 
     def _add_actor(self, role: str) -> None:
         res = self.plan.resources[role]
-        actor = make_actor(role, res["cpus"], res["gpus"])
+        # Ray restarts a dead actor, but re-running the task it was doing is left to the
+        # caller (max_task_retries 0): a call queued for an actor whose node is gone would
+        # wait for a restart that may never find room. The driver re-queues its tasks to live
+        # actors (counted against the job's retry budget); trainers re-send energy chunks.
+        actor = make_actor(role, res["cpus"], res["gpus"],
+                           max_restarts=self.fault.actor_restarts, max_task_retries=0)
         self.pools[role].append(actor)
+        self._probe(role, actor)
+
+    def _probe(self, role: str, actor: Any) -> None:
+        """Take ``actor`` out of service until it answers ``ready`` (again)."""
         self.pending_ready[actor.ready.remote()] = (role, actor)
 
-    def _replace_actor(self, role: str, actor: Any) -> None:
+    def _retire_actor(self, role: str, actor: Any) -> None:
+        """An actor that is gone for good: replace it while the role's budget lasts."""
         if actor in self.pools[role]:
             self.pools[role].remove(actor)
         ray.kill(actor, no_restart=True)
-        self._add_actor(role)
+        budget = int(self.plan.resources[role]["count"]) * self.fault.actor_restarts
+        if self.replacements[role] < budget:
+            self.replacements[role] += 1
+            self._add_actor(role)
 
     # -- main loop -----------------------------------------------------------------------------
     def run(self) -> LaunchSummary:
         started = time.time()
         summary = LaunchSummary()
         records = self.tracker.job_records(job.job_id for job in self.plan.jobs)
+        _refuse_if_driven_elsewhere(self.tracker, [job.job_id for job in self.plan.jobs])
         todo = []
         for job in self.plan.jobs:
             record = records.get(job.job_id)
@@ -169,6 +206,7 @@ class Driver:
         summary.parent_run_id = self.parent_run_id
         self.tracker.log_text(self.parent_run_id, _yaml(self.plan.spec.model_dump(mode="json")),
                               "resolved_spec.yaml")
+        self._claim_stale_runs(todo)
         self.progress.start(len(self.plan.jobs), len(summary.skipped))
         try:
             if todo:
@@ -218,10 +256,11 @@ class Driver:
     def _actor_ready(self, ref: Any) -> None:
         role, actor = self.pending_ready.pop(ref)
         try:
-            ray.get(ref)
+            where = ray.get(ref)
         except ray.exceptions.RayError:
-            self.pools[role].remove(actor)
+            self._retire_actor(role, actor)
             return
+        self.actor_nodes[actor] = where["node"]
         self.idle[role].append(actor)
 
     def _check_roles_alive(self) -> None:
@@ -240,10 +279,10 @@ class Driver:
 
     def _enqueue(self, run: JobRun, method: str, args: tuple[Any, ...],
                  on_done: Callable[[JobRun, Any], None], fetch: bool,
-                 first: bool = False) -> None:
+                 first: bool = False, retry: bool = False) -> None:
         """Queue a task for its role; ``first`` puts it ahead of the queued ones."""
         role, stage = METHODS[method]
-        record = TaskRecord(stage=stage, enqueued=time.time())
+        record = TaskRecord(stage=stage, enqueued=time.time(), retry=retry)
         run.tasks.append(record)
         task = Task(run=run, method=method, args=args, record=record, on_done=on_done,
                     fetch=fetch)
@@ -264,6 +303,9 @@ class Driver:
                 if task.run.stage != task.record.stage:
                     task.run.stage = task.record.stage
                     self.progress.stage(task.run)
+                    self.tracker.set_tags(task.run.run_id, {
+                        "stage": task.run.stage,
+                        "node": self.actor_nodes.get(actor, "")})
                 task.record.submitted = time.time()
                 value_ref, timing_ref = getattr(actor, task.method).options(
                     num_returns=2).remote(*task.args)
@@ -274,19 +316,59 @@ class Driver:
         run = task.run
         try:
             timing = ray.get(timing_ref)
-            task.record.start, task.record.end = timing["start"], timing["end"]
-            self.idle[role].append(actor)
-            if run.stage == "failed":
-                return
-            task.on_done(run, ray.get(value_ref) if task.fetch else value_ref)
-        except ray.exceptions.RayActorError as exc:
-            self._replace_actor(role, actor)
-            self._fail(run, f"{role} actor died: {exc}", traceback.format_exc())
+        except SYSTEM_ERRORS as exc:
+            self._probe(role, actor)  # back in service once Ray has restarted it
+            self._suspect_node(self.actor_nodes.get(actor))
+            self._retry(task, f"{role} actor died: {type(exc).__name__}",
+                        traceback.format_exc())
+            return
         except ray.exceptions.RayTaskError as exc:
+            self.idle[role].append(actor)
             cause = exc.cause if exc.cause is not None else exc
-            self._fail(run, f"{type(cause).__name__}: {cause}", str(exc))
+            if isinstance(cause, SYSTEM_ERRORS):  # e.g. a trainer's energy evaluator died
+                self._retry(task, f"{role} task lost a peer: {type(cause).__name__}: {cause}",
+                            str(exc))
+            else:
+                self._fail(run, f"{type(cause).__name__}: {cause}", str(exc))
+            return
+        task.record.start, task.record.end = timing["start"], timing["end"]
+        task.record.node = timing.get("node", "")
+        self.idle[role].append(actor)
+        if run.stage == "failed":
+            return
+        try:
+            task.on_done(run, ray.get(value_ref) if task.fetch else value_ref)
+        except SYSTEM_ERRORS as exc:  # the result was lost with its node
+            self._retry(task, f"result of {task.method} lost: {type(exc).__name__}",
+                        traceback.format_exc())
         except Exception as exc:  # an error in the driver's own bookkeeping for this job
             self._fail(run, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+
+    def _suspect_node(self, node: str | None) -> None:
+        """An actor died: its node may be gone. Idle actors on that node answer ``ready``
+        before they get work again, so that retried tasks go to actors that are alive."""
+        if not node:
+            return
+        for role, idle in self.idle.items():
+            for actor in [a for a in idle if self.actor_nodes.get(a) == node]:
+                idle.remove(actor)
+                self._probe(role, actor)
+
+    def _retry(self, task: Task, reason: str, trace: str) -> None:
+        """Run ``task`` again (first in its queue) while the job's retry budget lasts."""
+        run = task.run
+        if run.stage == "failed":
+            return
+        if run.retries >= self.fault.job_retries:
+            self._fail(run, f"{reason}; gave up after {run.retries} retries "
+                       f"(fault_tolerance.job_retries)", trace)
+            return
+        run.retries += 1
+        if run.run_id is not None:
+            self.tracker.set_tags(run.run_id, {"retries": str(run.retries),
+                                               "last_retry_reason": reason})
+        self._enqueue(run, task.method, task.args, task.on_done, task.fetch, first=True,
+                      retry=True)
 
     # -- stage transitions ---------------------------------------------------------------------
     def _start_job(self, run: JobRun) -> None:
@@ -325,23 +407,24 @@ class Driver:
         # Ahead of queued MD runs: a job whose ladder is done can train while other jobs'
         # MD goes on (behind them, it would wait for every MD run of the plan).
         self._enqueue(run, "run_reference", (run.config, str(self.plan.spec.work_path())),
-                      self._after_reference, fetch=False, first=True)
+                      self._after_reference, fetch=True, first=True)
 
-    def _after_reference(self, run: JobRun, reference_ref: Any) -> None:
-        run.reference = reference_ref
+    def _after_reference(self, run: JobRun, reference: pipeline.ReferenceData) -> None:
+        # Held by the driver's object store: a lost worker node does not take it along.
+        run.reference = ray.put(reference)
         # OpenMM energies in training go to the EnergyEvaluator pool (each actor keeps its
         # Context); torch potentials are cheaper in the trainer's own process.
         evaluators = (list(self.pools.get("energy_evaluator", []))
                       if run.config["energy"]["backend"] == "openmm" else None)
         self._enqueue(run, "train",
-                      (run.config, reference_ref,
+                      (run.config, run.reference,
                        str(self.plan.spec.work_path() / "checkpoints" / run.job.job_id),
-                       evaluators),
-                      self._after_train, fetch=False)
+                       evaluators, self.fault.checkpoint_every),
+                      self._after_train, fetch=True)
 
-    def _after_train(self, run: JobRun, trained_ref: Any) -> None:
-        run.trained = trained_ref
-        self._enqueue(run, "sample", (run.config, trained_ref, run.reference),
+    def _after_train(self, run: JobRun, trained: pipeline.TrainedFlow) -> None:
+        run.trained = ray.put(trained)
+        self._enqueue(run, "sample", (run.config, run.trained, run.reference),
                       self._after_sample, fetch=True)
 
     def _after_sample(self, run: JobRun, samples: pipeline.SampleSet) -> None:
@@ -376,11 +459,19 @@ class Driver:
         run.stage = "finished"
 
     # -- MLflow ----------------------------------------------------------------------------------
+    def _claim_stale_runs(self, todo: list[JobRun]) -> None:
+        """Child runs left RUNNING by a driver that died will never finish: mark them KILLED
+        (their jobs run again here, from their checkpoints and cached MD)."""
+        runs = self.tracker.job_runs([run.job.job_id for run in todo])
+        for job_runs in runs.values():
+            for old in job_runs:
+                if old.info.status == RUNNING:
+                    self.tracker.set_tags(old.info.run_id, {
+                        "killed_reason": "its driver died; the job was run again by launch "
+                        f"{self.parent_run_id}"})
+                    self.tracker.end(old.info.run_id, KILLED)
+
     def _open_child_run(self, run: JobRun) -> None:
-        stale = self.tracker.job_runs([run.job.job_id]).get(run.job.job_id, [])
-        for old in stale:  # left RUNNING by a launch that died: it will never finish
-            if old.info.status == RUNNING:
-                self.tracker.end(old.info.run_id, KILLED)
         run.run_id = self.tracker.start_child(
             self.parent_run_id, f"{run.job.label} [{run.job.job_id[:8]}]",
             {**self.tags, "job_id": run.job.job_id},
@@ -396,6 +487,12 @@ class Driver:
             metrics[key] = run.stage_seconds(stage)
         metrics["time_orchestration"] = run.orchestration_overhead
         metrics["train_skipped_steps"] = trained.skipped_steps
+        metrics["train_resumed_from_step"] = trained.resumed_from_step
+        metrics["train_steps_run"] = trained.steps_run
+        metrics["retries"] = run.retries
+        retried = [t.start for t in run.tasks if t.retry and math.isfinite(t.start)]
+        if retried:  # when work resumed after the first failure (unix s; for benchmarks)
+            metrics["first_retry_start_unix_s"] = min(retried)
         metrics["flow_parameters"] = trained.n_parameters
         # Configurations whose system energy was computed (OpenMM for molecular systems):
         # in training, and in the energy stage (mapped samples and pulled-back targets).
@@ -414,7 +511,13 @@ class Driver:
             **({"checkpoint_path": trained.checkpoint_path} if trained.checkpoint_path else {}),
         })
         valid = math.isfinite(metrics.get("delta_f", math.nan))
-        self.tracker.set_tags(run.run_id, {"estimate_valid": str(valid).lower()})
+        nodes: dict[str, list[str]] = {}
+        for task in run.tasks:
+            if task.node and task.node not in nodes.setdefault(task.stage, []):
+                nodes[task.stage].append(task.node)
+        self.tracker.set_tags(run.run_id, {"estimate_valid": str(valid).lower(),
+                                           "stage": "finished",
+                                           "nodes": json.dumps(nodes, sort_keys=True)})
         self.tracker.log_bytes(run.run_id, trained.checkpoint, "checkpoint/flow.pt")
         for name, figure in pipeline.figures(run.config, reference, run.samples,
                                              estimates).items():
@@ -437,6 +540,40 @@ class Driver:
                                            _last_stage(run)})
         self.tracker.log_text(run.run_id, trace, "traceback.txt")
         self.tracker.end(run.run_id, FAILED)
+
+
+def _refuse_if_driven_elsewhere(tracker: Tracker, job_ids: list[str]) -> None:
+    """Two drivers on one campaign would run its jobs twice: refuse to start while a job's
+    RUNNING child run belongs to a driver process that is still alive on this host. (A driver
+    on another host cannot be checked from here; its runs are taken as abandoned.)"""
+    here = socket.gethostname()
+    for job_id, runs in tracker.job_runs(job_ids).items():
+        for old in runs:
+            tags = old.data.tags
+            if old.info.status != RUNNING or tags.get("driver_host") != here:
+                continue
+            pid = int(tags.get("driver_pid", "0") or 0)
+            if pid and pid != os.getpid() and _alive(pid):
+                raise RuntimeError(
+                    f"job {job_id} is being run by another driver (pid {pid} on {here}); "
+                    "wait for it or stop it before launching again")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return Path(f"/proc/{pid}").exists() and "Z" not in _proc_state(pid)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def _last_stage(run: JobRun) -> str:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from campaign.cluster import ray_address, unreachable_reason
+from campaign.cluster import cluster_refusal, ray_address, unreachable_reason
 from campaign.driver import Driver, JobRun, LaunchSummary, Progress
 from campaign.errors import SpecError
 from campaign.plan import Plan
@@ -58,6 +59,17 @@ def _ray_nodes() -> list[dict[str, float]]:
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
+def check_cluster_resources(plan: Plan, address: str) -> None:
+    """Join the cluster at ``address``, check the plan against its live nodes, leave."""
+    import ray
+
+    start_ray(address)
+    try:
+        check_resources(plan, _ray_nodes(), f"the Ray cluster at {address}")
+    finally:
+        ray.shutdown()
+
+
 def start_ray(address: str | None) -> None:
     import ray
 
@@ -67,6 +79,9 @@ def start_ray(address: str | None) -> None:
             raise SpecError("--address", address, f"no Ray cluster answers there ({reason}); "
                             "start one (ray start --head) or leave --address and RAY_ADDRESS "
                             "unset for a local instance")
+        refusal = cluster_refusal(address)
+        if refusal is not None:
+            raise SpecError("--address", address, refusal)
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     else:
         ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
@@ -90,7 +105,8 @@ def launch_plan(plan: Plan, spec_path: Path, address: str | None, tracking_uri: 
         tracker = Tracker(uri, plan.spec.experiment_name, plan.spec.tracking.artifact_location)
         tags = {"campaign": plan.spec.name, "spec_hash": plan.spec_hash,
                 "git_commit": project_commit(), "spec_file": str(spec_path),
-                "ray_address": address or "local", **library_versions()}
+                "ray_address": address or "local", "driver_host": socket.gethostname(),
+                "driver_pid": str(os.getpid()), **library_versions()}
         progress = RichProgress() if show_progress else Progress()
         return Driver(plan, tracker, tags, progress).run()
     finally:

@@ -88,6 +88,23 @@ class Plan:
     spec_hash: str
     resources: dict[str, dict[str, float]] = field(default_factory=dict)
 
+    def job_resources(self, job: Job) -> dict[str, dict[str, Any]]:
+        """What one job asks Ray for, per stage: the actor role, its CPUs and GPUs per actor,
+        and the OpenMM platform where the stage runs OpenMM (a GPU platform only on actors
+        that hold a GPU; checked when the plan is made)."""
+        config = job.config
+        openmm = config.energy.backend == "openmm"
+        md = config.reference.sampler == "md"
+        platform = config.energy.platform
+        asks: dict[str, dict[str, Any]] = {}
+        for stage, role, uses_openmm in (("reference", "mcmc", md), ("train", "trainer", False),
+                                         ("sample", "sampler", False),
+                                         ("energy", "energy_evaluator", openmm)):
+            res = self.resources[role]
+            asks[stage] = {"role": role, "cpus": res["cpus"], "gpus": res["gpus"],
+                           "openmm_platform": platform if uses_openmm else None}
+        return asks
+
     def as_records(self) -> list[dict[str, Any]]:
         return [
             {
@@ -95,6 +112,7 @@ class Plan:
                 "params": job.params,
                 "grid": job.grid_values,
                 "resources": self.resources,
+                "asks": self.job_resources(job),
             }
             for job in self.jobs
         ]
@@ -132,10 +150,32 @@ def make_plan(spec: CampaignSpec) -> Plan:
             jobs.append(Job(job_id=job_id, config=config, grid_values=varying,
                             molecules=molecules[system_key]))
     resources = spec.resources.model_dump(mode="json")
+    _check_gpu_platforms(jobs, resources)
     spec_hash = content_hash(
         {"jobs": [job.job_id for job in jobs], "name": spec.name, "resources": resources}
     )
     return Plan(spec=spec, jobs=jobs, spec_hash=spec_hash, resources=resources)
+
+
+GPU_PLATFORMS = ("CUDA", "OpenCL")
+
+
+def _check_gpu_platforms(jobs: list[Job], resources: dict[str, dict[str, Any]]) -> None:
+    """OpenMM on a GPU platform runs in the MCMC actors (MD) and the EnergyEvaluators: they
+    must hold a GPU (Ray >= 2.60 shows GPUs to actors that asked for none, so nothing else
+    would stop them from sharing a GPU nobody reserved)."""
+    for job in jobs:
+        config = job.config
+        if config.energy.backend != "openmm" or config.energy.platform not in GPU_PLATFORMS:
+            continue
+        roles = ["energy_evaluator"] + (["mcmc"] if config.reference.sampler == "md" else [])
+        for role in roles:
+            if float(resources[role]["gpus"]) <= 0:
+                raise SpecError(
+                    f"resources.{role}.gpus", resources[role]["gpus"],
+                    f"energy.platform {config.energy.platform!r} (job {job.job_id}) runs "
+                    f"OpenMM on a GPU in this role's actors; give them a GPU share (> 0) or "
+                    "use platform CPU")
 
 
 def _axes(block: dict[str, Any], label: str) -> dict[str, list[Any]]:

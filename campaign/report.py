@@ -38,7 +38,9 @@ def _records(plan: Plan, tracking_uri: str | None) -> dict[str, JobRecord]:
 
 
 def job_rows(plan: Plan, tracking_uri: str | None) -> list[dict[str, Any]]:
-    """A line per planned job: state (finished/running/failed/pending) and MLflow status."""
+    """A line per planned job: state (finished/running/failed/pending), MLflow status, the
+    stage it is in (or ended in), the Ray node id its latest task was given to, and how many
+    of its tasks were run again after an actor or node died."""
     records = _records(plan, tracking_uri)
     rows = []
     for job in plan.jobs:
@@ -48,6 +50,9 @@ def job_rows(plan: Plan, tracking_uri: str | None) -> list[dict[str, Any]]:
             "job_id": job.job_id, "label": job.label, "status": status,
             "state": STATE_OF_STATUS.get(status, "pending") if status else "pending",
             "run_id": record.run_id if record else None,
+            "stage": record.tags.get("stage") if record else None,
+            "node": record.tags.get("node") if record else None,
+            "retries": int(record.tags.get("retries", 0)) if record else 0,
             "error": record.tags.get("error") if record else None,
         })
     return rows

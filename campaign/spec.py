@@ -206,6 +206,21 @@ class Resources(Strict):
     energy_evaluator: RoleResources = RoleResources(count=2, cpus=0.25)
 
 
+class FaultTolerance(Strict):
+    """How a campaign survives dead actors, lost nodes and a lost driver. Not part of a job's
+    id: these settings change how a result is reached, never the result."""
+
+    checkpoint_every: NonNegativeInt = Field(
+        default=50, description="trainers save their whole state every this many optimizer "
+        "steps and continue from it after a restart or relaunch (0: never)")
+    actor_restarts: NonNegativeInt = Field(
+        default=3, description="times Ray restarts each dead actor (its max_restarts); a "
+        "role's actors that are gone for good are replaced as often, in all")
+    job_retries: NonNegativeInt = Field(
+        default=2, description="times a job's task is run again after its actor or node died; "
+        "beyond that the job is FAILED with the cause")
+
+
 class Tracking(Strict):
     experiment: str | None = None
     uri: str | None = None
@@ -226,6 +241,7 @@ class CampaignSpec(Strict):
     inject_failure: Literal["reference", "train", "sample", "energy"] | None = None
     grid: dict[str, Any] | list[dict[str, Any]] = Field(default_factory=dict)
     resources: Resources = Resources()
+    fault_tolerance: FaultTolerance = FaultTolerance()
     tracking: Tracking = Tracking()
     work_dir: str | None = Field(
         default=None, description="cached MD and other files shared by jobs and launches; "

@@ -11,7 +11,6 @@ import copy
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,47 +21,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY_SPEC, write_spec
+from tests.slurm_harness import stop_processes_naming
 
 RAY = str(Path(sys.executable).with_name("ray"))
 CAMPAIGN = str(Path(sys.executable).with_name("campaign"))
-
-
-def _stop_ray_under(temp_dir: str) -> None:
-    """Stop only the Ray processes of the head started with ``temp_dir`` (and their children).
-
-    ``ray stop`` would end every Ray process on the machine, including a campaign a user is
-    running next to the tests; the head's daemons all name the temp dir on their command line.
-    """
-    def processes() -> dict[int, tuple[int, str]]:
-        table = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            table[int(entry.name)] = (parent, cmdline)
-        return table
-
-    def targets() -> set[int]:
-        table = processes()
-        chosen = {pid for pid, (_, cmd) in table.items() if temp_dir in cmd} - {os.getpid()}
-        grew = True
-        while grew:
-            children = {pid for pid, (parent, _) in table.items() if parent in chosen}
-            grew = not children <= chosen
-            chosen |= children
-        return chosen
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in targets():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + 15
-        while targets() and time.monotonic() < deadline:
-            time.sleep(0.2)
 
 
 def _free_port() -> int:
@@ -71,20 +33,29 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _head(env: dict[str, str], num_cpus: int):
+    """A head started the way a user would (``ray start --head``) in ``env``; stopped by the
+    processes that name its temp dir (never ``ray stop``, which ends every Ray on the machine).
+    """
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: UNIX socket paths <= 107 bytes
+    port = _free_port()
+    subprocess.run([RAY, "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}",
+                    "--include-dashboard=false", "--disable-usage-stats",
+                    f"--temp-dir={temp_dir}"], env=env, check=True, capture_output=True,
+                   timeout=180)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop_processes_naming(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 @pytest.fixture
 def ray_head():
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
-    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: UNIX socket paths <= 107 bytes
-    port = _free_port()
-    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2",
-                    "--include-dashboard=false", "--disable-usage-stats",
-                    f"--temp-dir={temp_dir}"], env=env, check=True, capture_output=True,
-                   timeout=120)
-    try:
-        yield f"127.0.0.1:{port}", env
-    finally:
-        _stop_ray_under(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with _head(env, 2) as address:
+        yield address, env
 
 
 def test_launch_joins_existing_cluster(ray_head, tmp_path: Path) -> None:
@@ -118,3 +89,60 @@ def test_unreachable_address_is_refused(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.startswith("error: --address: '127.0.0.1:")
     assert not (tmp_path / "m.db").exists()
+
+
+@pytest.fixture
+def token_head(tmp_path_factory):
+    """A head with token authentication and a token of its own (not ~/.ray/auth_token)."""
+    token = tmp_path_factory.mktemp("tok") / "token"
+    token.write_text("0123456789abcdef" * 4 + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    with _head(env, 1) as address:
+        yield address, env
+
+
+def _refused(spec: Path, address: str, env: dict, tmp_path: Path) -> str:
+    started = time.monotonic()
+    proc = subprocess.run([CAMPAIGN, "launch", str(spec), "--address", address],
+                          env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"},
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 30
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "m.db").exists()  # nothing written
+    return proc.stderr
+
+
+def test_missing_wrong_token_and_other_ray_version_are_refused(token_head, tmp_path: Path
+                                                               ) -> None:
+    address, head_env = token_head
+    spec = write_spec(tmp_path, TINY_SPEC)
+    no_token = {**head_env, "RAY_AUTH_MODE": "disabled"}
+    no_token.pop("RAY_AUTH_TOKEN_PATH")
+    err = _refused(spec, address, no_token, tmp_path)
+    assert err.startswith(f"error: --address: '{address}' is not allowed; the cluster refused "
+                          "this driver's authentication (RAY_AUTH_MODE=disabled")
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("f" * 64 + "\n")
+    err = _refused(spec, address, {**head_env, "RAY_AUTH_TOKEN_PATH": str(wrong)}, tmp_path)
+    assert "refused this driver's authentication (RAY_AUTH_MODE=token" in err
+    assert str(wrong) in err
+
+    # The head's own record of its Ray version, rewritten in its GCS: what a head started
+    # from another installation would hold.
+    rewrite = (
+        "import json, os, sys\n"
+        "from ray._raylet import GcsClient\n"
+        "import ray._common.usage.usage_lib as usage\n"
+        "from ray._common.usage import usage_constants as uc\n"
+        "from ray._private import ray_constants as rc\n"
+        "client = GcsClient(address=sys.argv[1])\n"
+        "meta = usage.get_cluster_metadata(client)\n"
+        "meta['ray_version'] = '2.0.0'\n"
+        "client.internal_kv_put(uc.CLUSTER_METADATA_KEY, json.dumps(meta).encode(), True,\n"
+        "                       namespace=rc.KV_NAMESPACE_CLUSTER)\n")
+    subprocess.run([sys.executable, "-c", rewrite, address], env=head_env, check=True,
+                   capture_output=True, timeout=60)
+    err = _refused(spec, address, head_env, tmp_path)
+    assert "the cluster runs Ray 2.0.0 and this driver Ray " in err

@@ -85,3 +85,35 @@ def test_dry_run_json_prints_plan_and_starts_nothing(workdir: Path) -> None:
         assert record["params"]["training.objective"] == "maximum_likelihood"
     assert not ray.is_initialized()
     assert not (workdir / "mlflow.db").exists()
+
+
+def test_dry_run_shows_each_jobs_asks_and_refuses_what_no_node_holds(workdir: Path) -> None:
+    path = write_spec(workdir, TINY_SPEC)
+    result = CliRunner().invoke(app, ["launch", str(path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "      train     trainer           cpus=0.5 gpus=0" in result.stdout
+    asks = json.loads(CliRunner().invoke(
+        app, ["launch", str(path), "--dry-run", "--format", "json"]).stdout)[0]["asks"]
+    assert asks["energy"] == {"role": "energy_evaluator", "cpus": 0.25, "gpus": 0.0,
+                              "openmm_platform": None}
+    too_big = copy.deepcopy(TINY_SPEC)
+    too_big["resources"]["trainer"]["cpus"] = 1000
+    result = CliRunner().invoke(app, ["launch", str(write_spec(workdir, too_big, "big.yaml")),
+                                      "--dry-run"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: resources.trainer.cpus: 1000")
+
+
+def test_gpu_openmm_platform_needs_gpu_actors(workdir: Path) -> None:
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).parent.parent / "specs" / "ice.yaml").read_text())
+    data["energy"]["platform"] = "CUDA"
+    result = CliRunner().invoke(app, ["validate", str(write_spec(workdir, data))])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: resources.energy_evaluator.gpus: 0.0 is not allowed;"
+                                    " energy.platform 'CUDA'")
+    for role in ("energy_evaluator", "mcmc"):
+        data["resources"][role]["gpus"] = 0.5
+    result = CliRunner().invoke(app, ["validate", str(write_spec(workdir, data))])
+    assert result.exit_code == 0, result.output

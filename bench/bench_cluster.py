@@ -1,0 +1,163 @@
+"""Scale-out and recovery on real Ray nodes: one Ray node against two, and a killed actor.
+
+(a) The same 16 small jobs (double-well and DW4 from the quickstart, fewer steps) on a Ray
+    cluster of one node and then of two nodes, each node given one CPU and pinned to its own
+    core (``taskset``), so that "one CPU" means one. Each role has one actor per node
+    (0.25 CPU each). Speedup = wall time on one node / wall time on two.
+(b) Recovery: on the two-node cluster, a campaign of 2 jobs with long training; the trainer
+    process of one is SIGKILLed mid-training; reported is the time from the kill to the
+    retried training task starting work on a restarted actor (the job's
+    ``first_retry_start_unix_s`` metric), and the steps it kept from its checkpoint.
+
+Both in one invocation, so the ratio is measured under the same machine load.
+
+    python bench/bench_cluster.py [--jobs 16] [--out bench/results/cluster.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.ray_nodes import ray_env, start_node  # noqa: E402
+
+CAMPAIGN = str(Path(sys.executable).with_name("campaign"))
+
+
+def spec_data(n_jobs: int, nodes: int, name: str) -> dict:
+    data = yaml.safe_load((ROOT / "specs" / "quickstart.yaml").read_text())
+    data["name"] = name
+    data["tracking"] = {"experiment": name}
+    data["reference"].update(n_steps=800, burn_in=200)
+    data["training"]["steps"] = 200
+    data["sampling"].update(n_samples=4000, energy_batch_size=2000)
+    temperatures = [round(0.8 + 0.1 * k, 2) for k in range(n_jobs // 2)]
+    data["grid"][0]["temperature"] = temperatures
+    data["grid"][1]["temperature"] = temperatures
+    data["resources"] = {role: {"count": nodes, "cpus": 0.25}
+                         for role in ("mcmc", "trainer", "sampler", "energy_evaluator")}
+    return data
+
+
+def launch(data: dict, address: str, work: Path) -> tuple[float, subprocess.CompletedProcess]:
+    spec = work / f"{data['name']}.yaml"
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    env = {**ray_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    started = time.perf_counter()
+    # The driver on core 0 as well: one node means one core in all.
+    done = subprocess.run(["taskset", "-c", "0", CAMPAIGN, "launch", str(spec), "--address",
+                           address], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=3600)
+    return time.perf_counter() - started, done
+
+
+def cluster(n_nodes: int) -> list:
+    nodes = [start_node(1, prefix="bh", cores="0")]
+    for k in range(1, n_nodes):
+        nodes.append(start_node(1, head=nodes[0].address, prefix="bw", cores=str(k)))
+    return nodes
+
+
+def scale_out(n_jobs: int, work: Path) -> dict:
+    seconds = {}
+    for n_nodes in (1, 2):
+        nodes = cluster(n_nodes)
+        try:
+            elapsed, done = launch(spec_data(n_jobs, n_nodes, f"bench{n_nodes}"),
+                                   nodes[0].address, work)
+        finally:
+            for node in reversed(nodes):
+                node.stop()
+        if done.returncode != 0:
+            raise SystemExit(f"launch on {n_nodes} node(s) failed:\n{done.stderr[-3000:]}")
+        print(f"{n_nodes} node(s): {done.stdout.strip().splitlines()[0]}; wall {elapsed:.1f} s",
+              flush=True)
+        seconds[n_nodes] = elapsed
+    return {"jobs": n_jobs, "seconds_one_node": seconds[1], "seconds_two_nodes": seconds[2],
+            "speedup": seconds[1] / seconds[2]}
+
+
+def recovery(work: Path) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    data = spec_data(2, 2, "recovery")
+    data["grid"] = {"temperature": [1.0, 2.0]}
+    data["training"]["steps"] = 3000
+    data["fault_tolerance"] = {"checkpoint_every": 50}
+    nodes = cluster(2)
+    try:
+        spec = work / "recovery.yaml"
+        spec.write_text(yaml.safe_dump(data, sort_keys=False))
+        env = {**ray_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+        proc = subprocess.Popen([CAMPAIGN, "launch", str(spec), "--address", nodes[0].address],
+                                cwd=work, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        checkpoints = work / "campaign-work" / "recovery" / "checkpoints"
+        deadline = time.monotonic() + 600
+        while not list(checkpoints.glob("*/progress.pt")):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit("training never checkpointed")
+            time.sleep(0.2)
+        time.sleep(3.0)
+        trainers = [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()
+                    and _cmdline(e).startswith("ray::TrainerActor.train")]
+        killed_at = time.time()
+        os.kill(trainers[0], signal.SIGKILL)
+        out, err = proc.communicate(timeout=1800)
+        if proc.returncode != 0:
+            raise SystemExit(f"recovery launch failed:\n{err[-3000:]}")
+    finally:
+        for node in reversed(nodes):
+            node.stop()
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("recovery").experiment_id
+    runs = client.search_runs([experiment], "tags.campaign_role = 'job'")
+    retried = [r for r in runs if "first_retry_start_unix_s" in r.data.metrics]
+    if len(retried) != 1:
+        raise SystemExit(f"expected one retried job, found {len(retried)}")
+    metrics = retried[0].data.metrics
+    return {"kill_to_work_seconds": metrics["first_retry_start_unix_s"] - killed_at,
+            "resumed_from_step": int(metrics["train_resumed_from_step"]),
+            "steps_run_after_restart": int(metrics["train_steps_run"]),
+            "retries": int(metrics["retries"])}
+
+
+def _cmdline(entry: Path) -> str:
+    try:
+        return (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cluster.json")
+    args = parser.parse_args()
+    if (os.cpu_count() or 1) < 2:
+        raise SystemExit("needs 2 cores: each Ray node is pinned to one")
+    with tempfile.TemporaryDirectory() as tmp:
+        result = {"scale_out": scale_out(args.jobs, Path(tmp)),
+                  "recovery": recovery(Path(tmp))}
+    print(json.dumps(result, indent=2))
+    print(f"speedup two nodes / one node: {result['scale_out']['speedup']:.2f} (goal >= 1.8); "
+          f"killed trainer to work resumed: {result['recovery']['kill_to_work_seconds']:.1f} s "
+          "(goal <= 10 s)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
