@@ -154,7 +154,12 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         stop_processes_naming(f"/tmp/rc{job_id}-")
 
     def stop(self) -> None:
-        """Stop the daemons by process id (never by name: other Slurms may run here)."""
+        """Cancel every job, stop the job steps left behind (each slurmstepd runs a process
+        naming this cluster's spool directory), then the daemons by process id (never by
+        name: other Slurms may run here)."""
+        subprocess.run(["scancel", "--full", "--user", str(os.getuid())], env=self.env,
+                       capture_output=True, timeout=30, check=False)
+        stop_processes_naming(str(self.root), parents_named="slurmstepd")
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in reversed(self.pids):
                 with contextlib.suppress(ProcessLookupError):
@@ -176,9 +181,10 @@ def _running(pid: int) -> bool:
     return True
 
 
-def stop_processes_naming(text: str) -> None:
+def stop_processes_naming(text: str, parents_named: str | None = None) -> None:
     """SIGTERM, then SIGKILL, every process whose command line contains ``text``, and their
-    children (never ``ray stop``: it ends every Ray process on the machine)."""
+    children (never ``ray stop``: it ends every Ray process on the machine); also their
+    parents whose command line starts with ``parents_named``."""
 
     def table() -> dict[int, tuple[int, str]]:
         found = {}
@@ -187,15 +193,19 @@ def stop_processes_naming(text: str) -> None:
                 continue
             try:
                 cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                state, parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
             except (OSError, ValueError, IndexError):
                 continue
-            found[int(entry.name)] = (parent, cmdline)
+            if state != "Z":  # a zombie is gone already; only its parent can reap it
+                found[int(entry.name)] = (int(parent), cmdline)
         return found
 
     def targets() -> set[int]:
         procs = table()
         chosen = {pid for pid, (_, cmd) in procs.items() if text in cmd} - {os.getpid()}
+        if parents_named:
+            chosen |= {procs[pid][0] for pid in chosen if procs[pid][0] in procs
+                       and procs[procs[pid][0]][1].startswith(parents_named)}
         grew = True
         while grew:
             children = {pid for pid, (parent, _) in procs.items() if parent in chosen}
@@ -203,10 +213,10 @@ def stop_processes_naming(text: str) -> None:
             chosen |= children
         return chosen
 
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
         for pid in targets():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + grace
         while targets() and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -120,8 +120,11 @@ def test_killed_trainer_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     last checkpoint (at most checkpoint_every steps are redone, at least 2 x that were kept)."""
     every = 20
     data = copy.deepcopy(TINY_SPEC)
-    data["training"].update(steps=1200, batch_size=512)
-    data["resources"]["trainer"]["count"] = 1
+    data["reference"].update(n_steps=300, burn_in=100)
+    data["training"].update(steps=400, batch_size=256)
+    data["sampling"].update(n_samples=2000, energy_batch_size=2000)
+    for role in ("trainer", "energy_evaluator"):
+        data["resources"][role]["count"] = 1
     data["fault_tolerance"] = {"checkpoint_every": every}
     spec = write_spec(tmp_path, data)
     job_id = make_plan(parse_spec(data)).jobs[0].job_id
@@ -149,7 +152,7 @@ def test_killed_trainer_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     assert tags["retries"] == "1" and "trainer actor died" in tags["last_retry_reason"]
     resumed = int(metrics["train_resumed_from_step"])
     assert resumed >= killed_after >= 2 * every
-    assert resumed + int(metrics["train_steps_run"]) == 1200
+    assert resumed + int(metrics["train_steps_run"]) == 400
     assert resumed % every == 0  # a checkpoint step: the steps redone were fewer than `every`
 
 
@@ -157,9 +160,12 @@ def test_killed_driver_then_relaunch_finishes_every_job_once(tmp_path: Path) -> 
     """SIGKILL of the driver after one job finished; the relaunch skips it, marks the child
     runs the dead driver left RUNNING as KILLED, and finishes every other job exactly once."""
     data = copy.deepcopy(TINY_SPEC)
-    data["training"]["steps"] = 400
+    data["reference"].update(n_steps=300, burn_in=100)
+    data["training"]["steps"] = 200
+    data["sampling"].update(n_samples=2000, energy_batch_size=2000)
     data["grid"] = {"training.learning_rate": [0.002, 0.003, 0.004]}
-    data["resources"]["trainer"]["count"] = 1
+    for role in ("trainer", "energy_evaluator"):
+        data["resources"][role]["count"] = 1
     spec = write_spec(tmp_path, data)
     job_ids = {job.job_id for job in make_plan(parse_spec(data)).jobs}
     log = tmp_path / "launch.log"

@@ -35,8 +35,10 @@ def test_script_follows_rays_multi_node_pattern(tmp_path: Path) -> None:
                  "#SBATCH --gpus-per-task=1", "#SBATCH --partition=gpu",
                  "#SBATCH --account=proj1", "#SBATCH --time=2:00:00",
                  "export RAY_AUTH_MODE=token", "export RAY_AUTH_TOKEN_PATH=",
-                 'export RAY_ADDRESS="$HEAD_IP:$HEAD_PORT"', "ray start --head --block",
-                 "ray start --block --address=", "--temp-dir=/tmp/rc$SLURM_JOB_ID-",
+                 'export RAY_ADDRESS="$HEAD_IP:$HEAD_PORT"', "    ray start --block ",
+                 "bash -c 'ray_start 0 --head ",
+                 "bash -c 'ray_start $(( SLURM_LOCALID + 1 )) --address=",
+                 "dir=/tmp/rc$SLURM_JOB_ID-$1", '--temp-dir="$dir"',
                  '--num-cpus="$SLURM_CPUS_PER_TASK" --num-gpus=1',
                  'campaign launch "$SPEC" --address "$RAY_ADDRESS"'):
         assert line in script, line
@@ -44,14 +46,20 @@ def test_script_follows_rays_multi_node_pattern(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())  # printed, nothing written
 
 
-def test_bad_slurm_options_are_refused(tmp_path: Path) -> None:
+def test_bad_slurm_options_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                       ) -> None:
+    from typer.testing import CliRunner
+
+    from campaign.cli import app
+
+    monkeypatch.chdir(tmp_path)
     spec = str(ROOT / "specs" / "quickstart.yaml")
     for args, start in ((["--nodes", "0"], "error: --nodes: 0"),
                         (["--time", "soon"], "error: --time: 'soon'"),
                         (["--nodes", "1", "--cpus-per-node", "1"], "error: resources"),
                         (["--submit"], "error: --submit")):
-        out = _campaign("slurm", spec, *args, cwd=tmp_path)
-        assert out.returncode == 2 and out.stderr.startswith(start), (args, out.stderr)
+        out = CliRunner().invoke(app, ["slurm", spec, *args])
+        assert out.exit_code == 2 and out.stderr.startswith(start), (args, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())
 

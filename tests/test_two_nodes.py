@@ -39,7 +39,8 @@ def two_nodes():
 def test_actors_on_both_nodes_and_worker_loss(two_nodes, tmp_path: Path) -> None:
     head, worker = two_nodes
     data = copy.deepcopy(TINY_SPEC)
-    data["training"]["steps"] = 300
+    data["reference"].update(n_steps=400, burn_in=100)
+    data["training"]["steps"] = 200
     data["grid"] = {"training.learning_rate": [0.002, 0.003, 0.004, 0.005]}
     # Two actors per role, spread over the nodes: losing one node leaves one of each.
     data["resources"] = {"mcmc": {"count": 2, "cpus": 0.2}, "trainer": {"count": 2, "cpus": 0.3},
