@@ -43,7 +43,9 @@ def spec_data(n_jobs: int, nodes: int, name: str) -> dict:
     data["reference"].update(n_steps=800, burn_in=200)
     data["training"]["steps"] = 200
     data["sampling"].update(n_samples=4000, energy_batch_size=2000)
-    temperatures = [round(0.8 + 0.1 * k, 2) for k in range(n_jobs // 2)]
+    # DW4's base is at 1.5 (a target there would be ΔF = 0): skip it.
+    temperatures = [t for t in (round(0.8 + 0.1 * k, 2) for k in range(n_jobs)) if t != 1.5]
+    temperatures = temperatures[:n_jobs // 2]
     data["grid"][0]["temperature"] = temperatures
     data["grid"][1]["temperature"] = temperatures
     data["resources"] = {role: {"count": nodes, "cpus": 0.25}

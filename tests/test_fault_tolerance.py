@@ -154,6 +154,8 @@ def test_killed_trainer_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     assert resumed >= killed_after >= 2 * every
     assert resumed + int(metrics["train_steps_run"]) == 400
     assert resumed % every == 0  # a checkpoint step: the steps redone were fewer than `every`
+    print(f"\ntrainer killed after checkpoint step {killed_after}; resumed from step {resumed}, "
+          f"ran {int(metrics['train_steps_run'])} more; retries {tags['retries']}")
 
 
 def test_killed_driver_then_relaunch_finishes_every_job_once(tmp_path: Path) -> None:
@@ -199,6 +201,8 @@ def test_killed_driver_then_relaunch_finishes_every_job_once(tmp_path: Path) -> 
         statuses = [r.info.status for r in after[job_id]]
         assert statuses.count("FINISHED") == 1, (job_id, statuses)
         assert "RUNNING" not in statuses
+    print(f"\nfinished before the kill: {len(finished_before)}, left RUNNING: "
+          f"{len(left_running)}; relaunch: {again.stdout.strip()[:200]}")
     for run_id in left_running:
         killed = next(r for runs in after.values() for r in runs if r.info.run_id == run_id)
         assert killed.info.status == "KILLED"

@@ -108,6 +108,8 @@ def test_batch_job_runs_quickstart_on_two_ray_nodes(slurm: SlurmCluster, tmp_pat
     assert state == "COMPLETED", f"{state}\n{text[-4000:]}"
     assert "4 finished, 0 skipped (already finished), 0 failed" in text, text[-4000:]
     assert not list((tmp_path / "tokens").glob("*.token"))  # the token went with the job
+    print("\n" + "\n".join(line for line in text.splitlines()
+                            if "finished" in line or "Ray runtime started" in line))
 
     status = _campaign("status", str(spec), "--format", "json", cwd=tmp_path, env=env)
     rows = json.loads(status.stdout)["jobs"]
