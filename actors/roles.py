@@ -167,19 +167,19 @@ ROLE_CLASSES: dict[str, type[_StageWorker]] = {
 
 
 def make_actor(role: str, cpus: float, gpus: float, name: str | None = None,
-               max_restarts: int = 0, max_task_retries: int = 0) -> Any:
+               max_restarts: int = 0) -> Any:
     """Create one Ray actor of ``role`` holding ``cpus`` CPUs and ``gpus`` GPUs.
 
     ``max_restarts``: times Ray restarts the actor after its process or node died (on any node
-    with room). ``max_task_retries``: times Ray re-runs a call that was in flight then; only for
-    calls that are safe to repeat. Actors of a role are spread over the cluster's nodes, so
-    that losing one node leaves every role with actors elsewhere.
+    with room). A call in flight then is not re-run by Ray (``max_task_retries`` 0): a call
+    queued for an actor whose node is gone would wait for a restart that may never find room,
+    so callers re-send it to a live actor. Actors of a role are spread over the cluster's
+    nodes, so that losing one node leaves every role with actors elsewhere.
     """
     cls = ROLE_CLASSES[role]
     remote_cls = ray.remote(cls)
     options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus,
-                               "max_restarts": max_restarts,
-                               "max_task_retries": max_task_retries,
+                               "max_restarts": max_restarts, "max_task_retries": 0,
                                "scheduling_strategy": "SPREAD"}
     if name:
         options["name"] = name

@@ -162,12 +162,10 @@ class Driver:
 
     def _add_actor(self, role: str) -> None:
         res = self.plan.resources[role]
-        # Ray restarts a dead actor, but re-running the task it was doing is left to the
-        # caller (max_task_retries 0): a call queued for an actor whose node is gone would
-        # wait for a restart that may never find room. The driver re-queues its tasks to live
-        # actors (counted against the job's retry budget); trainers re-send energy chunks.
+        # Ray restarts a dead actor; the driver re-queues the task it was doing to a live
+        # actor (counted against the job's retry budget), trainers re-send energy chunks.
         actor = make_actor(role, res["cpus"], res["gpus"],
-                           max_restarts=self.fault.actor_restarts, max_task_retries=0)
+                           max_restarts=self.fault.actor_restarts)
         self.pools[role].append(actor)
         self._probe(role, actor)
 

@@ -92,17 +92,14 @@ class Plan:
         """What one job asks Ray for, per stage: the actor role, its CPUs and GPUs per actor,
         and the OpenMM platform where the stage runs OpenMM (a GPU platform only on actors
         that hold a GPU; checked when the plan is made)."""
-        config = job.config
-        openmm = config.energy.backend == "openmm"
-        md = config.reference.sampler == "md"
-        platform = config.energy.platform
+        openmm = openmm_roles(job.config)
         asks: dict[str, dict[str, Any]] = {}
-        for stage, role, uses_openmm in (("reference", "mcmc", md), ("train", "trainer", False),
-                                         ("sample", "sampler", False),
-                                         ("energy", "energy_evaluator", openmm)):
+        for stage, role in (("reference", "mcmc"), ("train", "trainer"), ("sample", "sampler"),
+                            ("energy", "energy_evaluator")):
             res = self.resources[role]
             asks[stage] = {"role": role, "cpus": res["cpus"], "gpus": res["gpus"],
-                           "openmm_platform": platform if uses_openmm else None}
+                           "openmm_platform": job.config.energy.platform if role in openmm
+                           else None}
         return asks
 
     def as_records(self) -> list[dict[str, Any]]:
@@ -160,16 +157,23 @@ def make_plan(spec: CampaignSpec) -> Plan:
 GPU_PLATFORMS = ("CUDA", "OpenCL")
 
 
+def openmm_roles(config: JobConfig) -> set[str]:
+    """The actor roles that run OpenMM for a job: the EnergyEvaluators (also for training,
+    which sends its energies to them) with the OpenMM backend, and the MCMC actors when the
+    reference is MD."""
+    roles = {"energy_evaluator"} if config.energy.backend == "openmm" else set()
+    return roles | ({"mcmc"} if config.reference.sampler == "md" else set())
+
+
 def _check_gpu_platforms(jobs: list[Job], resources: dict[str, dict[str, Any]]) -> None:
     """OpenMM on a GPU platform runs in the MCMC actors (MD) and the EnergyEvaluators: they
     must hold a GPU (Ray >= 2.60 shows GPUs to actors that asked for none, so nothing else
     would stop them from sharing a GPU nobody reserved)."""
     for job in jobs:
         config = job.config
-        if config.energy.backend != "openmm" or config.energy.platform not in GPU_PLATFORMS:
+        if config.energy.platform not in GPU_PLATFORMS:
             continue
-        roles = ["energy_evaluator"] + (["mcmc"] if config.reference.sampler == "md" else [])
-        for role in roles:
+        for role in sorted(openmm_roles(config)):
             if float(resources[role]["gpus"]) <= 0:
                 raise SpecError(
                     f"resources.{role}.gpus", resources[role]["gpus"],
