@@ -81,28 +81,39 @@ class TrainerActor(_StageWorker):
         # Ray sets CUDA_VISIBLE_DEVICES for an actor that holds GPUs; one that asked for none
         # trains on the CPU even where Ray leaves GPUs visible (Ray >= 2.60).
         device = "cuda" if self.gpus > 0 and torch.cuda.is_available() else "cpu"
-        energy = pooled_energy(config, evaluators) if evaluators else None
-        return self._timed(pipeline.train, config, reference, device, checkpoint_dir, energy,
-                           checkpoint_every)
+        energy = PooledEnergy(config, evaluators) if evaluators else None
+        trained, timing = self._timed(pipeline.train, config, reference, device, checkpoint_dir,
+                                      energy, checkpoint_every)
+        trained.energy_chunks_resent = energy.resent if energy else 0
+        return trained, timing
 
 
-def pooled_energy(config: Mapping[str, Any], evaluators: list[Any]) -> pipeline.EnergyFunction:
+class PooledEnergy:
     """A batch energy function x -> (U, ∇U) that splits x evenly over ``evaluators`` (Ray
     handles of EnergyEvaluatorActor) and gathers their answers in order.
 
     A chunk whose evaluator died is evaluated again on one that still answers (energies are
-    pure functions); the dead one is left out of later batches (Ray restarts it for the
-    driver's later work). Only when every evaluator is gone does the call fail.
+    pure functions; ``resent`` counts such chunks); the dead one is left out of later batches
+    (Ray restarts it for the driver's later work). Only when every evaluator is gone does the
+    call fail.
     """
-    dead: set[int] = set()
 
-    def energy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        live = [i for i in range(len(evaluators)) if i not in dead]
+    def __init__(self, config: Mapping[str, Any], evaluators: list[Any]) -> None:
+        self.config = config
+        self.evaluators = evaluators
+        self.dead: set[int] = set()
+        self.resent = 0
+
+    def _live(self) -> list[int]:
+        return [i for i in range(len(self.evaluators)) if i not in self.dead]
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        live = self._live()
         if not live:
             raise RuntimeError("every EnergyEvaluator this trainer was given has died")
         chunks = [c for c in np.array_split(x, min(len(live), len(x))) if len(c)]
         owners = live[:len(chunks)]
-        refs = [evaluators[i].energies_and_forces.remote(config, c)
+        refs = [self.evaluators[i].energies_and_forces.remote(self.config, c)
                 for i, c in zip(owners, chunks, strict=True)]
         parts: list[tuple[np.ndarray, np.ndarray]] = []
         for index, chunk in enumerate(chunks):
@@ -111,25 +122,33 @@ def pooled_energy(config: Mapping[str, Any], evaluators: list[Any]) -> pipeline.
                     value, _timing = ray.get(refs[index])
                     break
                 except ray.exceptions.RayActorError:
-                    dead.add(owners[index])
-                    live = [i for i in range(len(evaluators)) if i not in dead]
+                    self.dead.add(owners[index])
+                    live = self._live()
                     if not live:
                         raise
                     owners[index] = live[index % len(live)]
-                    refs[index] = evaluators[owners[index]].energies_and_forces.remote(
-                        config, chunk)
+                    refs[index] = self.evaluators[owners[index]].energies_and_forces.remote(
+                        self.config, chunk)
+                    self.resent += 1
             parts.append(value)
         return (np.concatenate([u for u, _ in parts]), np.concatenate([g for _, g in parts]))
 
-    return energy
-
 
 class SamplerActor(_StageWorker):
-    """Draws base samples, maps them through a trained flow, and pulls target samples back."""
+    """Draws base samples, maps them through a trained flow, and pulls target samples back;
+    then turns the pooled energies into estimates and figures."""
 
     def sample(self, config: Mapping[str, Any], trained: pipeline.TrainedFlow,
                reference: pipeline.ReferenceData) -> tuple[pipeline.SampleSet, Timing]:
         return self._timed(pipeline.sample, config, trained, reference)
+
+    def estimate(self, config: Mapping[str, Any], reference: pipeline.ReferenceData,
+                 samples: pipeline.SampleSet, potentials: Mapping[str, np.ndarray],
+                 plot_dir: str) -> tuple[pipeline.EstimateReport, Timing]:
+        """ΔF estimates, ESS and diagnostics from the pooled energies; figures written as PNG
+        files to ``plot_dir`` (in the work directory, for the driver to log)."""
+        return self._timed(pipeline.estimate_and_plot, config, reference, samples, potentials,
+                           plot_dir)
 
 
 class EnergyEvaluatorActor(_StageWorker):

@@ -63,7 +63,7 @@ def bench_energy(args: argparse.Namespace) -> dict:
     import ray
 
     from actors import make_actor
-    from actors.roles import pooled_energy
+    from actors.roles import PooledEnergy
     from boltzgen.pipeline import make_energy_function
     from boltzgen.systems import make_system
 
@@ -79,7 +79,7 @@ def bench_energy(args: argparse.Namespace) -> dict:
             system = make_system(config["system"])
             x = perturbed_crystals(system, args.batch, seed=molecules)
             single = make_energy_function(config, threads=1)
-            pool = pooled_energy(config, actors)
+            pool = PooledEnergy(config, actors)
             timings = {}
             for name, fn in (("single", single), ("pool", pool)):
                 fn(x)  # warm-up: Context creation

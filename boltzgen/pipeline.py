@@ -385,6 +385,7 @@ class TrainedFlow:
     checkpoint_path: str | None = None  # the final checkpoint in the work directory, if any
     resumed_from_step: int = 0  # optimizer steps (all phases) taken from a progress checkpoint
     steps_run: int = 0  # optimizer steps this call computed
+    energy_chunks_resent: int = 0  # energy chunks evaluated again after their evaluator died
 
 
 class BatchEnergy(torch.autograd.Function):
@@ -850,6 +851,30 @@ def _mode_metrics(problem: Problem, mapped: np.ndarray, log_w: np.ndarray) -> di
         "mode_weight_error_reweighted": float(np.abs(reweighted - exact).max()),
         "mode_weight_error_noise": float(np.sqrt(exact * (1 - exact) / len(labels)).max()),
     }
+
+
+@dataclass
+class EstimateReport:
+    """What the driver records of a job's estimates: metrics, notes, and where the figures
+    were written (name -> PNG path in the campaign's work directory)."""
+
+    metrics: dict[str, float]
+    notes: dict[str, str]
+    plots: dict[str, str]
+
+
+def estimate_and_plot(
+    config: Mapping[str, Any], reference: ReferenceData, samples: SampleSet,
+    potentials: Mapping[str, np.ndarray], plot_dir: str
+) -> EstimateReport:
+    """:func:`estimate`, then :func:`figures` written as PNG files to ``plot_dir`` (runs in an
+    actor, so that the driver, the single MLflow writer, only logs the files)."""
+    from boltzgen.plots import save_figures
+
+    estimates = estimate(config, reference, samples, potentials)
+    plots = save_figures(figures(config, reference, samples, estimates), plot_dir)
+    return EstimateReport(metrics=dict(estimates.metrics), notes=dict(estimates.notes),
+                          plots=plots)
 
 
 def figures(

@@ -5,6 +5,8 @@ the caller saves them (``fig.savefig(path)``) or logs them.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -19,6 +21,23 @@ def _new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def save_figures(figures: dict[str, Figure], directory: str | Path) -> dict[str, str]:
+    """Write each figure as PNG to ``directory/<name>`` and return name -> path.
+
+    Each file is written under a temporary name and renamed, so that a reader (the driver,
+    logging it) never sees half a file, and a task run again overwrites whole files."""
+    out_dir = Path(directory)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, figure in figures.items():
+        path = out_dir / name
+        partial = out_dir / f".{name}.{os.getpid()}.partial"
+        figure.savefig(partial, format="png")
+        os.replace(partial, path)
+        paths[name] = str(path)
+    return paths
 
 
 def log_weight_histogram(log_w: np.ndarray, title: str) -> Figure:

@@ -1,7 +1,8 @@
 """Scheduling a plan's jobs over Ray actor pools; the only process that writes to MLflow.
 
 Each job goes through the stages reference (MCMC actor) -> train (Trainer) -> sample (Sampler)
--> energy (EnergyEvaluator pool, in chunks) -> record (here: estimates, plots, MLflow). A small
+-> energy (EnergyEvaluator pool, in chunks) -> estimate (Sampler: estimates, and plots written
+to the work directory) -> record (here: MLflow, the driver's only heavy work). A small
 scheduler over ``ray.wait`` hands a stage to an idle actor of its role; jobs interleave, so all
 actors stay busy while any job has work for them. Stage results travel between actors as object
 references; the driver fetches only what it records.
@@ -124,7 +125,8 @@ class Progress:
 # actor method -> (actor role that runs it, job stage it belongs to)
 METHODS = {"run_md": ("mcmc", "reference"), "run_reference": ("mcmc", "reference"),
            "train": ("trainer", "train"),
-           "sample": ("sampler", "sample"), "potential": ("energy_evaluator", "energy")}
+           "sample": ("sampler", "sample"), "potential": ("energy_evaluator", "energy"),
+           "estimate": ("sampler", "estimate")}
 
 
 class Driver:
@@ -445,12 +447,19 @@ class Driver:
         return store
 
     def _after_energy(self, run: JobRun) -> None:
+        potentials = {key: np.concatenate(parts) for key, parts in run.energy_parts.items()}
+        run.energy_parts = {}
+        # Estimates and figures in an actor: the driver's loop stays free to dispatch other
+        # jobs' stages (on a cluster it shares the head node with actors).
+        plot_dir = str(self.plan.spec.work_path() / "plots" / run.job.job_id)
+        self._enqueue(run, "estimate", (run.config, run.reference, run.samples, potentials,
+                                        plot_dir), self._after_estimate, fetch=True)
+
+    def _after_estimate(self, run: JobRun, report: pipeline.EstimateReport) -> None:
         started = time.time()
         reference: pipeline.ReferenceData = ray.get(run.reference)
-        potentials = {key: np.concatenate(parts) for key, parts in run.energy_parts.items()}
-        estimates = pipeline.estimate(run.config, reference, run.samples, potentials)
         trained: pipeline.TrainedFlow = ray.get(run.trained)
-        self._record(run, reference, estimates, trained)
+        self._record(run, reference, report, trained)
         run.record_seconds = time.time() - started
         self.tracker.log_metrics(run.run_id, {"time_record": run.record_seconds})
         self.tracker.end(run.run_id, FINISHED)
@@ -478,15 +487,17 @@ class Driver:
         self.tracker.log_text(run.run_id, _yaml(run.config), "resolved_spec.yaml")
 
     def _record(self, run: JobRun, reference: pipeline.ReferenceData,
-                estimates: pipeline.Estimates, trained: pipeline.TrainedFlow) -> None:
+                estimates: pipeline.EstimateReport, trained: pipeline.TrainedFlow) -> None:
         metrics = dict(estimates.metrics)
         for stage, key in (("reference", "time_reference"), ("train", "time_train"),
-                           ("sample", "time_sample"), ("energy", "time_energy")):
+                           ("sample", "time_sample"), ("energy", "time_energy"),
+                           ("estimate", "time_estimate")):
             metrics[key] = run.stage_seconds(stage)
         metrics["time_orchestration"] = run.orchestration_overhead
         metrics["train_skipped_steps"] = trained.skipped_steps
         metrics["train_resumed_from_step"] = trained.resumed_from_step
         metrics["train_steps_run"] = trained.steps_run
+        metrics["train_energy_chunks_resent"] = trained.energy_chunks_resent
         metrics["retries"] = run.retries
         retried = [t.start for t in run.tasks if t.retry and math.isfinite(t.start)]
         if retried:  # when work resumed after the first failure (unix s; for benchmarks)
@@ -517,9 +528,8 @@ class Driver:
                                            "stage": "finished",
                                            "nodes": json.dumps(nodes, sort_keys=True)})
         self.tracker.log_bytes(run.run_id, trained.checkpoint, "checkpoint/flow.pt")
-        for name, figure in pipeline.figures(run.config, reference, run.samples,
-                                             estimates).items():
-            self.tracker.log_figure(run.run_id, figure, f"plots/{name}")
+        for path in estimates.plots.values():
+            self.tracker.log_file(run.run_id, path, "plots")
 
     def _fail(self, run: JobRun, message: str, trace: str) -> None:
         if run.stage == "failed":

@@ -95,7 +95,7 @@ class Plan:
         openmm = openmm_roles(job.config)
         asks: dict[str, dict[str, Any]] = {}
         for stage, role in (("reference", "mcmc"), ("train", "trainer"), ("sample", "sampler"),
-                            ("energy", "energy_evaluator")):
+                            ("energy", "energy_evaluator"), ("estimate", "sampler")):
             res = self.resources[role]
             asks[stage] = {"role": role, "cpus": res["cpus"], "gpus": res["gpus"],
                            "openmm_platform": job.config.energy.platform if role in openmm

@@ -194,11 +194,9 @@ class Tracker:
             parent = str(Path(artifact_file).parent)
             self.client.log_artifact(run_id, str(path), None if parent == "." else parent)
 
-    def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
-        import matplotlib.pyplot as plt
-
-        self.client.log_figure(run_id, figure, artifact_file)
-        plt.close(figure)
+    def log_file(self, run_id: str, path: str, artifact_dir: str | None = None) -> None:
+        """Copy the file at ``path`` into the run's artifacts (under ``artifact_dir``)."""
+        self.client.log_artifact(run_id, path, artifact_dir)
 
     def end(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)

@@ -45,7 +45,7 @@ class RayNode:
     address: str  # the cluster's GCS address (host:port)
 
     def stop(self) -> None:
-        stop_processes_naming(self.temp_dir)
+        stop_processes_naming(self.temp_dir, term_grace=0.0)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

@@ -181,10 +181,13 @@ def _running(pid: int) -> bool:
     return True
 
 
-def stop_processes_naming(text: str, parents_named: str | None = None) -> None:
-    """SIGTERM, then SIGKILL, every process whose command line contains ``text``, and their
-    children (never ``ray stop``: it ends every Ray process on the machine); also their
-    parents whose command line starts with ``parents_named``."""
+def stop_processes_naming(text: str, parents_named: str | None = None,
+                          term_grace: float = 5.0) -> None:
+    """SIGTERM, then after ``term_grace`` seconds SIGKILL, every process whose command line
+    contains ``text``, and their children (never ``ray stop``: it ends every Ray process on the
+    machine); also their parents whose command line starts with ``parents_named``.
+    ``term_grace`` 0: SIGKILL at once (a throw-away Ray node's GCS and raylet outlast a 5 s
+    SIGTERM grace anyway)."""
 
     def table() -> dict[int, tuple[int, str]]:
         found = {}
@@ -213,7 +216,8 @@ def stop_processes_naming(text: str, parents_named: str | None = None) -> None:
             chosen |= children
         return chosen
 
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
+    steps = ((signal.SIGTERM, term_grace),) if term_grace > 0 else ()
+    for sig, grace in (*steps, (signal.SIGKILL, 10.0)):
         for pid in targets():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)

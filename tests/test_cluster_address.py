@@ -47,7 +47,7 @@ def _head(env: dict[str, str], num_cpus: int):
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        stop_processes_naming(temp_dir)
+        stop_processes_naming(temp_dir, term_grace=0.0)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -74,7 +74,7 @@ def test_launch_records_results_and_failure(campaign_dir: Path,
             continue
         m = row["metrics"]
         for key in ("delta_f", "delta_f_err", "reference_delta_f", "ess", "nll", "time_train",
-                    "time_sample", "time_energy", "time_reference"):
+                    "time_sample", "time_energy", "time_estimate", "time_reference"):
             assert key in m, key
         assert 0 < m["ess"] <= 1
         assert row["params"]["estimand"].startswith("-ln Z")
@@ -96,6 +96,9 @@ def test_launch_records_results_and_failure(campaign_dir: Path,
     assert {"resolved_spec.yaml", "checkpoint", "plots"} <= names
     plots = {a.path for a in client.list_artifacts(done["run_id"], "plots")}
     assert plots == {"plots/log_weights.png", "plots/marginals.png"}
+    # Drawn by the sampler actor into the work directory; the driver logged the files.
+    job_plots = campaign_dir / "campaign-work" / "tiny" / "plots" / done["job_id"]
+    assert sorted(p.name for p in job_plots.iterdir()) == ["log_weights.png", "marginals.png"]
     for tag in ("job_id", "spec_hash", "git_commit", "version.torch", "version.openmm",
                 "version.ray", "mlflow.parentRunId"):
         assert finished.data.tags.get(tag), tag

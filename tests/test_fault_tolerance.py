@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -114,17 +115,21 @@ def _progress_step(path: Path) -> int:
         return 0
 
 
-def test_killed_trainer_resumes_from_its_checkpoint(tmp_path: Path) -> None:
-    """SIGKILL of the trainer process once it has checkpointed 2 x checkpoint_every steps:
-    Ray restarts the actor, the driver runs the task again, and training continues from the
-    last checkpoint (at most checkpoint_every steps are redone, at least 2 x that were kept)."""
+def test_killed_trainer_resumes_from_its_checkpoint_and_survives_a_killed_evaluator(
+        tmp_path: Path) -> None:
+    """Training energies from OpenMM through two EnergyEvaluators. SIGKILL of the trainer
+    process once it has checkpointed 2 x checkpoint_every steps: Ray restarts the actor, the
+    driver runs the task again, and training continues from the last checkpoint (at most
+    checkpoint_every steps are redone, at least 2 x that were kept). Then, while the resumed
+    training runs, SIGKILL of an EnergyEvaluator: the trainer carries on with the live one
+    (no further retry of the job), and the job finishes."""
     every = 20
     data = copy.deepcopy(TINY_SPEC)
     data["reference"].update(n_steps=300, burn_in=100)
-    data["training"].update(steps=400, batch_size=256)
+    data["training"].update(objective="reverse_kl", steps=400, batch_size=256)
+    data["energy"] = {"backend": "openmm", "platform": "CPU"}
     data["sampling"].update(n_samples=2000, energy_batch_size=2000)
-    for role in ("trainer", "energy_evaluator"):
-        data["resources"][role]["count"] = 1
+    data["resources"]["trainer"]["count"] = 1
     data["fault_tolerance"] = {"checkpoint_every": every}
     spec = write_spec(tmp_path, data)
     job_id = make_plan(parse_spec(data)).jobs[0].job_id
@@ -132,14 +137,24 @@ def test_killed_trainer_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     proc = subprocess.Popen([CAMPAIGN, "launch", str(spec), "--format", "json"],
                             env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+    def busy(title: str) -> list[int]:
+        return [pid for pid, cmd in _processes().items() if cmd.startswith(title)]
+
     try:
         _wait_for(lambda: progress.is_file() and _progress_step(progress) >= 2 * every, 240,
                   "two training checkpoints", proc)
-        trainers = _wait_for(lambda: [pid for pid, cmd in _processes().items()
-                                      if cmd.startswith("ray::TrainerActor.train")], 30,
+        trainers = _wait_for(lambda: busy("ray::TrainerActor.train"), 30,
                              "the training process")
         killed_after = _progress_step(progress)
         os.kill(trainers[0], signal.SIGKILL)
+        # Two checkpoints past the kill: the restarted trainer is at work.
+        _wait_for(lambda: _progress_step(progress) >= killed_after + 2 * every, 240,
+                  "training to go on after the restart", proc)
+        evaluators = _wait_for(lambda: busy("ray::EnergyEvaluatorActor.energies_and_forces"),
+                               30, "an EnergyEvaluator at work for the trainer")
+        evaluator_killed_after = _progress_step(progress)
+        os.kill(evaluators[0], signal.SIGKILL)
         out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -149,13 +164,53 @@ def test_killed_trainer_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     (run,) = _job_runs(tmp_path, "tiny")[job_id]
     metrics, tags = run.data.metrics, run.data.tags
     assert run.info.status == "FINISHED"
+    # One retry, the trainer's: the evaluator's death cost the job none.
     assert tags["retries"] == "1" and "trainer actor died" in tags["last_retry_reason"]
+    assert evaluator_killed_after < 400
     resumed = int(metrics["train_resumed_from_step"])
     assert resumed >= killed_after >= 2 * every
     assert resumed + int(metrics["train_steps_run"]) == 400
     assert resumed % every == 0  # a checkpoint step: the steps redone were fewer than `every`
     print(f"\ntrainer killed after checkpoint step {killed_after}; resumed from step {resumed}, "
-          f"ran {int(metrics['train_steps_run'])} more; retries {tags['retries']}")
+          f"ran {int(metrics['train_steps_run'])} more; retries {tags['retries']}; "
+          f"EnergyEvaluator killed after step {evaluator_killed_after}, energy chunks sent "
+          f"again: {int(metrics['train_energy_chunks_resent'])}")
+
+
+def test_pooled_energy_evaluates_a_dead_evaluators_chunk_on_a_live_one() -> None:
+    """Two real EnergyEvaluator actors (OpenMM); one is SIGKILLed while it computes its half of
+    a batch. The batch comes back whole, equal to the live evaluator's own answer for it, with
+    one chunk sent again; later batches go to the live evaluator alone."""
+    import numpy as np
+    import ray
+
+    from actors.roles import PooledEnergy, make_actor
+
+    config = _job_config({**TINY_SPEC, "energy": {"backend": "openmm", "platform": "CPU"}})
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        evaluators = [make_actor("energy_evaluator", 0.5, 0.0) for _ in range(2)]
+        pids = [ray.get(actor.ready.remote())["pid"] for actor in evaluators]
+        x = np.random.default_rng(3).normal(size=(30_000, 2))
+        expected_u, expected_grad = ray.get(
+            evaluators[0].energies_and_forces.remote(config, x))[0]
+        pool = PooledEnergy(config, evaluators)
+        result: dict[str, tuple] = {}
+        worker = threading.Thread(target=lambda: result.update(value=pool(x)))
+        worker.start()
+        _wait_for(lambda: any(_processes().get(pid, "").startswith(
+            "ray::EnergyEvaluatorActor.energies_and_forces") for pid in pids[1:]), 60,
+            "the second evaluator at work")
+        os.kill(pids[1], signal.SIGKILL)
+        worker.join(timeout=120)
+        u, grad = result["value"]
+        assert pool.resent == 1 and pool.dead == {1}
+        np.testing.assert_array_equal(u, expected_u)
+        np.testing.assert_array_equal(grad, expected_grad)
+        pool(x[:10])
+        assert pool.resent == 1
+    finally:
+        ray.shutdown()
 
 
 def test_killed_driver_then_relaunch_finishes_every_job_once(tmp_path: Path) -> None:
