@@ -84,6 +84,7 @@ class TrainerActor(_StageWorker):
         energy = PooledEnergy(config, evaluators) if evaluators else None
         trained, timing = self._timed(pipeline.train, config, reference, device, checkpoint_dir,
                                       energy, checkpoint_every)
+        # Chunks re-sent in this call (a trainer restarted after its own death starts at 0).
         trained.energy_chunks_resent = energy.resent if energy else 0
         return trained, timing
 

@@ -871,6 +871,7 @@ def estimate_and_plot(
     actor, so that the driver, the single MLflow writer, only logs the files)."""
     from boltzgen.plots import save_figures
 
+    check_injected_failure(config, "estimate")
     estimates = estimate(config, reference, samples, potentials)
     plots = save_figures(figures(config, reference, samples, estimates), plot_dir)
     return EstimateReport(metrics=dict(estimates.metrics), notes=dict(estimates.notes),

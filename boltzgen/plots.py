@@ -34,8 +34,11 @@ def save_figures(figures: dict[str, Figure], directory: str | Path) -> dict[str,
     for name, figure in figures.items():
         path = out_dir / name
         partial = out_dir / f".{name}.{os.getpid()}.partial"
-        figure.savefig(partial, format="png")
-        os.replace(partial, path)
+        try:
+            figure.savefig(partial, format="png")
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
         paths[name] = str(path)
     return paths
 

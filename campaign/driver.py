@@ -11,7 +11,8 @@ Failures of the machinery (an actor's process or node died, an object was lost) 
 job's fault: the task goes back to the front of its queue, up to ``fault_tolerance.job_retries``
 times per job, and the actor is probed until Ray has restarted it (``actor_restarts``) or, gone
 for good, replaced. Every stage can be repeated: MD writes its cache atomically, trainers
-continue from their progress checkpoints, energies are pure. Stage results that later stages
+continue from their progress checkpoints, energies are pure, the estimate stage overwrites
+whole plot files. Stage results that later stages
 need are copied into the driver's object store, so that losing a node loses no result. An error
 raised by the science code fails the job at once (repeating it would fail again).
 
@@ -102,6 +103,14 @@ class Task:
     record: TaskRecord
     on_done: Callable[[JobRun, Any], None]
     fetch: bool  # fetch the result into the driver (else keep the object reference)
+
+
+@dataclass(frozen=True)
+class LivePool:
+    """A task argument that stands for the actors of ``role`` alive when the task is sent (a
+    task run again after a failure must not carry handles of actors replaced since)."""
+
+    role: str
 
 
 @dataclass
@@ -307,8 +316,10 @@ class Driver:
                         "stage": task.run.stage,
                         "node": self.actor_nodes.get(actor, "")})
                 task.record.submitted = time.time()
+                args = tuple(list(self.pools[a.role]) if isinstance(a, LivePool) else a
+                             for a in task.args)
                 value_ref, timing_ref = getattr(actor, task.method).options(
-                    num_returns=2).remote(*task.args)
+                    num_returns=2).remote(*args)
                 self.in_flight[timing_ref] = (task, actor, value_ref)
 
     def _complete(self, task: Task, actor: Any, timing_ref: Any, value_ref: Any) -> None:
@@ -414,7 +425,7 @@ class Driver:
         run.reference = ray.put(reference)
         # OpenMM energies in training go to the EnergyEvaluator pool (each actor keeps its
         # Context); torch potentials are cheaper in the trainer's own process.
-        evaluators = (list(self.pools.get("energy_evaluator", []))
+        evaluators = (LivePool("energy_evaluator")
                       if run.config["energy"]["backend"] == "openmm" else None)
         self._enqueue(run, "train",
                       (run.config, run.reference,
@@ -524,12 +535,14 @@ class Driver:
         for task in run.tasks:
             if task.node and task.node not in nodes.setdefault(task.stage, []):
                 nodes[task.stage].append(task.node)
-        self.tracker.set_tags(run.run_id, {"estimate_valid": str(valid).lower(),
-                                           "stage": "finished",
-                                           "nodes": json.dumps(nodes, sort_keys=True)})
+        # Artifacts before the "finished" tag: a plot the driver cannot read (a work directory
+        # it does not see) fails the job without leaving it tagged finished.
         self.tracker.log_bytes(run.run_id, trained.checkpoint, "checkpoint/flow.pt")
         for path in estimates.plots.values():
             self.tracker.log_file(run.run_id, path, "plots")
+        self.tracker.set_tags(run.run_id, {"estimate_valid": str(valid).lower(),
+                                           "stage": "finished",
+                                           "nodes": json.dumps(nodes, sort_keys=True)})
 
     def _fail(self, run: JobRun, message: str, trace: str) -> None:
         if run.stage == "failed":

@@ -23,7 +23,7 @@ _FREE_ENERGIES = tuple(f"delta_f_{method}{per}{err}" for method in ("lfep", "lba
 KEY_METRICS = ("delta_f", "delta_f_err", "reference_delta_f", "reference_delta_f_err",
                *_FREE_ENERGIES, "ess", "ess_backward", "nll", "forward_kl",
                "mode_weight_error", "time_reference", "time_train", "time_sample", "time_energy",
-               "energy_evaluations")
+               "time_estimate", "energy_evaluations")
 # Params that say what a job computes, shown next to the grid axes where a job records them.
 KEY_PARAMS = ("molecules", "base_temperature_k", "target_temperature_k")
 STATE_OF_STATUS = {FINISHED: "finished", RUNNING: "running", FAILED: "failed", KILLED: "failed"}

@@ -186,7 +186,7 @@ class JobConfig(Strict):
     training: TrainingSettings = TrainingSettings()
     sampling: SamplingSettings = SamplingSettings()
     energy: EnergySettings = EnergySettings()
-    inject_failure: Literal["reference", "train", "sample", "energy"] | None = Field(
+    inject_failure: Literal["reference", "train", "sample", "energy", "estimate"] | None = Field(
         default=None, description="raise on purpose in this stage (tests failure handling)"
     )
 
@@ -238,7 +238,7 @@ class CampaignSpec(Strict):
     training: TrainingSettings = TrainingSettings()
     sampling: SamplingSettings = SamplingSettings()
     energy: EnergySettings = EnergySettings()
-    inject_failure: Literal["reference", "train", "sample", "energy"] | None = None
+    inject_failure: Literal["reference", "train", "sample", "energy", "estimate"] | None = None
     grid: dict[str, Any] | list[dict[str, Any]] = Field(default_factory=dict)
     resources: Resources = Resources()
     fault_tolerance: FaultTolerance = FaultTolerance()
