@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -73,7 +74,7 @@ def cluster(n_nodes: int) -> list:
 
 
 def scale_out(n_jobs: int, work: Path) -> dict:
-    seconds, records = {}, {}
+    seconds, records, spans = {}, {}, {}
     for n_nodes in (1, 2):
         nodes = cluster(n_nodes)
         try:
@@ -85,14 +86,47 @@ def scale_out(n_jobs: int, work: Path) -> dict:
         if done.returncode != 0:
             raise SystemExit(f"launch on {n_nodes} node(s) failed:\n{done.stderr[-3000:]}")
         record = _sum_metric(work, f"bench{n_nodes}", "time_record")
+        busy = _node_busy(work, f"bench{n_nodes}")
         print(f"{n_nodes} node(s): {done.stdout.strip().splitlines()[0]}; wall {elapsed:.1f} s; "
-              f"driver's MLflow logging {record:.1f} s in all", flush=True)
+              f"driver's MLflow logging {record:.1f} s in all; per node, seconds with at least "
+              f"one task running / span from first task to last: {busy}", flush=True)
         seconds[n_nodes] = elapsed
         records[n_nodes] = record
+        spans[n_nodes] = busy
     return {"jobs": n_jobs, "seconds_one_node": seconds[1], "seconds_two_nodes": seconds[2],
             "speedup": seconds[1] / seconds[2],
             "driver_record_seconds_one_node": records[1],
-            "driver_record_seconds_two_nodes": records[2]}
+            "driver_record_seconds_two_nodes": records[2],
+            "node_busy_one_node": spans[1], "node_busy_two_nodes": spans[2]}
+
+
+def _node_busy(work: Path, experiment: str) -> dict[str, str]:
+    """Per Ray node: seconds in which at least one of the campaign's tasks ran on it, against
+    the span from the campaign's first task start to its last task end (from each job's
+    ``tasks.json``). A node busy for less than the span waited for work."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment).experiment_id
+    intervals: dict[str, list[tuple[float, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in client.search_runs([exp], "tags.campaign_role = 'job'", max_results=1000):
+            path = client.download_artifacts(run.info.run_id, "tasks.json", tmp)
+            for task in json.loads(Path(path).read_text()):
+                if task["start"] is not None and task["end"] is not None:
+                    intervals.setdefault(task["node"][:8], []).append((task["start"],
+                                                                       task["end"]))
+    first = min(a for spans in intervals.values() for a, _ in spans)
+    last = max(b for spans in intervals.values() for _, b in spans)
+    out = {}
+    for node, spans in sorted(intervals.items()):
+        busy, reach = 0.0, -math.inf
+        for a, b in sorted(spans):  # length of the union of the intervals
+            if b > reach:
+                busy += b - max(a, reach)
+                reach = b
+        out[node] = f"{busy:.1f}/{last - first:.1f}"
+    return out
 
 
 def _sum_metric(work: Path, experiment: str, key: str) -> float:

@@ -32,7 +32,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,11 @@ class TaskRecord:
     @property
     def overhead(self) -> float:
         return (self.start - self.submitted) + (self.seen - self.end)
+
+    def as_json(self) -> dict[str, Any]:
+        """Its fields, times in unix seconds, null where the task never got that far."""
+        return {key: (None if isinstance(value, float) and not math.isfinite(value) else value)
+                for key, value in asdict(self).items()}
 
 
 @dataclass
@@ -538,6 +543,8 @@ class Driver:
         # Artifacts before the "finished" tag: a plot the driver cannot read (a work directory
         # it does not see) fails the job without leaving it tagged finished.
         self.tracker.log_bytes(run.run_id, trained.checkpoint, "checkpoint/flow.pt")
+        self.tracker.log_text(run.run_id, json.dumps([task.as_json() for task in run.tasks],
+                                                     indent=1), "tasks.json")
         for path in estimates.plots.values():
             self.tracker.log_file(run.run_id, path, "plots")
         self.tracker.set_tags(run.run_id, {"estimate_valid": str(valid).lower(),

@@ -93,7 +93,7 @@ def test_launch_records_results_and_failure(campaign_dir: Path,
     done = next(row for row in rows if row["status"] == "FINISHED")
     finished = client.get_run(done["run_id"])
     names = {a.path for a in client.list_artifacts(done["run_id"])}
-    assert {"resolved_spec.yaml", "checkpoint", "plots"} <= names
+    assert {"resolved_spec.yaml", "checkpoint", "plots", "tasks.json"} <= names
     plots = {a.path for a in client.list_artifacts(done["run_id"], "plots")}
     assert plots == {"plots/log_weights.png", "plots/marginals.png"}
     # Drawn by the sampler actor into the work directory; the driver logged the files.
