@@ -2,7 +2,7 @@
 
 Each job goes through the stages reference (MCMC actor) -> train (Trainer) -> sample (Sampler)
 -> energy (EnergyEvaluator pool, in chunks) -> estimate (Sampler: estimates, and plots written
-to the work directory) -> record (here: MLflow, the driver's only heavy work). A small
+to the work directory) -> record (here: MLflow writes). A small
 scheduler over ``ray.wait`` hands a stage to an idle actor of its role; jobs interleave, so all
 actors stay busy while any job has work for them. Stage results travel between actors as object
 references; the driver fetches only what it records.
@@ -503,8 +503,8 @@ class Driver:
         self.tracker.log_text(run.run_id, _yaml(run.config), "resolved_spec.yaml")
 
     def _record(self, run: JobRun, reference: pipeline.ReferenceData,
-                estimates: pipeline.EstimateReport, trained: pipeline.TrainedFlow) -> None:
-        metrics = dict(estimates.metrics)
+                report: pipeline.EstimateReport, trained: pipeline.TrainedFlow) -> None:
+        metrics = dict(report.metrics)
         for stage, key in (("reference", "time_reference"), ("train", "time_train"),
                            ("sample", "time_sample"), ("energy", "time_energy"),
                            ("estimate", "time_estimate")):
@@ -528,10 +528,10 @@ class Driver:
         self.tracker.log_metrics(run.run_id, metrics)
         self.tracker.log_series(run.run_id, "train_loss", trained.losses)
         self.tracker.log_params(run.run_id, {
-            "estimand": estimates.notes["estimand"],
-            "reference_method": estimates.notes["reference_method"],
-            "estimator": estimates.notes["estimator"],
-            "nll_convention": estimates.notes["nll_convention"],
+            "estimand": report.notes["estimand"],
+            "reference_method": report.notes["reference_method"],
+            "estimator": report.notes["estimator"],
+            "nll_convention": report.notes["nll_convention"],
             "reference_ladder": ",".join(f"{t:.6g}" for t in reference.ladder),
             **({"checkpoint_path": trained.checkpoint_path} if trained.checkpoint_path else {}),
         })
@@ -545,7 +545,7 @@ class Driver:
         self.tracker.log_bytes(run.run_id, trained.checkpoint, "checkpoint/flow.pt")
         self.tracker.log_text(run.run_id, json.dumps([task.as_json() for task in run.tasks],
                                                      indent=1), "tasks.json")
-        for path in estimates.plots.values():
+        for path in report.plots.values():
             self.tracker.log_file(run.run_id, path, "plots")
         self.tracker.set_tags(run.run_id, {"estimate_valid": str(valid).lower(),
                                            "stage": "finished",
