@@ -25,7 +25,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from boltzgen._files import write_atomically
 from boltzgen.estimators import (
     importance_free_energy,
     kish_ess_fraction,
@@ -546,20 +546,14 @@ class _Progress:
 
     def save(self, content: dict[str, Any]) -> None:
         assert self.path is not None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.path.with_name(f".{PROGRESS_FILE}.{os.getpid()}")
-        torch.save({**content, "config": self.key}, staging)
-        os.replace(staging, self.path)
+        write_atomically(self.path, lambda staging: torch.save({**content, "config": self.key},
+                                                               staging))
 
 
 def _save_checkpoint(data: bytes, directory: str) -> str:
     """Write ``data`` to <directory>/flow.pt atomically (a temporary name, then rename)."""
-    folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = folder / f".flow.pt.{os.getpid()}"
-    staging.write_bytes(data)
-    os.replace(staging, folder / "flow.pt")
-    return str(folder / "flow.pt")
+    return str(write_atomically(Path(directory) / "flow.pt", lambda staging:
+                                staging.write_bytes(data)))
 
 
 def load_flow(checkpoint: bytes) -> torch.nn.Module:

@@ -5,13 +5,13 @@ the caller saves them (``fig.savefig(path)``) or logs them.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from boltzgen._files import write_atomically
 from boltzgen.estimators import kish_ess_fraction
 
 _BINS = 60
@@ -28,17 +28,11 @@ def save_figures(figures: dict[str, Figure], directory: str | Path) -> dict[str,
 
     Each file is written under a temporary name and renamed, so that a reader (the driver,
     logging it) never sees half a file, and a task run again overwrites whole files."""
-    out_dir = Path(directory)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, figure in figures.items():
-        path = out_dir / name
-        partial = out_dir / f".{name}.{os.getpid()}.partial"
-        try:
-            figure.savefig(partial, format="png")
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+        path = write_atomically(Path(directory) / name,
+                                lambda staging, figure=figure: figure.savefig(staging,
+                                                                              format="png"))
         paths[name] = str(path)
     return paths
 
