@@ -19,6 +19,7 @@ import torch
 
 from boltzgen.flows.rigid import LAYERS, RigidBodyFlow
 from boltzgen.flows.rotation_baseline import RotationVectorSplineFlow
+from boltzgen.flows.sphere import axial_circle_mixture, axial_mixture
 from boltzgen.rigid.bodies import PeriodicBox, RigidLayout
 from boltzgen.rigid.quaternions import random_unit_quaternions, tangent_basis
 
@@ -170,10 +171,11 @@ def test_pinned_coordinates_never_move_and_start_near_identity(name: str,
     # The position layers start at the identity. The S³ layers start a little away from it:
     # the convex-gradient map at a small γ (0.05), so that its Newton inverse is well
     # conditioned; the double Möbius map at |q| = 0.15 and the axial mixture with log-strengths
-    # spread over ±0.5, because at the identity their training cannot start (see
-    # test_fresh_orientation_layers_can_learn); both are within O(0.15², 0.5²) of it.
-    tolerance = {"convex_gradient": 0.15, "double_mobius": 0.05, "axial_mobius": 0.05}.get(
-        name, 1e-12)
+    # spread over ±0.5, and the complex-centre mixture with centres at |w| = 0.1 off the real
+    # axis, because at the identity their training cannot start (see
+    # test_fresh_orientation_layers_can_learn); all are within O(0.15², 0.5², 0.1²) of it.
+    tolerance = {"convex_gradient": 0.15, "double_mobius": 0.05, "axial_mobius": 0.05,
+                 "axial_circle_mobius": 0.05}.get(name, 1e-12)
     assert (q1 - q).abs().max() <= tolerance
     moved = perturb(make_layer(name, layout))
     a2, q2, _ = moved(angles, q)
@@ -183,7 +185,7 @@ def test_pinned_coordinates_never_move_and_start_near_identity(name: str,
         assert torch.equal(a2[:, body], angles[:, body])
 
 
-@pytest.mark.parametrize("name", ["double_mobius", "axial_mobius"])
+@pytest.mark.parametrize("name", ["double_mobius", "axial_mobius", "axial_circle_mobius"])
 def test_fresh_orientation_layers_can_learn(name: str) -> None:
     """At its initialisation a layer gets a gradient, and mixture components are not clones.
 
@@ -192,17 +194,42 @@ def test_fresh_orientation_layers_can_learn(name: str) -> None:
     Either would leave a layer (or K − 1 components) dead however long one trains.
     """
     layout = RigidLayout(1)
-    layer = LAYERS[name](layout, **SMALL, **({"components": 4} if name == "axial_mobius"
-                                             else {}))
+    mixture = name in ("axial_mobius", "axial_circle_mobius")
+    layer = LAYERS[name](layout, **SMALL, **({"components": 4} if mixture else {}))
     _, q = random_state(layout, 256)
     _, _, log_det = layer(None, q)
-    log_det.square().mean().backward()
+    # A maximum-likelihood-like loss for data that favour q_0² (flip-invariant, not uniform);
+    # linear in log_det, because the complex-centre mixture starts within ~1e-9 of the identity.
+    (-(log_det * q[:, 0, 0] ** 2).mean()).backward()
     grad = layer.conditioner.head.bias.grad
     assert float(grad.abs().max()) > 1e-6
-    if name == "axial_mobius":
+    if mixture:  # log-strengths, or the real parts of the centres
         strengths = grad[:4]
         assert float((strengths - strengths.mean()).abs().max()) > 1e-6 * float(
             strengths.abs().max())
+
+
+def test_complex_centre_mixture_extends_the_axial_double_mobius_mixture() -> None:
+    """Real centres w give the axial double Möbius mixture with λ = (1 + w)/(1 − w) (map and
+    log-det to round-off), and with complex centres the pushed-forward density integrates to 1:
+    E_uniform[exp(log|det J⁻¹|)] = 1 within 5 standard errors of the Monte Carlo mean."""
+    g = torch.Generator().manual_seed(5)
+    p = random_unit_quaternions(4000, g)
+    axis = torch.nn.functional.normalize(torch.randn(4, generator=g, dtype=torch.float64), dim=0)
+    real = 0.9 * (2 * torch.rand(4000, 5, generator=g, dtype=torch.float64) - 1)
+    weights = torch.softmax(torch.randn(4000, 5, generator=g, dtype=torch.float64), dim=-1)
+    y_complex, ld_complex = axial_circle_mixture(p, axis, torch.complex(real, 0 * real), weights)
+    y_real, ld_real = axial_mixture(p, axis, torch.log((1 + real) / (1 - real)), weights)
+    assert (y_complex - y_real).abs().max() <= 1e-12
+    assert (ld_complex - ld_real).abs().max() <= 1e-10
+    centres = torch.complex(torch.tensor([0.5, -0.3, 0.1], dtype=torch.float64),
+                            torch.tensor([0.6, 0.2, -0.8], dtype=torch.float64))
+    mix = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    _, log_det_inverse = axial_circle_mixture(random_unit_quaternions(200_000, g), axis,
+                                              centres, mix, inverse=True)
+    density = torch.exp(log_det_inverse)
+    error = float(density.std() / math.sqrt(len(density)))
+    assert abs(float(density.mean()) - 1.0) <= 5 * error
 
 
 # -- composite flows ------------------------------------------------------------------------
@@ -218,6 +245,9 @@ FLOW_CASES = {
     "rigid_double_mobius_single_body": lambda: RigidBodyFlow(RigidLayout(1), "double_mobius",
                                                              n_blocks=2, channels=8, heads=2,
                                                              rotation_layers_per_block=2),
+    "rigid_double_mobius_complex_centres": lambda: RigidBodyFlow(
+        RigidLayout(1), "double_mobius", n_blocks=2, channels=8, heads=2, mixture_components=3,
+        axial_layer="axial_circle_mobius"),
     "rigid_thermal_scaling_box": lambda: RigidBodyFlow(WITH_BOX, "double_mobius", n_blocks=1,
                                                        channels=8, heads=2, attention_blocks=1,
                                                        thermal_scaling=True),

@@ -26,7 +26,7 @@ SPEC = {
     "sampling": {"n_samples": 4000, "energy_batch_size": 2000},
     "grid": {"flow": [
         {"kind": "rigid_body", "rotation_layer": "double_mobius", "n_blocks": 2, "channels": 16,
-         "attention_blocks": 0},
+         "attention_blocks": 0, "axial_layer": "axial_circle_mobius"},
         {"kind": "rigid_body", "rotation_layer": "convex_gradient", "n_blocks": 1,
          "channels": 16, "attention_blocks": 0, "convex_terms": 8},
         {"kind": "rotation_vector_spline", "n_layers": 2, "hidden": 16},

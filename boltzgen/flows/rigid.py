@@ -28,6 +28,9 @@ Layers (the registry :data:`LAYERS` lists them for the conformance tests):
   (:func:`boltzgen.flows.sphere.axial_mixture`); it keeps every body's direction u_j
   orthogonal to a, so its conditioner sees the positions *and* u_j ⊗ u_j of all bodies, which
   makes it a coupling even for a single body;
+- ``axial_circle_mobius``: the same coupling with circle Möbius maps of complex centre on the
+  doubled angle to a (:func:`boltzgen.flows.sphere.axial_circle_mixture`; real centres give
+  ``axial_mobius``);
 - ``convex_gradient``: the projective convex-gradient map with ψ's parameters from a
   conditioner of the positions.
 
@@ -51,6 +54,7 @@ from boltzgen.flows.circle import (
     circular_spline_parameter_count,
 )
 from boltzgen.flows.sphere import (
+    axial_circle_mixture,
     axial_mixture,
     convex_gradient,
     convex_gradient_inverse,
@@ -68,6 +72,9 @@ INITIAL_REFLECTION_NORM = 0.15
 
 INITIAL_LOG_STRENGTH_SPREAD = 0.5
 """Log-strengths of an :class:`AxialMobiusLayer`'s K components start at linspace(−s, s, K)."""
+
+INITIAL_CENTRE_NORM = 0.1
+"""|w| of every centre of an :class:`AxialCircleMobiusLayer` at initialisation."""
 
 
 class BodyAttention(nn.Module):
@@ -308,6 +315,46 @@ class AxialMobiusLayer(_OrientationLayer):
         return self._finish(angles, quaternions, new, log_det)
 
 
+class AxialCircleMobiusLayer(AxialMobiusLayer):
+    """Axial coupling whose angle map mixes circle Möbius maps with *complex* centres.
+
+    Same coupling as :class:`AxialMobiusLayer` (only the angle θ to the fixed axis changes,
+    conditioned on the positions and u_j ⊗ u_j of every body), but each of the K components is
+    the conjugation-symmetrized circle Möbius map of the doubled angle 2θ with a complex centre
+    w (:func:`boltzgen.flows.sphere.axial_circle_mixture`); a real w is the axial double Möbius
+    map. Off-axis centres let a single layer put a mode at any angle to the axis, where real
+    ones can only push mass towards the poles or the equator. The conditioner gives each body
+    K centres w = t / sqrt(1 + |t|²) and K mixture logits.
+    """
+
+    def __init__(self, layout: RigidLayout, axis_index: int = 0, components: int = 4,
+                 channels: int = 32, heads: int = 4, blocks: int = 2) -> None:
+        self.components = check_int("components", components, minimum=1)
+        n_pos = 6 if layout.has_positions else 0
+        _OrientationLayer.__init__(self, layout, n_pos + 16, 3 * self.components, channels,
+                                   heads, blocks)
+        self.register_buffer("axis", fixed_axis(axis_index))
+        # Each component is even in Im w, so a centre on the real axis would get no gradient
+        # towards leaving it; start the K centres at |w| = INITIAL_CENTRE_NORM spread over the
+        # upper half disk instead (distinct, so they also get distinct gradients).
+        phases = math.pi * (torch.arange(self.components, dtype=torch.float64) + 0.5) / (
+            self.components)
+        t = INITIAL_CENTRE_NORM / math.sqrt(1.0 - INITIAL_CENTRE_NORM**2)
+        with torch.no_grad():
+            self.conditioner.head.bias[: self.components] = t * torch.cos(phases)
+            self.conditioner.head.bias[self.components : 2 * self.components] = (
+                t * torch.sin(phases))
+
+    def _map(self, angles, quaternions, inverse):
+        out = self.condition(angles, quaternions)
+        k = self.components
+        raw = torch.complex(out[..., :k], out[..., k : 2 * k])
+        centres = raw / torch.sqrt(1.0 + raw.abs() ** 2)
+        new, log_det = axial_circle_mixture(quaternions, self.axis, centres,
+                                            torch.softmax(out[..., 2 * k :], dim=-1), inverse)
+        return self._finish(angles, quaternions, new, log_det)
+
+
 class ConvexGradientLayer(_OrientationLayer):
     """Projective convex-gradient map; ψ's W, α, γ per body = learned base + conditioner output.
 
@@ -416,11 +463,13 @@ LAYERS: dict[str, type[RigidLayer]] = {
     "circular_spline": CircularSplineLayer,
     "double_mobius": DoubleMobiusLayer,
     "axial_mobius": AxialMobiusLayer,
+    "axial_circle_mobius": AxialCircleMobiusLayer,
     "convex_gradient": ConvexGradientLayer,
 }
 """Every rigid layer; the conformance tests run on each entry."""
 
 ROTATION_LAYERS = ("double_mobius", "convex_gradient")
+AXIAL_LAYERS = {"axial_mobius": AxialMobiusLayer, "axial_circle_mobius": AxialCircleMobiusLayer}
 POSITION_LAYERS = ("circle_mobius", "circular_spline")
 
 
@@ -430,8 +479,9 @@ class RigidBodyFlow(nn.Module):
     Orientation part of a block: for ``rotation_layer = "double_mobius"``
     ``mobius_layers_per_block`` :class:`DoubleMobiusLayer` (conditioned on the positions; for a
     body without positions its reflection point is a free parameter) and
-    ``rotation_layers_per_block`` :class:`AxialMobiusLayer` (each
-    about its own fixed axis, ``mixture_components`` components); for ``"convex_gradient"``,
+    ``rotation_layers_per_block`` axial layers (each about its own fixed axis,
+    ``mixture_components`` components; ``axial_layer`` picks :class:`AxialMobiusLayer`, real
+    centres, or :class:`AxialCircleMobiusLayer`, complex centres); for ``"convex_gradient"``,
     ``rotation_layers_per_block`` :class:`ConvexGradientLayer` (``convex_terms`` terms,
     exponent ``convex_exponent``).
 
@@ -447,7 +497,7 @@ class RigidBodyFlow(nn.Module):
     def __init__(self, layout: RigidLayout, rotation_layer: str = "double_mobius",
                  position_layer: str = "circle_mobius", n_blocks: int = 4,
                  rotation_layers_per_block: int = 1, mobius_layers_per_block: int = 1,
-                 mixture_components: int = 4,
+                 mixture_components: int = 4, axial_layer: str = "axial_mobius",
                  convex_terms: int = 16, convex_exponent: int = 2, n_bins: int = 8,
                  channels: int = 32, heads: int = 4, attention_blocks: int = 2,
                  thermal_scaling: bool = False) -> None:
@@ -460,6 +510,9 @@ class RigidBodyFlow(nn.Module):
         if position_layer not in POSITION_LAYERS:
             raise ValueError(f"position_layer: {position_layer!r} is not allowed; choose one of "
                              f"{', '.join(POSITION_LAYERS)}")
+        if axial_layer not in AXIAL_LAYERS:
+            raise ValueError(f"axial_layer: {axial_layer!r} is not allowed; choose one of "
+                             f"{', '.join(AXIAL_LAYERS)}")
         n_blocks = check_int("n_blocks", n_blocks, minimum=1)
         per_block = check_int("rotation_layers_per_block", rotation_layers_per_block, minimum=1)
         mobius_per_block = check_int("mobius_layers_per_block", mobius_layers_per_block,
@@ -487,8 +540,9 @@ class RigidBodyFlow(nn.Module):
                 layers += [DoubleMobiusLayer(layout, seed=block * mobius_per_block + j,
                                              **attention)
                            for j in range(mobius_per_block)]
-                layers += [AxialMobiusLayer(layout, block * per_block + j, mixture_components,
-                                            **attention) for j in range(per_block)]
+                layers += [AXIAL_LAYERS[axial_layer](layout, block * per_block + j,
+                                                     mixture_components, **attention)
+                           for j in range(per_block)]
             else:
                 layers += [ConvexGradientLayer(layout, convex_terms, convex_exponent,
                                                seed=block * per_block + j, **attention)

@@ -49,12 +49,15 @@ step (implicit differentiation).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from boltzgen.rigid.quaternions import tangent_basis
 
 __all__ = [
     "INVERSE_TOLERANCE",
+    "axial_circle_mixture",
     "axial_mixture",
     "convex_gradient",
     "convex_gradient_inverse",
@@ -255,6 +258,102 @@ def axial_mixture(p: torch.Tensor, axis: torch.Tensor, log_scales: torch.Tensor,
                 root = _monotone_root(h, h_prime, target, singles.min(-1).values,
                                       singles.max(-1).values)
             theta_in = root - (h(root) - theta) / h_prime(root).detach()
+        theta_out = theta_in
+        log_det = -(torch.log(h_prime(theta_in)) + 2.0 * _log_sin_ratio(theta, theta_in, h_prime))
+    y = (side * torch.cos(theta_out))[..., None] * axis + torch.sin(theta_out)[..., None] * u
+    return y, log_det
+
+
+def _axial_frame(p: torch.Tensor, axis: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """p = side · cos θ · a + sin θ · u with θ ∈ [0, π/2]: returns (θ, u, side)."""
+    c = (p * axis).sum(-1)
+    perp = p - c[..., None] * axis
+    u = perp / torch.linalg.vector_norm(perp, dim=-1).clamp_min(1e-300)[..., None]
+    side = torch.where(c < 0, -torch.ones_like(c), torch.ones_like(c))
+    return torch.atan2(torch.linalg.vector_norm(perp, dim=-1), c.abs()), u, side
+
+
+def _half_phase(cos_b: torch.Tensor, sin_b: torch.Tensor, re: torch.Tensor, im: torch.Tensor
+                ) -> torch.Tensor:
+    """φ_w(β) = arg(1 − w e^{−iβ}) ∈ (−π/2, π/2) for w = re + i·im, from cos β and sin β
+    (continuous: the real part 1 − re cos β − im sin β is > 0 for |w| < 1)."""
+    return torch.atan2(re * sin_b - im * cos_b, 1.0 - re * cos_b - im * sin_b)
+
+
+def _lift_derivative(cos_b: torch.Tensor, sin_b: torch.Tensor, re: torch.Tensor,
+                     im: torch.Tensor) -> torch.Tensor:
+    """dh_w/dβ = (1 − |w|²) / |e^{iβ} − w|²."""
+    norm2 = re * re + im * im
+    return (1.0 - norm2) / (1.0 - 2.0 * (re * cos_b + im * sin_b) + norm2)
+
+
+def axial_circle_mixture(p: torch.Tensor, axis: torch.Tensor, centres: torch.Tensor,
+                         weights: torch.Tensor, inverse: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Axial map whose angle map is a mixture of circle Möbius maps with complex centres.
+
+    As in :func:`axial_mixture`, p = ±cos θ a + sin θ u and only θ ∈ [0, π/2] changes. On the
+    doubled angle β = 2θ the axial double Möbius map is the circle Möbius map
+    M_w(z) = (z − w)/(1 − w̄ z) with a *real* centre w (tan θ' = λ tan θ, λ = (1 + w)/(1 − w)),
+    which can move mass only towards the poles ±a or the equator. Here w is complex
+    (Rezende et al. 2020's circle Möbius mixtures), so a component can put a mode at any
+    angle to a. With h_w the increasing lift of M_w fixing β = 0, each component is
+    symmetrized under β -> 2π − β (conjugation),
+
+        g_w(β) = ½ [h_w(β) + 2π − h_w(2π − β)],    G = Σ_k w_k g_{w_k},   θ' = G(2θ)/2,
+
+    so that G fixes 0 and π (the poles and the equator, hence u, the side and the flip
+    symmetry). For real w, g_w = h_w is exactly the axial double Möbius map. g is even in
+    Im w, so a centre must not start on the real axis (its gradient would vanish there).
+    Log-det on S³: log G'(2θ) + 2 log(sin θ' / sin θ), with g_w' = ½[h_w'(β) + h_w'(2π − β)]
+    and h_w'(β) = (1 − |w|²)/|e^{iβ} − w|².
+
+    Inverse: each h_w has a closed-form inverse, so each g_w⁻¹(β') lies between h_w⁻¹(β') and
+    2π − h_w⁻¹(2π − β'), and the mixture's root between the smallest and largest of these over
+    k; :func:`_monotone_root` then solves to machine precision, and one Newton step with
+    autograd on gives the implicit-function gradients. Shapes: p (..., 4), axis (4,), centres
+    complex (..., K) with |w| < 1, weights (..., K) (normalized).
+    """
+    theta, u, side = _axial_frame(p, axis)
+    re, im = centres.real, centres.imag
+    phase_at_zero = torch.atan2(-im, 1.0 - re)  # φ_w(0)
+
+    # Real arithmetic throughout (complex tensors are several times slower here). With
+    # h_w(β) = β + 2 [φ_w(β) − φ_w(0)] and cos, sin even and odd under β -> 2π − β:
+    # g_w(β) = β + φ_w(β) − φ_w(2π − β).
+    def h(t: torch.Tensor) -> torch.Tensor:
+        b = 2.0 * t[..., None]
+        cos_b, sin_b = torch.cos(b), torch.sin(b)
+        g = b + _half_phase(cos_b, sin_b, re, im) - _half_phase(cos_b, -sin_b, re, im)
+        return 0.5 * (weights * g).sum(-1)
+
+    def h_prime(t: torch.Tensor) -> torch.Tensor:
+        b = 2.0 * t[..., None]
+        cos_b, sin_b = torch.cos(b), torch.sin(b)
+        return (weights * 0.5 * (_lift_derivative(cos_b, sin_b, re, im)
+                                 + _lift_derivative(cos_b, -sin_b, re, im))).sum(-1)
+
+    def lift_inverse(target: torch.Tensor, re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+        # M_w⁻¹ = M_{−w}: h_w⁻¹(β') = β' + c + 2 φ_{−w}(β' + c) with c = 2 φ_w(0).
+        shifted = target + 2.0 * phase_at_zero.detach()
+        return shifted + 2.0 * _half_phase(torch.cos(shifted), torch.sin(shifted), -re, -im)
+
+    if not inverse:
+        theta_out = h(theta)
+        log_det = torch.log(h_prime(theta)) + 2.0 * _log_sin_ratio(theta_out, theta, h_prime)
+    else:
+        with torch.no_grad():
+            target = 2.0 * theta.detach()[..., None]
+            re_, im_ = re.detach(), im.detach()
+            ends = torch.cat([lift_inverse(target, re_, im_),
+                              2.0 * math.pi - lift_inverse(2.0 * math.pi - target, re_, im_)],
+                             dim=-1)
+            lower = (0.5 * ends.min(-1).values).clamp(0.0, 0.5 * math.pi)
+            upper = (0.5 * ends.max(-1).values).clamp(0.0, 0.5 * math.pi)
+            root = _monotone_root(h, h_prime, theta.detach(), torch.minimum(lower, upper),
+                                  torch.maximum(lower, upper))
+        theta_in = root - (h(root) - theta) / h_prime(root).detach()
         theta_out = theta_in
         log_det = -(torch.log(h_prime(theta_in)) + 2.0 * _log_sin_ratio(theta, theta_in, h_prime))
     y = (side * torch.cos(theta_out))[..., None] * axis + torch.sin(theta_out)[..., None] * u
