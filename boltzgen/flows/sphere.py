@@ -334,10 +334,11 @@ def axial_circle_mixture(p: torch.Tensor, axis: torch.Tensor, centres: torch.Ten
         return (weights * 0.5 * (_lift_derivative(cos_b, sin_b, re, im)
                                  + _lift_derivative(cos_b, -sin_b, re, im))).sum(-1)
 
-    def lift_inverse(target: torch.Tensor, re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+    def lift_inverse(target: torch.Tensor) -> torch.Tensor:
         # M_w⁻¹ = M_{−w}: h_w⁻¹(β') = β' + c + 2 φ_{−w}(β' + c) with c = 2 φ_w(0).
         shifted = target + 2.0 * phase_at_zero.detach()
-        return shifted + 2.0 * _half_phase(torch.cos(shifted), torch.sin(shifted), -re, -im)
+        return shifted + 2.0 * _half_phase(torch.cos(shifted), torch.sin(shifted),
+                                           -re.detach(), -im.detach())
 
     if not inverse:
         theta_out = h(theta)
@@ -345,10 +346,8 @@ def axial_circle_mixture(p: torch.Tensor, axis: torch.Tensor, centres: torch.Ten
     else:
         with torch.no_grad():
             target = 2.0 * theta.detach()[..., None]
-            re_, im_ = re.detach(), im.detach()
-            ends = torch.cat([lift_inverse(target, re_, im_),
-                              2.0 * math.pi - lift_inverse(2.0 * math.pi - target, re_, im_)],
-                             dim=-1)
+            ends = torch.cat([lift_inverse(target),
+                              2.0 * math.pi - lift_inverse(2.0 * math.pi - target)], dim=-1)
             lower = (0.5 * ends.min(-1).values).clamp(0.0, 0.5 * math.pi)
             upper = (0.5 * ends.max(-1).values).clamp(0.0, 0.5 * math.pi)
             root = _monotone_root(h, h_prime, theta.detach(), torch.minimum(lower, upper),
