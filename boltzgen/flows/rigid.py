@@ -280,20 +280,36 @@ def fixed_axis(index: int) -> torch.Tensor:
     return a / torch.linalg.vector_norm(a)
 
 
-class AxialMobiusLayer(_OrientationLayer):
-    """Mixture of ``components`` axial double-Möbius maps about a fixed axis (a coupling on S³).
+class _AxialLayer(_OrientationLayer):
+    """A coupling on S³ that changes only every body's angle θ to a fixed axis: the
+    conditioner sees the positions and u_j ⊗ u_j of every body (all kept by the layer) and
+    gives each body ``outputs_per_component`` × K parameters of a K-component angle map."""
 
-    The conditioner sees the positions and u_j ⊗ u_j of every body (all kept by the layer) and
-    gives each body K log-strengths and K mixture logits. K = 1 is the plain double Möbius
-    map with a closed-form inverse.
-    """
+    outputs_per_component = 2
 
     def __init__(self, layout: RigidLayout, axis_index: int = 0, components: int = 4,
                  channels: int = 32, heads: int = 4, blocks: int = 2) -> None:
         self.components = check_int("components", components, minimum=1)
         n_pos = 6 if layout.has_positions else 0
-        super().__init__(layout, n_pos + 16, 2 * self.components, channels, heads, blocks)
+        super().__init__(layout, n_pos + 16, self.outputs_per_component * self.components,
+                         channels, heads, blocks)
         self.register_buffer("axis", fixed_axis(axis_index))
+
+    def features(self, angles, quaternions):
+        return [position_features(angles, [0, 1, 2], quaternions),
+                axial_features(quaternions, self.axis)]
+
+
+class AxialMobiusLayer(_AxialLayer):
+    """Mixture of ``components`` axial double-Möbius maps about a fixed axis (a coupling on S³).
+
+    Each body gets K log-strengths and K mixture logits. K = 1 is the plain double Möbius map
+    with a closed-form inverse.
+    """
+
+    def __init__(self, layout: RigidLayout, axis_index: int = 0, components: int = 4,
+                 channels: int = 32, heads: int = 4, blocks: int = 2) -> None:
+        super().__init__(layout, axis_index, components, channels, heads, blocks)
         # Identical components get identical gradients (Adam even equalises their step sizes)
         # and would stay identical, a mixture of one. Spread the log-strengths symmetrically
         # about 0 instead: the mixture is then the identity to first order in the spread.
@@ -303,10 +319,6 @@ class AxialMobiusLayer(_OrientationLayer):
                     -INITIAL_LOG_STRENGTH_SPREAD, INITIAL_LOG_STRENGTH_SPREAD, self.components,
                     dtype=torch.float64)
 
-    def features(self, angles, quaternions):
-        return [position_features(angles, [0, 1, 2], quaternions),
-                axial_features(quaternions, self.axis)]
-
     def _map(self, angles, quaternions, inverse):
         out = self.condition(angles, quaternions)
         k = self.components
@@ -315,35 +327,31 @@ class AxialMobiusLayer(_OrientationLayer):
         return self._finish(angles, quaternions, new, log_det)
 
 
-class AxialCircleMobiusLayer(AxialMobiusLayer):
+class AxialCircleMobiusLayer(_AxialLayer):
     """Axial coupling whose angle map mixes circle Möbius maps with *complex* centres.
 
-    Same coupling as :class:`AxialMobiusLayer` (only the angle θ to the fixed axis changes,
-    conditioned on the positions and u_j ⊗ u_j of every body), but each of the K components is
-    the conjugation-symmetrized circle Möbius map of the doubled angle 2θ with a complex centre
-    w (:func:`boltzgen.flows.sphere.axial_circle_mixture`); a real w is the axial double Möbius
+    Same coupling as :class:`AxialMobiusLayer`, but each of the K components is the
+    conjugation-symmetrized circle Möbius map of the doubled angle 2θ with a complex centre w
+    (:func:`boltzgen.flows.sphere.axial_circle_mixture`); a real w is the axial double Möbius
     map. Off-axis centres let a single layer put a mode at any angle to the axis, where real
-    ones can only push mass towards the poles or the equator. The conditioner gives each body
-    K centres w = t / sqrt(1 + |t|²) and K mixture logits.
+    ones can only push mass towards the poles or the equator. Each body gets K centres
+    w = t / sqrt(1 + |t|²) (t from two outputs) and K mixture logits.
     """
+
+    outputs_per_component = 3
 
     def __init__(self, layout: RigidLayout, axis_index: int = 0, components: int = 4,
                  channels: int = 32, heads: int = 4, blocks: int = 2) -> None:
-        self.components = check_int("components", components, minimum=1)
-        n_pos = 6 if layout.has_positions else 0
-        _OrientationLayer.__init__(self, layout, n_pos + 16, 3 * self.components, channels,
-                                   heads, blocks)
-        self.register_buffer("axis", fixed_axis(axis_index))
+        super().__init__(layout, axis_index, components, channels, heads, blocks)
         # Each component is even in Im w, so a centre on the real axis would get no gradient
         # towards leaving it; start the K centres at |w| = INITIAL_CENTRE_NORM spread over the
         # upper half disk instead (distinct, so they also get distinct gradients).
-        phases = math.pi * (torch.arange(self.components, dtype=torch.float64) + 0.5) / (
-            self.components)
+        k = self.components
+        phases = math.pi * (torch.arange(k, dtype=torch.float64) + 0.5) / k
         t = INITIAL_CENTRE_NORM / math.sqrt(1.0 - INITIAL_CENTRE_NORM**2)
         with torch.no_grad():
-            self.conditioner.head.bias[: self.components] = t * torch.cos(phases)
-            self.conditioner.head.bias[self.components : 2 * self.components] = (
-                t * torch.sin(phases))
+            self.conditioner.head.bias[:k] = t * torch.cos(phases)
+            self.conditioner.head.bias[k : 2 * k] = t * torch.sin(phases)
 
     def _map(self, angles, quaternions, inverse):
         out = self.condition(angles, quaternions)

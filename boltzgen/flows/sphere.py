@@ -226,12 +226,6 @@ def axial_mixture(p: torch.Tensor, axis: torch.Tensor, log_scales: torch.Tensor,
     Newton step with autograd on (implicit-function gradients). Shapes: p (..., 4), axis (4,),
     log_scales and weights (..., K) (weights already normalized).
     """
-    c = (p * axis).sum(-1)
-    perp = p - c[..., None] * axis
-    s = torch.linalg.vector_norm(perp, dim=-1)
-    u = perp / s.clamp_min(1e-300)[..., None]
-    side = torch.where(c < 0, -torch.ones_like(c), torch.ones_like(c))
-    theta = torch.atan2(s, c.abs())
     lam = torch.exp(log_scales)
 
     def h(t: torch.Tensor) -> torch.Tensor:
@@ -242,36 +236,52 @@ def axial_mixture(p: torch.Tensor, axis: torch.Tensor, log_scales: torch.Tensor,
         cos2, sin2 = (torch.cos(t) ** 2)[..., None], (torch.sin(t) ** 2)[..., None]
         return (weights * lam / (cos2 + lam**2 * sin2)).sum(-1)
 
+    def bracket(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Component k alone inverts to θ_k = atan2(sin θ' / λ_k, cos θ'); the mixture's root
+        # lies between the smallest and the largest θ_k (each term is increasing).
+        singles = torch.atan2(torch.sin(target)[..., None] / lam.detach(),
+                              torch.cos(target)[..., None])
+        return singles.min(-1).values, singles.max(-1).values
+
+    def closed_inverse(target: torch.Tensor) -> torch.Tensor:
+        return torch.atan2(torch.sin(target) / lam[..., 0], torch.cos(target))
+
+    return _axial_angle_map(p, axis, h, h_prime, bracket, inverse,
+                            closed_inverse if log_scales.shape[-1] == 1 else None)
+
+
+def _axial_angle_map(p: torch.Tensor, axis: torch.Tensor, h, h_prime, bracket, inverse: bool,
+                     closed_inverse=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply an increasing angle map θ' = h(θ) of [0, π/2] (fixing 0 and π/2) to
+    p = side · cos θ · a + sin θ · u, keeping u and the side; returns (y, log|det J|) on S³,
+    log h'(θ) + 2 log(sin θ' / sin θ).
+
+    Inverse: ``closed_inverse(θ')`` if given, else :func:`_monotone_root` in the bracket
+    ``bracket(θ')`` (evaluated without gradients) and one Newton step with autograd on
+    (implicit-function gradients).
+    """
+    c = (p * axis).sum(-1)
+    perp = p - c[..., None] * axis
+    s = torch.linalg.vector_norm(perp, dim=-1)
+    u = perp / s.clamp_min(1e-300)[..., None]
+    side = torch.where(c < 0, -torch.ones_like(c), torch.ones_like(c))
+    theta = torch.atan2(s, c.abs())
     if not inverse:
         theta_out = h(theta)
         log_det = torch.log(h_prime(theta)) + 2.0 * _log_sin_ratio(theta_out, theta, h_prime)
     else:
-        if log_scales.shape[-1] == 1:
-            theta_in = torch.atan2(torch.sin(theta) / lam[..., 0], torch.cos(theta))
+        if closed_inverse is not None:
+            theta_in = closed_inverse(theta)
         else:
             with torch.no_grad():
-                # Component k alone inverts to θ_k = atan2(sin θ' / λ_k, cos θ'); the mixture's
-                # root lies between the smallest and the largest θ_k (each term is increasing).
                 target = theta.detach()
-                singles = torch.atan2((torch.sin(target)[..., None] / lam.detach()),
-                                      torch.cos(target)[..., None])
-                root = _monotone_root(h, h_prime, target, singles.min(-1).values,
-                                      singles.max(-1).values)
+                lower, upper = bracket(target)
+                root = _monotone_root(h, h_prime, target, lower, upper)
             theta_in = root - (h(root) - theta) / h_prime(root).detach()
         theta_out = theta_in
         log_det = -(torch.log(h_prime(theta_in)) + 2.0 * _log_sin_ratio(theta, theta_in, h_prime))
     y = (side * torch.cos(theta_out))[..., None] * axis + torch.sin(theta_out)[..., None] * u
     return y, log_det
-
-
-def _axial_frame(p: torch.Tensor, axis: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """p = side · cos θ · a + sin θ · u with θ ∈ [0, π/2]: returns (θ, u, side)."""
-    c = (p * axis).sum(-1)
-    perp = p - c[..., None] * axis
-    u = perp / torch.linalg.vector_norm(perp, dim=-1).clamp_min(1e-300)[..., None]
-    side = torch.where(c < 0, -torch.ones_like(c), torch.ones_like(c))
-    return torch.atan2(torch.linalg.vector_norm(perp, dim=-1), c.abs()), u, side
 
 
 def _half_phase(cos_b: torch.Tensor, sin_b: torch.Tensor, re: torch.Tensor, im: torch.Tensor
@@ -315,7 +325,6 @@ def axial_circle_mixture(p: torch.Tensor, axis: torch.Tensor, centres: torch.Ten
     autograd on gives the implicit-function gradients. Shapes: p (..., 4), axis (4,), centres
     complex (..., K) with |w| < 1, weights (..., K) (normalized).
     """
-    theta, u, side = _axial_frame(p, axis)
     re, im = centres.real, centres.imag
     phase_at_zero = torch.atan2(-im, 1.0 - re)  # φ_w(0)
 
@@ -340,23 +349,15 @@ def axial_circle_mixture(p: torch.Tensor, axis: torch.Tensor, centres: torch.Ten
         return shifted + 2.0 * _half_phase(torch.cos(shifted), torch.sin(shifted),
                                            -re.detach(), -im.detach())
 
-    if not inverse:
-        theta_out = h(theta)
-        log_det = torch.log(h_prime(theta)) + 2.0 * _log_sin_ratio(theta_out, theta, h_prime)
-    else:
-        with torch.no_grad():
-            target = 2.0 * theta.detach()[..., None]
-            ends = torch.cat([lift_inverse(target),
-                              2.0 * math.pi - lift_inverse(2.0 * math.pi - target)], dim=-1)
-            lower = (0.5 * ends.min(-1).values).clamp(0.0, 0.5 * math.pi)
-            upper = (0.5 * ends.max(-1).values).clamp(0.0, 0.5 * math.pi)
-            root = _monotone_root(h, h_prime, theta.detach(), torch.minimum(lower, upper),
-                                  torch.maximum(lower, upper))
-        theta_in = root - (h(root) - theta) / h_prime(root).detach()
-        theta_out = theta_in
-        log_det = -(torch.log(h_prime(theta_in)) + 2.0 * _log_sin_ratio(theta, theta_in, h_prime))
-    y = (side * torch.cos(theta_out))[..., None] * axis + torch.sin(theta_out)[..., None] * u
-    return y, log_det
+    def bracket(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        doubled = 2.0 * target[..., None]
+        ends = torch.cat([lift_inverse(doubled),
+                          2.0 * math.pi - lift_inverse(2.0 * math.pi - doubled)], dim=-1)
+        lower = (0.5 * ends.min(-1).values).clamp(0.0, 0.5 * math.pi)
+        upper = (0.5 * ends.max(-1).values).clamp(0.0, 0.5 * math.pi)
+        return torch.minimum(lower, upper), torch.maximum(lower, upper)
+
+    return _axial_angle_map(p, axis, h, h_prime, bracket, inverse)
 
 
 def _monotone_root(h, h_prime, target: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
