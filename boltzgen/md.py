@@ -85,6 +85,20 @@ class MDTrajectory:
     reused: bool  # True when the entry was already in the cache
 
 
+def held_out_blocks(blocks: int, holdout_fraction: float) -> list[bool]:
+    """Which of ``blocks`` contiguous blocks of a run are held out: block i when
+    floor((i + 1) h) > floor(i h), h = ``holdout_fraction`` (about h · blocks of them, spread
+    evenly through the run and ending with a held-out block). ValueError naming
+    ``holdout_blocks`` when that leaves no training block or no held-out block."""
+    held_out = [math.floor((i + 1) * holdout_fraction) > math.floor(i * holdout_fraction)
+                for i in range(blocks)]
+    if all(held_out) or not any(held_out):
+        raise ValueError(f"holdout_blocks: {blocks} blocks with holdout_fraction "
+                         f"{holdout_fraction:g} leave no training block or no held-out block; "
+                         "use more blocks")
+    return held_out
+
+
 def cache_key(system: Any, protocol: MDProtocol) -> str:
     """sha256 of the system's kind and parameters and the protocol (16 hex digits)."""
     text = json.dumps({"system": system.kind, "parameters": system.parameters(),

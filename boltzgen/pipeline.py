@@ -44,7 +44,7 @@ from boltzgen.estimators import (
 )
 from boltzgen.flows import build_flow
 from boltzgen.mcmc import decorrelated, replica_exchange
-from boltzgen.md import MDProtocol, cache_key, cached_md
+from boltzgen.md import MDProtocol, cache_key, cached_md, held_out_blocks
 from boltzgen.openmm_bridge import OpenMMEvaluator
 from boltzgen.states import AnalyticBase, NormalBase, ThermodynamicBase, UniformBase
 from boltzgen.systems import System, make_system
@@ -321,10 +321,11 @@ def _md_reference(config: Mapping[str, Any], problem: Problem, start: float, wor
     seed = stage_seed(config, "reference")
     target_k = int(np.argmin(np.abs(ladder - problem.temperature)))
     base_k = int(np.argmin(np.abs(ladder - problem.base.temperature)))
+    blocks = ref.get("holdout_blocks") or 1
     target_train, target_test, _, target_pot = _time_split(runs[target_k],
-                                                           ref["holdout_fraction"])
-    base_train, base_test, base_train_pot, base_pot = _time_split(runs[base_k],
-                                                                  ref["holdout_fraction"])
+                                                           ref["holdout_fraction"], blocks)
+    base_train, base_test, base_train_pot, base_pot = _time_split(
+        runs[base_k], ref["holdout_fraction"], blocks)
     f_k, df_k = mbar_ladder([p for _, p, _ in per_state], ladder.tolist(),
                             system.boltzmann_constant, n_bootstraps=ref["n_bootstraps"], seed=seed)
     diagnostics = {
@@ -348,20 +349,47 @@ def _md_reference(config: Mapping[str, Any], problem: Problem, start: float, wor
     )
 
 
-def _time_split(run: Any, holdout_fraction: float
+def _time_split(run: Any, holdout_fraction: float, blocks: int = 1
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train x, test x, train U, test U) of one MD run, split in time.
 
-    Training frames: the first (1 − h) of the run, every frame (correlated frames are still
-    samples of the ensemble, and more distinct ones help the fit). Held-out frames: the last h,
-    subsampled by their statistical inefficiency so that estimators that assume independent
-    samples get honest error bars, and never adjacent in time to a training frame.
+    ``blocks = 1``: training frames are the first (1 − h) of the run, held-out frames the last
+    h. ``blocks = B > 1``: the run is cut into B contiguous blocks and block i is held out when
+    floor((i + 1) h) > floor(i h), so that held-out and training blocks alternate through the
+    run and both see its slow fluctuations (a drifting run otherwise trains the flow on one
+    part of phase space and tests it on another).
+
+    Training frames: every frame of the training part (correlated frames are still samples of
+    the ensemble, and more distinct ones help the fit). Held-out frames: every ceil(g)-th frame
+    of the held-out part, g the statistical inefficiency of the potential (pymbar), so that
+    estimators that assume independent samples get honest error bars; a held-out block also
+    drops its first and last ceil(g) frames where they touch a training block, so that no
+    held-out frame is within one correlation time of a training frame.
     """
     x, u = run.flow_coordinates, run.potential_kj_per_mol
-    n_test = min(len(x) - 1, max(1, int(round(len(x) * holdout_fraction))))
-    cut = len(x) - n_test
-    test_x, test_u, _ = decorrelated(x[None, cut:], u[None, cut:])
-    return x[:cut], test_x, u[:cut], test_u
+    if blocks <= 1:
+        n_test = min(len(x) - 1, max(1, int(round(len(x) * holdout_fraction))))
+        cut = len(x) - n_test
+        test_x, test_u, _ = decorrelated(x[None, cut:], u[None, cut:])
+        return x[:cut], test_x, u[:cut], test_u
+    edges = np.linspace(0, len(x), blocks + 1).round().astype(int)
+    held_out = held_out_blocks(blocks, holdout_fraction)
+    stride = int(np.ceil(decorrelated(x[None], u[None])[2]))
+    train_idx: list[np.ndarray] = []
+    test_idx: list[np.ndarray] = []
+    for i in range(blocks):
+        lo, hi = int(edges[i]), int(edges[i + 1])
+        if not held_out[i]:
+            train_idx.append(np.arange(lo, hi))
+            continue
+        lo += stride if i > 0 and not held_out[i - 1] else 0
+        hi -= stride if i < blocks - 1 and not held_out[i + 1] else 0
+        test_idx.append(np.arange(lo, hi, stride))
+    train, test = np.concatenate(train_idx), np.concatenate(test_idx)
+    if len(test) == 0:
+        raise ValueError(f"reference.holdout_blocks: {blocks} blocks of {len(x)} frames are "
+                         f"shorter than two correlation times ({stride} frames each); use fewer")
+    return x[train], x[test], u[train], u[test]
 
 
 def _split(

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from boltzgen.flows import build_flow
-from boltzgen.md import MDProtocol
+from boltzgen.md import MDProtocol, held_out_blocks
 from boltzgen.systems import make_system
 from campaign.errors import SpecError
 from campaign.spec import (
@@ -262,6 +262,10 @@ def _check_science(config: JobConfig) -> None:
                         "implemented; use 'exact' or 'md'")
     if config.reference.sampler == "md":
         _check_md(config, system)
+    elif config.reference.holdout_blocks is not None:
+        raise SpecError("reference.holdout_blocks", config.reference.holdout_blocks,
+                        "interleaved held-out blocks split MD runs; leave it out for "
+                        f"sampler '{config.reference.sampler}'")
     if config.energy.backend == "openmm" and not system.supports_openmm():
         raise SpecError("energy.backend", "openmm", f"system '{system.kind}' has no OpenMM "
                         "form; use torch")
@@ -303,6 +307,12 @@ def _check_md(config: JobConfig, system: Any) -> None:
     except ValueError as exc:
         field, _, detail = str(exc).partition(": ")
         raise SpecError(f"reference.md.{field}", detail=detail) from None
+    if config.reference.holdout_blocks is not None:
+        try:
+            held_out_blocks(config.reference.holdout_blocks, config.reference.holdout_fraction)
+        except ValueError as exc:
+            raise SpecError("reference.holdout_blocks", config.reference.holdout_blocks,
+                            str(exc).partition(": ")[2]) from None
 
 
 def _science_error(exc: Exception, section: str) -> SpecError:

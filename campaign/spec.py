@@ -125,7 +125,7 @@ class ReferenceSettings(Strict):
     directory, and MBAR over them gives the reference ΔF.
     """
 
-    _left_out_when_unset = ("md",)
+    _left_out_when_unset = ("md", "holdout_blocks")
 
     sampler: Literal["mcmc", "exact", "md"] = "mcmc"
     n_exact_samples: PositiveInt = 20000
@@ -141,6 +141,10 @@ class ReferenceSettings(Strict):
     n_bootstraps: NonNegativeInt = 50
     mbar_max_samples_per_state: PositiveInt = 2000
     holdout_fraction: Fraction = 0.5
+    holdout_blocks: PositiveInt | None = Field(
+        default=None, description="md only: cut each run into this many blocks and hold out "
+        "every block i with floor((i+1) h) > floor(i h), h = holdout_fraction (interleaved); "
+        "unset or 1: the last h of the run")
 
 
 class FlowSettings(BaseModel):

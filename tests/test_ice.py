@@ -184,3 +184,36 @@ def test_mbar_refuses_a_ladder_without_overlap() -> None:
     with pytest.raises(RuntimeError, match="do not overlap.*ladder_size"):
         mbar_ladder([rng.normal(-7600, 10, 50), rng.normal(-7000, 20, 50)], [100.0, 250.0],
                     boltzmann_constant=0.0083144626, n_bootstraps=2)
+
+
+def test_interleaved_holdout_alternates_blocks_and_keeps_a_gap() -> None:
+    """holdout_blocks: blocks alternate through the run, held-out frames are every ceil(g)-th
+    and none lies within ceil(g) frames of a training frame; one block is the old time split."""
+    from types import SimpleNamespace
+
+    from boltzgen.mcmc import decorrelated
+    from boltzgen.md import held_out_blocks
+    from boltzgen.pipeline import _time_split
+
+    assert held_out_blocks(10, 0.6) == [False, True, False, True, True, False, True, False,
+                                        True, True]
+    rng = np.random.default_rng(5)
+    u = np.empty(1000)
+    u[0] = 0.0
+    for i in range(1, len(u)):  # AR(1), correlation time ~ 5 frames
+        u[i] = 0.8 * u[i - 1] + rng.normal()
+    x = np.arange(len(u), dtype=np.float64)[:, None]  # the frame index as the coordinate
+    run = SimpleNamespace(flow_coordinates=x, potential_kj_per_mol=u)
+    stride = int(np.ceil(decorrelated(x[None], u[None])[2]))
+    assert stride > 1
+    train_x, test_x, train_u, test_u = _time_split(run, 0.6, blocks=10)
+    train, test = train_x[:, 0].astype(int), test_x[:, 0].astype(int)
+    np.testing.assert_array_equal(train_u, u[train])
+    np.testing.assert_array_equal(test_u, u[test])
+    assert len(train) == 400 and set(train // 100) == {0, 2, 5, 7}
+    assert set(test // 100) == {1, 3, 4, 6, 8, 9}
+    assert np.abs(test[:, None] - train[None, :]).min() >= stride
+    assert set(np.diff(test)) >= {stride}
+    old_train, old_test, _, _ = _time_split(run, 0.6, blocks=1)
+    np.testing.assert_array_equal(old_train[:, 0], np.arange(400))
+    assert old_test[:, 0].min() >= 400

@@ -89,6 +89,15 @@ BAD_SPECS = {
     "md ladder with one rung": (
         {**ICE, "reference": {"sampler": "md", "ladder_size": 1}},
         ["reference.ladder_size", "1", ">= 2"]),
+    "held-out blocks that leave no held-out block": (
+        {**ICE, "reference": {"sampler": "md", "holdout_fraction": 0.1, "holdout_blocks": 5}},
+        ["reference.holdout_blocks", "5", "no held-out block"]),
+    "held-out blocks without md": (
+        {**ICE, "base": {"kind": "uniform"}, "reference": {"sampler": "exact",
+                                                          "holdout_blocks": 4},
+         "system": {"kind": "tetrahedron_field"}, "energy": {"backend": "torch"},
+         "flow": {"kind": "rigid_body", "n_blocks": 1}},
+        ["reference.holdout_blocks", "4", "sampler 'exact'"]),
     "thermal scaling without a thermodynamic base": (
         {**ICE, "base": {"kind": "uniform"}, "reference": {"sampler": "exact"},
          "system": {"kind": "tetrahedron_field"}, "energy": {"backend": "torch"},
