@@ -245,6 +245,10 @@ FLOW_CASES = {
     "rigid_double_mobius_single_body": lambda: RigidBodyFlow(RigidLayout(1), "double_mobius",
                                                              n_blocks=2, channels=8, heads=2,
                                                              rotation_layers_per_block=2),
+    # The tetrahedron spec's convex-gradient flow: one body, a near-polyhedral potential (m = 8).
+    "rigid_convex_gradient_exponent_8": lambda: RigidBodyFlow(
+        RigidLayout(1), "convex_gradient", n_blocks=2, channels=8, heads=2, convex_terms=6,
+        convex_exponent=8),
     "rigid_double_mobius_complex_centres": lambda: RigidBodyFlow(
         RigidLayout(1), "double_mobius", n_blocks=2, channels=8, heads=2, mixture_components=3,
         axial_layer="axial_circle_mobius"),
