@@ -3,7 +3,9 @@
 (a) The same 16 small jobs (double-well and DW4 from the quickstart, fewer steps) on a Ray
     cluster of one node and then of two nodes, each node given one CPU and pinned to its own
     core (``taskset``), so that "one CPU" means one. Each role has one actor per node
-    (0.25 CPU each). Speedup = wall time on one node / wall time on two.
+    (0.25 CPU each). The pair is run ``--rounds`` times, alternating, because the host's speed
+    drifts by tens of percent within minutes; speedup = median wall time on one node / median
+    on two. ``--full-size``: the quickstart's own steps (about 3.5x the work per job).
 (b) Recovery: on the two-node cluster, a campaign of 2 jobs with long training; the trainer
     process of one is SIGKILLed mid-training; reported is the time from the kill to the
     retried training task starting work on a restarted actor (the job's
@@ -11,7 +13,8 @@
 
 Both in one invocation, so the ratio is measured under the same machine load.
 
-    python bench/bench_cluster.py [--jobs 16] [--out bench/results/cluster.json]
+    python bench/bench_cluster.py [--jobs 16] [--rounds 2] [--full-size]
+        [--out bench/results/cluster.json]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,13 +41,14 @@ from tests.ray_nodes import ray_env, start_node  # noqa: E402
 CAMPAIGN = str(Path(sys.executable).with_name("campaign"))
 
 
-def spec_data(n_jobs: int, nodes: int, name: str) -> dict:
+def spec_data(n_jobs: int, nodes: int, name: str, full_size: bool = False) -> dict:
     data = yaml.safe_load((ROOT / "specs" / "quickstart.yaml").read_text())
     data["name"] = name
     data["tracking"] = {"experiment": name}
-    data["reference"].update(n_steps=800, burn_in=200)
-    data["training"]["steps"] = 200
-    data["sampling"].update(n_samples=4000, energy_batch_size=2000)
+    if not full_size:
+        data["reference"].update(n_steps=800, burn_in=200)
+        data["training"]["steps"] = 200
+        data["sampling"].update(n_samples=4000, energy_batch_size=2000)
     # DW4's base is at 1.5 (a target there would be ΔF = 0): skip it.
     temperatures = [t for t in (round(0.8 + 0.1 * k, 2) for k in range(n_jobs)) if t != 1.5]
     temperatures = temperatures[:n_jobs // 2]
@@ -73,37 +78,49 @@ def cluster(n_nodes: int) -> list:
     return nodes
 
 
-def scale_out(n_jobs: int, work: Path) -> dict:
-    seconds, records, spans = {}, {}, {}
-    for n_nodes in (1, 2):
-        nodes = cluster(n_nodes)
-        try:
-            elapsed, done = launch(spec_data(n_jobs, n_nodes, f"bench{n_nodes}"),
-                                   nodes[0].address, work)
-        finally:
-            for node in reversed(nodes):
-                node.stop()
-        if done.returncode != 0:
-            raise SystemExit(f"launch on {n_nodes} node(s) failed:\n{done.stderr[-3000:]}")
-        record = _sum_metric(work, f"bench{n_nodes}", "time_record")
-        busy = _node_busy(work, f"bench{n_nodes}")
-        print(f"{n_nodes} node(s): {done.stdout.strip().splitlines()[0]}; wall {elapsed:.1f} s; "
-              f"driver's MLflow logging {record:.1f} s in all; per node, seconds with at least "
-              f"one task running / span from first task to last: {busy}", flush=True)
-        seconds[n_nodes] = elapsed
-        records[n_nodes] = record
-        spans[n_nodes] = busy
-    return {"jobs": n_jobs, "seconds_one_node": seconds[1], "seconds_two_nodes": seconds[2],
-            "speedup": seconds[1] / seconds[2],
+def scale_out(n_jobs: int, work: Path, rounds: int, full_size: bool) -> dict:
+    seconds: dict[int, list[float]] = {1: [], 2: []}
+    outside: dict[int, list[float]] = {1: [], 2: []}
+    records: dict[int, list[float]] = {1: [], 2: []}
+    busy_all: dict[int, list[dict[str, str]]] = {1: [], 2: []}
+    for round_ in range(rounds):
+        for n_nodes in (1, 2):
+            name = f"bench{n_nodes}r{round_}"
+            nodes = cluster(n_nodes)
+            try:
+                elapsed, done = launch(spec_data(n_jobs, n_nodes, name, full_size),
+                                       nodes[0].address, work)
+            finally:
+                for node in reversed(nodes):
+                    node.stop()
+            if done.returncode != 0:
+                raise SystemExit(f"launch on {n_nodes} node(s) failed:\n{done.stderr[-3000:]}")
+            record = _sum_metric(work, name, "time_record")
+            busy, span = _node_busy(work, name)
+            print(f"round {round_}, {n_nodes} node(s): {done.stdout.strip().splitlines()[0]}; "
+                  f"wall {elapsed:.1f} s, of which {elapsed - span:.1f} s outside the span from "
+                  f"the first task's start to the last task's end; driver's MLflow logging "
+                  f"{record:.1f} s in all; per node, seconds with a task running / that span: "
+                  f"{busy}", flush=True)
+            seconds[n_nodes].append(elapsed)
+            outside[n_nodes].append(elapsed - span)
+            records[n_nodes].append(record)
+            busy_all[n_nodes].append(busy)
+    return {"jobs": n_jobs, "job_size": "quickstart" if full_size else "small",
+            "rounds": rounds, "seconds_one_node": seconds[1], "seconds_two_nodes": seconds[2],
+            "speedup": statistics.median(seconds[1]) / statistics.median(seconds[2]),
+            "seconds_outside_task_span_one_node": outside[1],
+            "seconds_outside_task_span_two_nodes": outside[2],
             "driver_record_seconds_one_node": records[1],
             "driver_record_seconds_two_nodes": records[2],
-            "node_busy_one_node": spans[1], "node_busy_two_nodes": spans[2]}
+            "node_busy_one_node": busy_all[1], "node_busy_two_nodes": busy_all[2]}
 
 
-def _node_busy(work: Path, experiment: str) -> dict[str, str]:
+def _node_busy(work: Path, experiment: str) -> tuple[dict[str, str], float]:
     """Per Ray node: seconds in which at least one of the campaign's tasks ran on it, against
     the span from the campaign's first task start to its last task end (from each job's
-    ``tasks.json``). A node busy for less than the span waited for work."""
+    ``tasks.json``), and that span in seconds. A node busy for less than the span waited for
+    work."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
@@ -126,7 +143,7 @@ def _node_busy(work: Path, experiment: str) -> dict[str, str]:
                 busy += b - max(a, reach)
                 reach = b
         out[node] = f"{busy:.1f}/{last - first:.1f}"
-    return out
+    return out, last - first
 
 
 def _sum_metric(work: Path, experiment: str, key: str) -> float:
@@ -194,12 +211,16 @@ def _cmdline(entry: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternating one-node / two-node runs; medians are compared")
+    parser.add_argument("--full-size", action="store_true",
+                        help="the quickstart's own steps per job instead of a quarter of them")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cluster.json")
     args = parser.parse_args()
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("needs 2 cores: each Ray node is pinned to one")
     with tempfile.TemporaryDirectory() as tmp:
-        result = {"scale_out": scale_out(args.jobs, Path(tmp)),
+        result = {"scale_out": scale_out(args.jobs, Path(tmp), args.rounds, args.full_size),
                   "recovery": recovery(Path(tmp))}
     print(json.dumps(result, indent=2))
     print(f"speedup two nodes / one node: {result['scale_out']['speedup']:.2f} (goal >= 1.8); "

@@ -267,7 +267,10 @@ def _table_columns(header: list[str], n_leading: int) -> list[tuple[int, str]]:
 
 def _with_error(value: float, error: float) -> str:
     """``value ± error`` with the error to 2 significant digits and the value to the same
-    decimal place (e.g. -669.47 ± 0.12, -41.8416 ± 0.0074)."""
+    decimal place (e.g. -669.47 ± 0.12, -41.8416 ± 0.0074); an exact value (error 0) to 6
+    significant digits (-4.74037 ± 0)."""
+    if math.isfinite(value) and error == 0:
+        return f"{value:.6g} ± 0"
     if not (math.isfinite(value) and math.isfinite(error)) or error <= 0:
         return f"{_fmt(value)} ± {_fmt(error)}"
     decimals = max(0, 1 - math.floor(math.log10(error)))
