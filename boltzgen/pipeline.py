@@ -465,6 +465,7 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
     flow = problem.build_flow(config["flow"]).to(device)
     generator = torch.Generator().manual_seed(seed)
     training = config["training"]
+    augment = bool(training.get("symmetry_augmentation"))
     evaluations = [0]  # rows sent to the system's energy (OpenMM for molecular systems)
     last: dict[str, torch.Tensor] = {}  # the latest base batch and its known u_A (MD pools)
     if isinstance(problem.base, AnalyticBase):
@@ -472,7 +473,10 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
         def sample_a(n: int) -> torch.Tensor:
             return problem.base.sample(n, generator).to(device)
     else:
-        pool = _tensor(reference.base_train)
+        frames = _tensor(reference.base_train)
+        # With symmetry_augmentation, images of the frames under the crystal's space group;
+        # an image has the frame's potential (U is invariant under the group).
+        pool = SymmetryImages(problem.system, frames) if augment else frames
         pool_u = None if reference.base_train_potential is None else _tensor(
             reference.base_train_potential) / (problem.system.boltzmann_constant
                                                * problem.base.temperature)
@@ -481,7 +485,7 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
             index = torch.randint(len(pool), (n,), generator=generator)
             x = pool[index].to(device)
             if pool_u is not None:  # remember u_A of this batch: no energy call for it
-                last["x"], last["u"] = x, pool_u[index].to(device)
+                last["x"], last["u"] = x, pool_u[index % len(frames)].to(device)
             return x
 
     if (config["flow"].get("thermal_scaling") and isinstance(problem.base, ThermodynamicBase)
@@ -505,6 +509,9 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
     def u_b(y: torch.Tensor) -> torch.Tensor:
         return potential(y) / problem.kt
 
+    target_train = _tensor(reference.target_train).to(device)
+    if augment and len(target_train):
+        target_train = SymmetryImages(problem.system, target_train)
     phases = [(training["objective"], training["steps"])]
     warm = int(training.get("warm_start_steps") or 0)
     if warm and training["objective"] == "reverse_kl":
@@ -533,7 +540,7 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
         result = train_flow(
             flow, objective, steps, training["batch_size"], training["learning_rate"],
             u_a=u_a, u_b=u_b, sample_a=sample_a,
-            data_b=_tensor(reference.target_train).to(device), seed=seed + index,
+            data_b=target_train, seed=seed + index,
             final_learning_rate=training.get("final_learning_rate"),
             resume=saved["state"] if saved is not None and index == first_phase else None,
             checkpoint_every=checkpoint_every, on_checkpoint=save,
@@ -554,6 +561,29 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
     n_parameters = sum(p.numel() for p in flow.parameters() if p.requires_grad)
     return TrainedFlow(buffer.getvalue(), losses, time.perf_counter() - start, skipped,
                        n_parameters, evaluations[0], path, resumed, len(losses) - resumed)
+
+
+class SymmetryImages:
+    """Frames (M, dim) and their images under a system's G symmetry operations, as one set of
+    G M rows indexed like a tensor (row g M + m: image g of frame m), computed per minibatch:
+    memory of M frames, not of G M (an N128 crystal has G = 64)."""
+
+    def __init__(self, system: Any, frames: torch.Tensor) -> None:
+        self.system, self.frames = system, frames
+        self.copies = int(system.symmetry_operation_count)
+        self.ndim = 2
+        self.shape = (self.copies * len(frames), frames.shape[1])
+        self.device = frames.device
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        index = torch.as_tensor(index).cpu()
+        frame, operation = index % len(self.frames), index // len(self.frames)
+        images = self.system.symmetry_images(self.frames[frame.to(self.device)].cpu().numpy(),
+                                             operation.numpy())
+        return torch.as_tensor(images, dtype=self.frames.dtype, device=self.device)
 
 
 class _Progress:

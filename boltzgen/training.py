@@ -62,7 +62,7 @@ def train_flow(
     u_a: Callable[[torch.Tensor], torch.Tensor],
     u_b: Callable[[torch.Tensor], torch.Tensor],
     sample_a: Callable[[int], torch.Tensor] | None,
-    data_b: torch.Tensor | None,
+    data_b: torch.Tensor | Any | None,
     seed: int = 0,
     final_learning_rate: float | None = None,
     grad_clip: float = 10.0,
@@ -107,7 +107,8 @@ def train_flow(
             raise ValueError(
                 "data_b: None is not allowed for objective 'maximum_likelihood'; pass samples of B"
             )
-        if not isinstance(data_b, torch.Tensor) or data_b.ndim != 2 or data_b.shape[0] == 0:
+        # A tensor, or a set indexed like one (pipeline.SymmetryImages computes its rows).
+        if getattr(data_b, "ndim", None) != 2 or data_b.shape[0] == 0:
             raise ValueError(
                 f"data_b: {type(data_b).__name__} of shape {tuple(getattr(data_b, 'shape', ()))} "
                 "is not allowed; need a non-empty (M, dim) tensor"

@@ -212,6 +212,8 @@ class Driver:
                 summary.skipped.append(job)
             else:
                 todo.append(JobRun(job=job, config=job.config_dict))
+        if todo:  # actor processes start (seconds of imports) while MLflow records the launch
+            self.start_actors()
         self.parent_run_id = self.tracker.start_parent(
             f"launch-{time.strftime('%Y%m%d-%H%M%S')}", self.tags,
             {"campaign": self.plan.spec.name, "n_jobs": len(self.plan.jobs),
@@ -224,7 +226,6 @@ class Driver:
         self.progress.start(len(self.plan.jobs), len(summary.skipped))
         try:
             if todo:
-                self.start_actors()
                 for run in todo:
                     self._start_job(run)
                 self._loop(todo, summary)

@@ -7,8 +7,10 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from campaign.cluster import cluster_refusal, ray_address, unreachable_reason
 from campaign.driver import Driver, JobRun, LaunchSummary, Progress
@@ -21,6 +23,8 @@ from campaign.tracking import (
     project_commit,
     resolve_tracking_uri,
 )
+
+T = TypeVar("T")
 
 
 def local_capacity() -> dict[str, float]:
@@ -70,7 +74,10 @@ def check_cluster_resources(plan: Plan, address: str) -> None:
         ray.shutdown()
 
 
-def start_ray(address: str | None) -> None:
+def start_ray(address: str | None, while_starting: Callable[[], T] | None = None) -> T | None:
+    """Join the cluster at ``address`` (after checking that it answers and admits this driver)
+    or start a local instance; meanwhile, in a thread, run ``while_starting`` (e.g. opening
+    the tracking store, which takes seconds for a new SQLite file) and return its result."""
     import ray
 
     if address:
@@ -82,9 +89,14 @@ def start_ray(address: str | None) -> None:
         refusal = cluster_refusal(address)
         if refusal is not None:
             raise SpecError("--address", address, refusal)
-        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    # Only now, with the address admitted, may anything be written.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        opening = pool.submit(while_starting) if while_starting is not None else None
+        if address:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+        return opening.result() if opening is not None else None
 
 
 def launch_plan(plan: Plan, spec_path: Path, address: str | None, tracking_uri: str | None,
@@ -95,14 +107,19 @@ def launch_plan(plan: Plan, spec_path: Path, address: str | None, tracking_uri: 
     if not address:
         check_resources(plan, [local_capacity()], "this machine")
     uri = resolve_tracking_uri(tracking_uri, plan.spec.tracking.uri)
+
+    def open_tracker() -> Tracker:
+        tracker = Tracker(uri, plan.spec.experiment_name, plan.spec.tracking.artifact_location)
+        tracker.experiment_id()  # the first query creates a new store's tables
+        return tracker
+
     # Nothing to run (every job finished before): record the launch, start no Ray.
     all_done = Tracker.store_exists(uri) and _all_finished(plan, uri)
-    if not all_done:
-        start_ray(address)
+    opened = None if all_done else start_ray(address, while_starting=open_tracker)
     try:
         if address and not all_done:
             check_resources(plan, _ray_nodes(), f"the Ray cluster at {address}")
-        tracker = Tracker(uri, plan.spec.experiment_name, plan.spec.tracking.artifact_location)
+        tracker = opened or open_tracker()
         tags = {"campaign": plan.spec.name, "spec_hash": plan.spec_hash,
                 "git_commit": project_commit(), "spec_file": str(spec_path),
                 "ray_address": address or "local", "driver_host": socket.gethostname(),

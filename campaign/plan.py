@@ -287,6 +287,9 @@ def _check_science(config: JobConfig) -> None:
         raise SpecError("training.warm_start_steps", config.training.warm_start_steps,
                         "a maximum-likelihood warm start precedes reverse_kl training; "
                         "leave it out for maximum_likelihood")
+    if config.training.symmetry_augmentation and not system.supports_symmetry_images():
+        raise SpecError("training.symmetry_augmentation", True, f"system '{system.kind}' has "
+                        "no known symmetry operations; allowed only for crystals (ice_xi)")
     if base.kind == "thermodynamic" and config.reference.ladder_size < 2:
         raise SpecError("reference.ladder_size", config.reference.ladder_size,
                         "an MBAR ladder between the base and target temperatures needs >= 2")

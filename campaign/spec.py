@@ -163,7 +163,10 @@ class TrainingSettings(Strict):
     warm_start_steps: PositiveInt | None = Field(
         default=None, description="reverse_kl only: this many maximum-likelihood steps on the "
         "reference's target samples first (its own cosine schedule), then ``steps`` of reverse KL")
-    _left_out_when_unset = ("warm_start_steps",)
+    symmetry_augmentation: bool | None = Field(
+        default=None, description="train on every MD training frame moved by each space-group "
+        "operation of the crystal (ice_xi: 8), as well as on the frame itself")
+    _left_out_when_unset = ("warm_start_steps", "symmetry_augmentation")
 
 
 class SamplingSettings(Strict):

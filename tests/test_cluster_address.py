@@ -62,6 +62,9 @@ def test_launch_joins_existing_cluster(ray_head, tmp_path: Path) -> None:
     address, env = ray_head
     data = copy.deepcopy(TINY_SPEC)
     data["training"]["steps"] = 50
+    data["reference"].update(n_steps=300, burn_in=100)
+    for role in ("trainer", "energy_evaluator"):  # one job: one actor per role is enough
+        data["resources"][role]["count"] = 1
     spec = write_spec(tmp_path, data)
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     proc = subprocess.run([CAMPAIGN, "launch", str(spec), "--address", address, "--format",

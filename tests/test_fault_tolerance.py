@@ -131,10 +131,10 @@ def test_killed_trainer_resumes_from_its_checkpoint_and_survives_a_killed_evalua
     checkpoint_every steps are redone, at least 2 x that were kept). Then, while the resumed
     training runs, SIGKILL of an EnergyEvaluator: the trainer carries on with the live one
     (no further retry of the job), and the job finishes."""
-    every = 20
+    every, steps = 20, 240
     data = copy.deepcopy(TINY_SPEC)
     data["reference"].update(n_steps=300, burn_in=100)
-    data["training"].update(objective="reverse_kl", steps=400, batch_size=256)
+    data["training"].update(objective="reverse_kl", steps=steps, batch_size=256)
     data["energy"] = {"backend": "openmm", "platform": "CPU"}
     data["sampling"].update(n_samples=2000, energy_batch_size=2000)
     data["resources"]["trainer"]["count"] = 1
@@ -174,10 +174,10 @@ def test_killed_trainer_resumes_from_its_checkpoint_and_survives_a_killed_evalua
     assert run.info.status == "FINISHED"
     # One retry, the trainer's: the evaluator's death cost the job none.
     assert tags["retries"] == "1" and "trainer actor died" in tags["last_retry_reason"]
-    assert evaluator_killed_after < 400
+    assert evaluator_killed_after < steps
     resumed = int(metrics["train_resumed_from_step"])
     assert resumed >= killed_after >= 2 * every
-    assert resumed + int(metrics["train_steps_run"]) == 400
+    assert resumed + int(metrics["train_steps_run"]) == steps
     assert resumed % every == 0  # a checkpoint step: the steps redone were fewer than `every`
     print(f"\ntrainer killed after checkpoint step {killed_after}; resumed from step {resumed}, "
           f"ran {int(metrics['train_steps_run'])} more; retries {tags['retries']}; "
@@ -241,7 +241,7 @@ def test_killed_driver_then_relaunch_finishes_every_job_once(tmp_path: Path) -> 
     child runs the dead driver left RUNNING as KILLED, and finishes the other exactly once."""
     data = copy.deepcopy(TINY_SPEC)
     data["reference"].update(n_steps=300, burn_in=100)
-    data["training"]["steps"] = 200
+    data["training"]["steps"] = 100
     data["sampling"].update(n_samples=2000, energy_batch_size=2000)
     data["grid"] = {"training.learning_rate": [0.002, 0.003]}
     for role in ("trainer", "energy_evaluator"):

@@ -25,14 +25,14 @@ SPEC_PATH = Path(__file__).resolve().parents[1] / "specs" / "ice.yaml"
 
 
 def tiny_ice_spec() -> dict:
-    """specs/ice.yaml (ladders of 5 and 10 temperatures) with MD of 2 ps per temperature and
+    """specs/ice.yaml (ladders of 5 and 10 temperatures) with MD of 1 ps per temperature and
     4 training steps, held out by the plain time split: 40 frames are too few for interleaved
     blocks (each held-out block loses a correlation time of frames next to a training block,
-    and g of a 2 ps run is several frames); test_ice.py checks the interleaved split."""
+    and g of a 1 ps run is several frames); test_ice.py checks the interleaved split."""
     spec = yaml.safe_load(SPEC_PATH.read_text())
     spec["name"] = "ice-tiny"
-    spec["reference"]["md"] = {"equilibration_ps": 0.2, "production_ps": 2.0,
-                               "frame_interval_ps": 0.05}
+    spec["reference"]["md"] = {"equilibration_ps": 0.1, "production_ps": 1.0,
+                               "frame_interval_ps": 0.025}
     del spec["reference"]["holdout_blocks"]
     spec["flow"].update(n_blocks=1, channels=8, attention_blocks=0, mixture_components=2)
     spec["training"].update(steps=4, batch_size=4, warm_start_steps=2)
@@ -95,7 +95,8 @@ def test_md_that_blows_up_fails_every_job_that_needs_it(workdir: Path) -> None:
     cause, the launch exits 1, and nothing is left half-written in the cache."""
     data = tiny_ice_spec()
     data["name"] = "ice-blowup"
-    data["reference"]["md"].update(timestep_fs=40.0, equilibration_ps=5.0)
+    data["reference"]["md"].update(timestep_fs=40.0, equilibration_ps=5.0,
+                                   frame_interval_ps=0.05)
     data["grid"] = {"temperature": 100.0, "reference.ladder_size": 2,
                     "training.steps": [4, 5]}
     spec = write_spec(workdir, data)

@@ -52,6 +52,11 @@ def test_double_well_potential_and_observables() -> None:
         system.reduced_energy(x, -1.0)
     with pytest.raises(ValueError, match=r"x: shape \(2, 3\)"):
         system.potential(torch.zeros(2, 3, dtype=torch.float64))
+    # No symmetry operations are known: the identity alone.
+    assert system.symmetry_operation_count == 1 and not system.supports_symmetry_images()
+    np.testing.assert_array_equal(system.symmetry_images(x.numpy()), x.numpy())
+    with pytest.raises(ValueError, match="operations: only 0"):
+        system.symmetry_images(x.numpy(), np.array([0, 1]))
 
 
 def test_double_well_gaussian_limit() -> None:

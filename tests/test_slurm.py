@@ -84,8 +84,8 @@ def test_batch_job_runs_quickstart_on_two_ray_nodes(slurm: SlurmCluster, tmp_pat
     """The quickstart grid (4 jobs), with fewer steps to fit the test budget, submitted with
     `campaign slurm --submit` as one job of two Slurm tasks = two Ray nodes on this host."""
     data = yaml.safe_load((ROOT / "specs" / "quickstart.yaml").read_text())
-    data["reference"].update(n_steps=600, burn_in=200)
-    data["training"]["steps"] = 150
+    data["reference"].update(n_steps=400, burn_in=100)
+    data["training"]["steps"] = 60
     data["sampling"].update(n_samples=4000, energy_batch_size=2000)
     spec = tmp_path / "quickstart.yaml"
     spec.write_text(yaml.safe_dump(data, sort_keys=False))

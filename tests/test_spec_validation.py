@@ -98,6 +98,12 @@ BAD_SPECS = {
          "system": {"kind": "tetrahedron_field"}, "energy": {"backend": "torch"},
          "flow": {"kind": "rigid_body", "n_blocks": 1}},
         ["reference.holdout_blocks", "4", "sampler 'exact'"]),
+    "symmetry augmentation of a system without known symmetries": (
+        {**ICE, "base": {"kind": "uniform"}, "reference": {"sampler": "exact"},
+         "system": {"kind": "tetrahedron_field"}, "energy": {"backend": "torch"},
+         "flow": {"kind": "rigid_body", "n_blocks": 1},
+         "training": {"symmetry_augmentation": True}},
+        ["training.symmetry_augmentation", "True", "no known symmetry operations"]),
     "thermal scaling without a thermodynamic base": (
         {**ICE, "base": {"kind": "uniform"}, "reference": {"sampler": "exact"},
          "system": {"kind": "tetrahedron_field"}, "energy": {"backend": "torch"},

@@ -104,6 +104,26 @@ class System(ABC):
         """``n`` samples of the normalized uniform measure of a rigid-body system's coordinates."""
         raise NotImplementedError(f"system '{self.kind}' has no uniform distribution")
 
+    @property
+    def symmetry_operation_count(self) -> int:
+        """G, the number of operations :meth:`symmetry_images` knows (the identity included)."""
+        return 1
+
+    def symmetry_images(self, x: np.ndarray, operations: np.ndarray | None = None) -> np.ndarray:
+        """Samples (B, dim) moved by the system's G symmetry operations that keep it in its own
+        basin (a crystal's space group; operation 0 is the identity): with ``operations``
+        (B,) ints in [0, G), row b moved by operation ``operations[b]``; without, every image,
+        (G B, dim) with image g of sample b at row g B + b. Default: none known, G = 1."""
+        arr = self._as_samples(x)
+        if operations is not None and np.any(np.asarray(operations) != 0):
+            raise ValueError("operations: only 0 (the identity) is allowed; system "
+                             f"'{self.kind}' has no known symmetry operations")
+        return arr
+
+    @classmethod
+    def supports_symmetry_images(cls) -> bool:
+        return cls.symmetry_images is not System.symmetry_images
+
     def exact_samples(self, n: int, temperature: float, seed: int) -> tuple[np.ndarray, int]:
         """``n`` independent samples of p_T and the number of proposals used, where available."""
         raise NotImplementedError(f"system '{self.kind}' cannot draw exact samples")
