@@ -38,6 +38,7 @@ from boltzgen._files import write_atomically
 from boltzgen.estimators import (
     importance_free_energy,
     kish_ess_fraction,
+    kish_ess_fraction_err,
     lbar,
     lfep_log_weights,
     mbar_ladder,
@@ -760,6 +761,7 @@ def estimate(
         "delta_f": lfep.delta_f,
         "delta_f_err": lfep.delta_f_err,
         "ess": lfep.ess,
+        "ess_err": kish_ess_fraction_err(log_w) if len(log_w) >= 2 else float("nan"),
         "n_samples": float(lfep.n_samples),
         "n_nonfinite": float(lfep.n_nonfinite),
         "training_loss_bound": float(np.mean(-log_w[np.isfinite(log_w)]))
@@ -796,6 +798,8 @@ def estimate(
     if np.isfinite(reverse_work).any():
         # Backward weights w(y) ∝ p_A(T⁻¹ y)|det J_T⁻¹(y)| / p_B(y) = exp(−reverse work), y ~ B.
         metrics["ess_backward"] = kish_ess_fraction(-reverse_work)
+        if len(reverse_work) >= 2:
+            metrics["ess_backward_err"] = kish_ess_fraction_err(-reverse_work)
     metrics.update(_named_free_energies(problem, reference, metrics))
     structure = _structure_curves(problem, reference, samples.mapped, log_w)
     metrics.update(_structure_metrics(structure))

@@ -21,7 +21,8 @@ from campaign.tracking import (
 _FREE_ENERGIES = tuple(f"delta_f_{method}{per}{err}" for method in ("lfep", "lbar", "mbar")
                       for per in ("", "_per_molecule") for err in ("", "_err"))
 KEY_METRICS = ("delta_f", "delta_f_err", "reference_delta_f", "reference_delta_f_err",
-               *_FREE_ENERGIES, "ess", "ess_backward", "nll", "forward_kl",
+               *_FREE_ENERGIES, "ess", "ess_err", "ess_backward", "ess_backward_err",
+               "nll", "forward_kl",
                "mode_weight_error", "time_reference", "time_train", "time_sample", "time_energy",
                "time_estimate", "energy_evaluations")
 # Params that say what a job computes, shown next to the grid axes where a job records them.

@@ -11,6 +11,7 @@ import torch
 from boltzgen.estimators import (
     importance_free_energy,
     kish_ess_fraction,
+    kish_ess_fraction_err,
     lbar,
     lfep_log_weights,
     mbar_ladder,
@@ -57,6 +58,23 @@ def test_nonfinite_weights_counted() -> None:
         importance_free_energy(np.array([]))
     with pytest.raises(ValueError, match="u_a, logdet, u_b: shapes"):
         lfep_log_weights(np.zeros(3), np.zeros(2), np.zeros(3))
+
+
+def test_ess_bootstrap_error_matches_the_spread_over_data_sets() -> None:
+    """Light-tailed weights (log w ~ N(0, 0.5²), N = 300): the mean bootstrap error of the ESS
+    fraction over M = 200 independent data sets is compared with the standard deviation of
+    the ESS over those sets. The sample standard deviation of M values has a relative error
+    of about 1 / sqrt(2 (M - 1)) = 5 %; the ratio must be 1 within 4 of those (0.8 to 1.2).
+    (Heavier tails make the bootstrap err low; the docstring gives the measured ratios.)"""
+    rng = np.random.default_rng(7)
+    sets = [rng.normal(0.0, 0.5, 300) for _ in range(200)]
+    spread = np.std([kish_ess_fraction(lw) for lw in sets], ddof=1)
+    bootstrap = np.mean([kish_ess_fraction_err(lw, n_bootstrap=100, seed=i)
+                         for i, lw in enumerate(sets)])
+    assert 0.8 < bootstrap / spread < 1.2, (bootstrap, spread)
+    assert kish_ess_fraction_err(np.zeros(50)) == 0.0  # equal weights: ESS 1 in every resample
+    with pytest.raises(ValueError, match="log_w: 1 log weight"):
+        kish_ess_fraction_err(np.zeros(1))
 
 
 def test_lbar_gaussians() -> None:
