@@ -736,14 +736,17 @@ def energy_requests(samples: SampleSet) -> dict[str, np.ndarray]:
     return requests
 
 
+Curve = tuple[np.ndarray, np.ndarray, np.ndarray]  # r (nm), g(r), its standard error
+
+
 @dataclass
 class Estimates:
     metrics: dict[str, float]
     log_weights: np.ndarray
     notes: dict[str, str]
     mapped_potential: np.ndarray | None = None  # U(T(x)) in the system's energy units
-    # Pair type -> sample set -> (r nm, g(r)), for systems with radial distributions.
-    structure: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    # Pair type -> sample set -> (r nm, g(r), its error), for systems with pair histograms.
+    structure: dict[str, dict[str, Curve]] = field(default_factory=dict)
 
 
 def estimate(
@@ -801,8 +804,9 @@ def estimate(
         if len(reverse_work) >= 2:
             metrics["ess_backward_err"] = kish_ess_fraction_err(-reverse_work)
     metrics.update(_named_free_energies(problem, reference, metrics))
-    structure = _structure_curves(problem, reference, samples.mapped, log_w)
-    metrics.update(_structure_metrics(structure))
+    structure, structure_metrics = _structure(problem, reference, samples.mapped, log_w,
+                                              stage_seed(config, "observables"))
+    metrics.update(structure_metrics)
     metrics.update(reference.diagnostics)
     metrics = {k: float(v) for k, v in metrics.items()}
     notes = {
@@ -829,43 +833,52 @@ def _normalized_weights(log_w: np.ndarray) -> np.ndarray:
     return w
 
 
-def _structure_curves(problem: Problem, reference: ReferenceData, mapped: np.ndarray,
-                      log_w: np.ndarray) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Pair type -> {sample set -> (r nm, g(r))} for a system with radial distributions:
-    held-out target reference ("target MD"), its training half ("target MD, other frames"),
-    flow samples reweighted to the target and as drawn."""
-    if not hasattr(problem.system, "radial_distributions") or len(mapped) == 0:
-        return {}
+def _structure(problem: Problem, reference: ReferenceData, mapped: np.ndarray,
+               log_w: np.ndarray, seed: int
+               ) -> tuple[dict[str, dict[str, Curve]], dict[str, float]]:
+    """For a system with pair histograms: curves, pair type -> {sample set -> (r nm, g(r),
+    bootstrap standard error of g)}, of the held-out target reference ("target MD",
+    decorrelated frames), its training part ("target MD, other frames"; correlated frames, so
+    no error is given), the flow samples (held-out base frames, mapped) reweighted to the
+    target and as drawn; and metrics, per pair type (``O_O``, ``O_H``):
+
+    - ``rdf_<pair>_max_difference``: largest |g_flow,reweighted − g_target MD| over r;
+    - ``rdf_<pair>_md_split_difference``: the same between the held-out and the training target
+      MD frames (MD against MD, for scale);
+    - ``rdf_<pair>_max_z``, ``rdf_<pair>_max_z_noise95``, ``rdf_<pair>_shells``: the largest
+      difference in units of its bootstrap σ, shell by shell, and the 95th percentile of that
+      statistic under sampling noise alone (:func:`boltzgen.observables.overlay_statistics`).
+    """
+    from boltzgen.observables import overlay_statistics
+
+    if not hasattr(problem.system, "pair_histograms") or len(mapped) == 0:
+        return {}, {}
     w = _normalized_weights(log_w)
-    sets = {"target MD": (reference.target_test, None),
-            "target MD, other frames": (reference.target_train, None),
-            "flow, reweighted": (mapped, w if w.sum() > 0 else None),
-            "flow, as drawn": (mapped, None)}
-    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-    for label, (x, weights) in sets.items():
-        if len(x) == 0 or (label == "flow, reweighted" and weights is None):
-            continue
-        for pair, curve in problem.system.radial_distributions(x, weights).items():
-            curves.setdefault(pair, {})[label] = curve
-    return curves
-
-
-def _structure_metrics(structure: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
-                       ) -> dict[str, float]:
-    """``rdf_<pair>_max_difference``: largest |g_flow,reweighted − g_target MD| over r, and
-    ``rdf_<pair>_md_split_difference``: the same between two disjoint target MD sets (the
-    sampling noise the first should be compared with)."""
-    out = {}
-    for pair, curves in structure.items():
+    flow = problem.system.pair_histograms(mapped)
+    target = problem.system.pair_histograms(reference.target_test)
+    other = (problem.system.pair_histograms(reference.target_train)
+             if len(reference.target_train) else {})
+    curves: dict[str, dict[str, Curve]] = {}
+    metrics: dict[str, float] = {}
+    for pair, hist in target.items():
         name = pair.replace("-", "_")
-        target = curves["target MD"][1]
-        if "flow, reweighted" in curves:
-            out[f"rdf_{name}_max_difference"] = float(
-                np.abs(curves["flow, reweighted"][1] - target).max())
-        if "target MD, other frames" in curves:
-            out[f"rdf_{name}_md_split_difference"] = float(
-                np.abs(curves["target MD, other frames"][1] - target).max())
-    return out
+        by_label = curves.setdefault(pair, {})
+        by_label["target MD"] = (hist.r_nm, hist.g(), hist.g_err(seed=seed))
+        if pair in other:
+            g_other = other[pair].g()
+            by_label["target MD, other frames"] = (other[pair].r_nm, g_other,
+                                                   np.full(len(hist.r_nm), np.nan))
+            metrics[f"rdf_{name}_md_split_difference"] = float(np.abs(g_other - hist.g()).max())
+        if w.sum() > 0:
+            g_flow = flow[pair].g(w)
+            by_label["flow, reweighted"] = (flow[pair].r_nm, g_flow,
+                                            flow[pair].g_err(w, seed=seed))
+            metrics[f"rdf_{name}_max_difference"] = float(np.abs(g_flow - hist.g()).max())
+            overlay = overlay_statistics(flow[pair], hist, w, None, seed=seed)
+            metrics.update({f"rdf_{name}_{key}": value for key, value in overlay.items()})
+        by_label["flow, as drawn"] = (flow[pair].r_nm, flow[pair].g(),
+                                      flow[pair].g_err(seed=seed))
+    return curves, metrics
 
 
 def _named_free_energies(problem: Problem, reference: ReferenceData, metrics: dict[str, float]

@@ -150,19 +150,35 @@ def axis_direction_maps(flow_axes: dict[str, np.ndarray], exact_axes: dict[str, 
     return fig
 
 
-def radial_distributions(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
-                         title: str) -> Figure:
-    """One panel per pair type (e.g. "O-O"): g(r) of each labelled sample set over r (nm)."""
-    fig = _new_figure(4.2 * max(1, len(curves)), 3.5)
+def radial_distributions(
+        curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]],
+        title: str) -> Figure:
+    """One column per pair type (e.g. "O-O"). Top: g(r) of each labelled sample set over r (nm).
+    Bottom, where both "flow, reweighted" and "target MD" are present: their difference with a
+    ±2σ band, σ² the sum of their bootstrap variances (the scale of ``rdf_<pair>_max_z``)."""
+    residuals = any({"flow, reweighted", "target MD"} <= set(c) for c in curves.values())
+    rows = 2 if residuals else 1
+    fig = _new_figure(4.2 * max(1, len(curves)), 3.5 + 2.2 * (rows - 1))
     styles = ("-", "--", ":", "-.")
     for index, (pair, by_label) in enumerate(curves.items()):
-        ax = fig.add_subplot(1, len(curves), index + 1)
-        for k, (label, (r, g)) in enumerate(by_label.items()):
+        ax = fig.add_subplot(rows, len(curves), index + 1)
+        for k, (label, (r, g, _)) in enumerate(by_label.items()):
             ax.plot(r, g, styles[k % len(styles)], color=f"C{k}", label=label)
         ax.set_xlabel("r (nm)")
         ax.set_ylabel(f"g(r) {pair}")
         ax.set_title(f"{title}: {pair}", fontsize="small")
         ax.legend(fontsize="x-small")
+        if residuals and {"flow, reweighted", "target MD"} <= set(by_label):
+            r, flow, flow_err = by_label["flow, reweighted"]
+            _, target, target_err = by_label["target MD"]
+            band = 2.0 * np.sqrt(flow_err ** 2 + target_err ** 2)
+            ax = fig.add_subplot(rows, len(curves), len(curves) + index + 1)
+            ax.fill_between(r, -band, band, color="0.8", linewidth=0, label="±2σ")
+            ax.plot(r, flow - target, color="C2", label="flow, reweighted − target MD")
+            ax.axhline(0.0, color="0.4", linewidth=0.5)
+            ax.set_xlabel("r (nm)")
+            ax.set_ylabel(f"Δg(r) {pair}")
+            ax.legend(fontsize="x-small")
     return fig
 
 

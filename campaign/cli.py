@@ -243,11 +243,12 @@ def compare(spec: SpecPath, tracking_uri: TrackingUri = None,
 # (delta_f_lfep, delta_f_mbar) replaces the generic one where a job records both.
 TABLE_COLUMNS = ("delta_f", "reference_delta_f", "delta_f_lfep", "delta_f_lbar", "delta_f_mbar",
                  "delta_f_lfep_per_molecule", "delta_f_lbar_per_molecule",
-                 "delta_f_mbar_per_molecule", "ess", "ess_backward", "nll", "time_train",
-                 "energy_evaluations")
+                 "delta_f_mbar_per_molecule", "ess", "ess_backward", "nll", "rdf_O_O_max_z",
+                 "rdf_O_H_max_z", "time_train", "energy_evaluations")
 SHORT_NAMES = {"reference_delta_f": "ref_delta_f", "_per_molecule": "/mol",
                "delta_f_": "", "energy_evaluations": "n_energy", "target_temperature_k": "T (K)",
-               "base_temperature_k": "T_base (K)", "molecules": "N"}
+               "base_temperature_k": "T_base (K)", "molecules": "N", "rdf_": "g ",
+               "_max_z": " z"}
 
 
 def _table_columns(header: list[str], n_leading: int) -> list[tuple[int, str]]:

@@ -22,7 +22,8 @@ _FREE_ENERGIES = tuple(f"delta_f_{method}{per}{err}" for method in ("lfep", "lba
                       for per in ("", "_per_molecule") for err in ("", "_err"))
 KEY_METRICS = ("delta_f", "delta_f_err", "reference_delta_f", "reference_delta_f_err",
                *_FREE_ENERGIES, "ess", "ess_err", "ess_backward", "ess_backward_err",
-               "nll", "forward_kl",
+               "nll", "forward_kl", "rdf_O_O_max_z", "rdf_O_O_max_z_noise95",
+               "rdf_O_H_max_z", "rdf_O_H_max_z_noise95",
                "mode_weight_error", "time_reference", "time_train", "time_sample", "time_energy",
                "time_estimate", "energy_evaluations")
 # Params that say what a job computes, shown next to the grid axes where a job records them.

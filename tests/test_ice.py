@@ -267,3 +267,75 @@ def test_space_group_images_keep_the_crystal_its_energy_and_form_a_group(ice: Ic
     assert _same_configuration(ice, lazy[rows].numpy(), images[rows.numpy()]).max() < 1e-12
     with pytest.raises(ValueError, match=r"operations: .* need \(2,\) ints in \[0, 8\)"):
         ice.symmetry_images(x, np.array([8, 0]))
+
+
+def test_pair_histograms_give_mdtraj_rdf_and_honest_bootstrap_errors(ice: IceXI) -> None:
+    """Equal weights reproduce mdtraj.compute_rdf; the bootstrap error of a weighted g(r)
+    matches the spread of g over independent sample sets."""
+    from boltzgen.observables import PairHistograms
+
+    x = torch.cat([_perturbed(ice, seed, scale=0.02) for seed in range(6)]).numpy()
+    hist = ice.pair_histograms(x)
+    topology = ice.mdtraj_topology()
+    xyz = ice.openmm_positions(ice._as_samples(x))
+    traj = mdtraj.Trajectory(xyz, topology, unitcell_lengths=np.tile(ice.box.edges, (6, 1)),
+                             unitcell_angles=np.full((6, 3), 90.0))
+    for pair, (a, b) in {"O-O": ("O", "O"), "O-H": ("O", "H")}.items():
+        pairs = [(i.index, j.index) for i in topology.atoms for j in topology.atoms
+                 if i.name == a and j.name.rstrip("0123456789") == b
+                 and i.residue.index != j.residue.index and (a != b or i.index < j.index)]
+        r, g = mdtraj.compute_rdf(traj, np.array(pairs), r_range=(0, min(ice.box.edges) / 2),
+                                  n_bins=60)
+        np.testing.assert_allclose(hist[pair].r_nm, r, rtol=1e-12)
+        # mdtraj divides by the box volume it stores in float32 (relative error ~1e-7)
+        np.testing.assert_allclose(hist[pair].g(), g, rtol=1e-6, atol=1e-12)
+    with pytest.raises(ValueError, match="weights"):
+        hist["O-O"].g(np.full(5, 1.0))
+
+    # Frames with a latent z: counts ~ Poisson(λ (1 + 0.3 z)), log w = 0.5 z + N(0, 0.3²)
+    # (weights that prefer some frames, light tails). The SD of g over R = 300 independent
+    # sets of F = 200 frames has relative standard error 1/sqrt(2(R − 1)) = 0.041; the mean
+    # bootstrap error must lie within 4 of those (0.84–1.16) of it, in every occupied shell
+    # on average and in the worst shell within 6 (allowing for the largest of 8 shells).
+    rng = np.random.default_rng(7)
+    rate = np.array([0.5, 2.0, 8.0, 3.0, 1.0, 6.0, 4.0, 0.8])
+    estimates, errors = [], []
+    for _ in range(300):
+        z = rng.normal(size=200)
+        counts = rng.poisson(rate * (1.0 + 0.3 * np.clip(z, -3, 3))[:, None]).astype(float)
+        w = np.exp(0.5 * z + 0.3 * rng.normal(size=200))
+        sets = PairHistograms(r_nm=np.arange(8.0), counts=counts, ideal=np.full(8, 2.0))
+        estimates.append(sets.g(w))
+        errors.append(sets.g_err(w, n_bootstraps=200, seed=int(rng.integers(1 << 30))))
+    ratio = np.mean(errors, axis=0) / np.std(estimates, axis=0, ddof=1)
+    assert 0.84 < ratio.mean() < 1.16, ratio
+    assert np.all(np.abs(ratio - 1.0) < 6 * 0.041), ratio
+
+
+def test_overlay_statistics_flag_a_difference_and_pass_noise_at_the_stated_rate() -> None:
+    """Two independent sets of 200 frames from one distribution: max_z exceeds max_z_noise95
+    in a fraction of 300 trials that must lie within 4 binomial standard errors of 5 %
+    (sqrt(0.05 · 0.95 / 300) = 0.013, so 0–10 %). One shell's rate raised by 30 % in the
+    second set: flagged in nearly every trial."""
+    from boltzgen.observables import PairHistograms, overlay_statistics
+
+    rng = np.random.default_rng(11)
+    rate = np.array([0.5, 2.0, 8.0, 3.0, 1.0, 6.0, 4.0, 0.8])
+    shifted = rate * np.where(np.arange(8) == 2, 1.3, 1.0)
+
+    def frames(rates: np.ndarray) -> PairHistograms:
+        z = rng.normal(size=200)
+        counts = rng.poisson(rates * (1.0 + 0.3 * np.clip(z, -3, 3))[:, None]).astype(float)
+        return PairHistograms(r_nm=np.arange(8.0), counts=counts, ideal=np.full(8, 2.0))
+
+    same, different = 0, 0
+    for trial in range(300):
+        a, b = frames(rate), frames(rate)
+        w = np.exp(0.3 * rng.normal(size=200))
+        stats = overlay_statistics(a, b, w, None, seed=trial)
+        assert stats["shells"] == 8 and 1.5 < stats["max_z_noise95"] < 4.0
+        same += stats["max_z"] > stats["max_z_noise95"]
+        stats = overlay_statistics(a, frames(shifted), w, None, seed=trial)
+        different += stats["max_z"] > stats["max_z_noise95"]
+    assert 0.0 <= same / 300 <= 0.10, same
+    assert different / 300 > 0.9, different

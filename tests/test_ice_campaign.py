@@ -75,6 +75,8 @@ def test_tiny_ice_campaign_reports_what_the_issue_names(workdir: Path) -> None:
         assert m["energy_evaluations"] > m["energy_evaluations_train"]
         assert m["time_train"] > 0
         assert m["rdf_O_O_max_difference"] >= 0 and m["rdf_O_H_md_split_difference"] >= 0
+        assert m["rdf_O_H_max_z"] >= 0 and m["rdf_O_H_max_z_noise95"] > 0
+        assert 0 < m["rdf_O_H_shells"] <= 60
 
     from mlflow.tracking import MlflowClient
 

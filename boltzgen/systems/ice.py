@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from boltzgen._checks import check_float, check_int
+from boltzgen.observables import PairHistograms, pair_histograms, pairs_between_molecules
 from boltzgen.rigid.bodies import WATER_TIP4P_EW, PeriodicBox, RigidLayout, RigidTemplate
 from boltzgen.rigid.quaternions import random_unit_quaternions
 from boltzgen.rigid.symmetry import CrystalSymmetry, apply_crystal_symmetry, find_crystal_symmetries
@@ -339,19 +340,17 @@ class IceXI(System):
         delta = (delta - edges * torch.round(delta / edges))[:, 1:].reshape(-1, 3).numpy()
         return {f"oxygen_displacement_{a}_nm": delta[:, i].copy() for i, a in enumerate("xyz")}
 
-    def radial_distributions(self, x: np.ndarray, weights: np.ndarray | None = None,
-                             n_bins: int = 60) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Intermolecular O–O and O–H g(r) of flow coordinates (B, dim), frames weighted by
-        ``weights``: {"O-O": (r nm, g), "O-H": (r nm, g)}, r up to half the shortest box edge
-        (the minimum-image limit). See :mod:`boltzgen.observables`."""
-        from boltzgen.observables import pairs_between_molecules, radial_distribution
-
+    def pair_histograms(self, x: np.ndarray, n_bins: int = 60) -> dict[str, PairHistograms]:
+        """Intermolecular O–O and O–H pair-distance histograms of flow coordinates (B, dim),
+        per frame: {"O-O": ..., "O-H": ...}, r up to half the shortest box edge (the
+        minimum-image limit); weighted g(r) and its error follow from them. See
+        :mod:`boltzgen.observables`."""
         xyz = self.openmm_positions(self._as_samples(x))
         topology = self.mdtraj_topology()
         r_max = min(self.box.edges) / 2.0
-        return {f"{a}-{b}": radial_distribution(
-                    xyz, topology, self.box.edges, pairs_between_molecules(topology, a, b),
-                    r_max, n_bins, weights)
+        return {f"{a}-{b}": pair_histograms(xyz, topology, self.box.edges,
+                                            pairs_between_molecules(topology, a, b), r_max,
+                                            n_bins)
                 for a, b in (("O", "O"), ("O", "H"))}
 
     def __getstate__(self) -> dict[str, Any]:
