@@ -147,6 +147,28 @@ def importance_free_energy(log_w: torch.Tensor | np.ndarray) -> FreeEnergyEstima
     return FreeEnergyEstimate(delta_f, err, ess, n, n_nonfinite, valid)
 
 
+def importance_free_energy_err_bootstrap(log_w: torch.Tensor | np.ndarray,
+                                         n_bootstrap: int = 200, seed: int = 0) -> float:
+    """Bootstrap standard error (kT) of the LFEP estimate ΔF = ln N − logsumexp(log w): the
+    standard deviation of ΔF over ``n_bootstrap`` resamples (with replacement) of the N log
+    weights, samples taken as independent. It checks the delta-method error of
+    :func:`importance_free_energy`; both err low when the weights are heavy-tailed (see
+    :func:`kish_ess_fraction_err`). NaN when a resample has no finite weight."""
+    lw = _as_1d("log_w", log_w)
+    if lw.size < 2:
+        raise ValueError(f"log_w: {lw.size} log weight(s); a bootstrap needs at least 2")
+    n_bootstrap = check_int("n_bootstrap", n_bootstrap, minimum=2)
+    rng = np.random.default_rng(seed)
+    weights = np.where(np.isfinite(lw), lw, -np.inf)
+    rows = max(1, 2_000_000 // lw.size)
+    values = []
+    for first in range(0, n_bootstrap, rows):
+        resampled = weights[rng.integers(0, lw.size, (min(rows, n_bootstrap - first), lw.size))]
+        values.append(math.log(lw.size) - logsumexp(resampled, axis=1))
+    values = np.concatenate(values)
+    return float(np.std(values, ddof=1)) if np.all(np.isfinite(values)) else math.nan
+
+
 def lbar(forward_work: np.ndarray, reverse_work: np.ndarray) -> tuple[float, float]:
     """LBAR estimate of ΔF = f_B - f_A (kT) and its 1-sigma error (pymbar's BAR variance).
 
@@ -191,14 +213,22 @@ def lbar(forward_work: np.ndarray, reverse_work: np.ndarray) -> tuple[float, flo
         # pymbar's asymptotic variance overflows (inf/inf) when a few works are extreme, and
         # turns slightly negative by round-off for a (nearly) perfect map. Neither says the
         # error is zero: fall back to a bootstrap over both work sets.
-        err = _bootstrap_bar_error(w_f, w_r)
+        err = lbar_err_bootstrap(w_f, w_r, n_bootstraps=50)
     return delta_f, err
 
 
-def _bootstrap_bar_error(w_f: np.ndarray, w_r: np.ndarray, n_bootstraps: int = 50,
-                         seed: int = 0) -> float:
-    """1-sigma of BAR's ΔF over bootstrap resamplings of the forward and reverse works (kT)."""
+def lbar_err_bootstrap(forward_work: np.ndarray, reverse_work: np.ndarray,
+                       n_bootstraps: int = 100, seed: int = 0) -> float:
+    """1-sigma of BAR's ΔF (kT) over bootstrap resamplings of the forward and reverse works
+    (each set resampled with replacement, non-finite works dropped first, samples taken as
+    independent); NaN when BAR cannot solve a resample. It checks pymbar's asymptotic error
+    that :func:`lbar` reports."""
     other_estimators = pymbar().other_estimators
+    w_f = _as_1d("forward_work", forward_work)
+    w_r = _as_1d("reverse_work", reverse_work)
+    w_f, w_r = w_f[np.isfinite(w_f)], w_r[np.isfinite(w_r)]
+    if w_f.size < 2 or w_r.size < 2:
+        return math.nan
     rng = np.random.default_rng(seed)
     values = []
     numpy_errors = np.geterr()

@@ -37,9 +37,11 @@ import torch
 from boltzgen._files import write_atomically
 from boltzgen.estimators import (
     importance_free_energy,
+    importance_free_energy_err_bootstrap,
     kish_ess_fraction,
     kish_ess_fraction_err,
     lbar,
+    lbar_err_bootstrap,
     lfep_log_weights,
     mbar_ladder,
 )
@@ -765,6 +767,8 @@ def estimate(
         "delta_f_err": lfep.delta_f_err,
         "ess": lfep.ess,
         "ess_err": kish_ess_fraction_err(log_w) if len(log_w) >= 2 else float("nan"),
+        "delta_f_err_bootstrap": importance_free_energy_err_bootstrap(log_w)
+        if len(log_w) >= 2 else float("nan"),
         "n_samples": float(lfep.n_samples),
         "n_nonfinite": float(lfep.n_nonfinite),
         "training_loss_bound": float(np.mean(-log_w[np.isfinite(log_w)]))
@@ -798,6 +802,9 @@ def estimate(
     if len(reverse_work) >= 2 and np.isfinite(forward_work).sum() >= 2:
         lbar_f, lbar_err = lbar(forward_work, reverse_work)
         metrics["delta_f_lbar"], metrics["delta_f_lbar_err"] = lbar_f, lbar_err
+        if np.isfinite(lbar_f):
+            metrics["delta_f_lbar_err_bootstrap"] = lbar_err_bootstrap(forward_work,
+                                                                       reverse_work)
     if np.isfinite(reverse_work).any():
         # Backward weights w(y) ∝ p_A(T⁻¹ y)|det J_T⁻¹(y)| / p_B(y) = exp(−reverse work), y ~ B.
         metrics["ess_backward"] = kish_ess_fraction(-reverse_work)
@@ -885,12 +892,18 @@ def _named_free_energies(problem: Problem, reference: ReferenceData, metrics: di
                          ) -> dict[str, float]:
     """ΔF by estimator under its own name, in kT for the whole system and, for a molecular
     system, ``..._per_molecule`` (kT per molecule), each with its 1-sigma ``_err``:
-    ``delta_f_lfep`` (= ``delta_f``), ``delta_f_lbar``, ``delta_f_mbar`` (the reference where it
-    is MBAR over a temperature ladder)."""
+    ``delta_f_lfep`` (= ``delta_f``; error by the delta method), ``delta_f_lbar`` (pymbar's
+    asymptotic error), ``delta_f_mbar`` (the reference where it is MBAR over a temperature
+    ladder; bootstrap error); LFEP and LBAR also with ``_err_bootstrap``, the standard
+    deviation over bootstrap resamples of their samples."""
     out = {"delta_f_lfep": metrics["delta_f"], "delta_f_lfep_err": metrics["delta_f_err"]}
+    if "delta_f_err_bootstrap" in metrics:
+        out["delta_f_lfep_err_bootstrap"] = metrics["delta_f_err_bootstrap"]
     if "delta_f_lbar" in metrics:
         out["delta_f_lbar"] = metrics["delta_f_lbar"]
         out["delta_f_lbar_err"] = metrics["delta_f_lbar_err"]
+        if "delta_f_lbar_err_bootstrap" in metrics:
+            out["delta_f_lbar_err_bootstrap"] = metrics["delta_f_lbar_err_bootstrap"]
     if reference.method.startswith("MBAR") and "reference_delta_f" in metrics:
         out["delta_f_mbar"] = metrics["reference_delta_f"]
         out["delta_f_mbar_err"] = metrics["reference_delta_f_err"]
@@ -900,6 +913,9 @@ def _named_free_energies(problem: Problem, reference: ReferenceData, metrics: di
             if name in out:
                 out[f"{name}_per_molecule"] = out[name] / molecules
                 out[f"{name}_per_molecule_err"] = out[f"{name}_err"] / molecules
+                if f"{name}_err_bootstrap" in out:
+                    out[f"{name}_per_molecule_err_bootstrap"] = (
+                        out[f"{name}_err_bootstrap"] / molecules)
     return out
 
 
