@@ -37,6 +37,10 @@ def tiny_ice_spec() -> dict:
     spec["flow"].update(n_blocks=1, channels=8, attention_blocks=0, mixture_components=2)
     spec["training"].update(steps=4, batch_size=4, warm_start_steps=2)
     spec["tracking"] = {"experiment": "ice-tiny"}
+    # Training and energies here take a second: one trainer and one evaluator (each actor is
+    # a process that imports torch and OpenMM, seconds of start-up on a small machine).
+    spec["resources"]["trainer"]["count"] = 1
+    spec["resources"]["energy_evaluator"]["count"] = 1
     return spec
 
 
