@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,21 +99,13 @@ def kish_ess_fraction_err(log_w: torch.Tensor | np.ndarray, n_bootstrap: int = 2
     log w ~ N(0, 0.5²) (N = 300, ESS 0.78), 0.71 for N(0, 1) (N = 300, ESS 0.38) and 0.72 for
     N(0, 1.5²) (N = 150, ESS 0.18).
     """
-    lw = _as_1d("log_w", log_w)
-    if lw.size < 2:
-        raise ValueError(f"log_w: {lw.size} log weight(s); a bootstrap needs at least 2")
-    n_bootstrap = check_int("n_bootstrap", n_bootstrap, minimum=2)
-    rng = np.random.default_rng(seed)
-    # As in kish_ess_fraction: a non-finite log weight is a weight of zero that counts in N.
-    weights = np.where(np.isfinite(lw), lw, -np.inf)
-    rows = max(1, 2_000_000 // lw.size)  # resamples per chunk: at most ~16 MB of indices
-    values = []
-    for first in range(0, n_bootstrap, rows):
-        resampled = weights[rng.integers(0, lw.size, (min(rows, n_bootstrap - first), lw.size))]
+    def ess_fractions(resampled: np.ndarray) -> np.ndarray:
         with np.errstate(invalid="ignore"):
             log_ess = 2.0 * logsumexp(resampled, axis=1) - logsumexp(2.0 * resampled, axis=1)
-        values.append(np.minimum(1.0, np.nan_to_num(np.exp(log_ess), nan=0.0) / lw.size))
-    return float(np.std(np.concatenate(values), ddof=1))
+        return np.minimum(1.0, np.nan_to_num(np.exp(log_ess), nan=0.0) / resampled.shape[1])
+
+    return float(np.std(_bootstrap_log_weights(log_w, ess_fractions, n_bootstrap, seed),
+                        ddof=1))
 
 
 def importance_free_energy(log_w: torch.Tensor | np.ndarray) -> FreeEnergyEstimate:
@@ -154,6 +146,20 @@ def importance_free_energy_err_bootstrap(log_w: torch.Tensor | np.ndarray,
     weights, samples taken as independent. It checks the delta-method error of
     :func:`importance_free_energy`; both err low when the weights are heavy-tailed (see
     :func:`kish_ess_fraction_err`). NaN when a resample has no finite weight."""
+    def free_energies(resampled: np.ndarray) -> np.ndarray:
+        return math.log(resampled.shape[1]) - logsumexp(resampled, axis=1)
+
+    values = _bootstrap_log_weights(log_w, free_energies, n_bootstrap, seed)
+    return float(np.std(values, ddof=1)) if np.all(np.isfinite(values)) else math.nan
+
+
+def _bootstrap_log_weights(log_w: torch.Tensor | np.ndarray,
+                           statistic: Callable[[np.ndarray], np.ndarray], n_bootstrap: int,
+                           seed: int) -> np.ndarray:
+    """``statistic`` (rows of resampled log weights (R, N) -> (R,)) over ``n_bootstrap``
+    resamples with replacement of the N log weights, in chunks of at most ~16 MB of indices.
+    As in :func:`kish_ess_fraction`, a non-finite log weight is a weight of zero that counts
+    in N."""
     lw = _as_1d("log_w", log_w)
     if lw.size < 2:
         raise ValueError(f"log_w: {lw.size} log weight(s); a bootstrap needs at least 2")
@@ -163,10 +169,9 @@ def importance_free_energy_err_bootstrap(log_w: torch.Tensor | np.ndarray,
     rows = max(1, 2_000_000 // lw.size)
     values = []
     for first in range(0, n_bootstrap, rows):
-        resampled = weights[rng.integers(0, lw.size, (min(rows, n_bootstrap - first), lw.size))]
-        values.append(math.log(lw.size) - logsumexp(resampled, axis=1))
-    values = np.concatenate(values)
-    return float(np.std(values, ddof=1)) if np.all(np.isfinite(values)) else math.nan
+        draws = rng.integers(0, lw.size, (min(rows, n_bootstrap - first), lw.size))
+        values.append(statistic(weights[draws]))
+    return np.concatenate(values)
 
 
 def lbar(forward_work: np.ndarray, reverse_work: np.ndarray) -> tuple[float, float]:
