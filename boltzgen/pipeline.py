@@ -48,6 +48,7 @@ from boltzgen.estimators import (
 from boltzgen.flows import build_flow
 from boltzgen.mcmc import decorrelated, replica_exchange
 from boltzgen.md import MDProtocol, cache_key, cached_md, held_out_blocks
+from boltzgen.observables import overlay_statistics
 from boltzgen.openmm_bridge import OpenMMEvaluator
 from boltzgen.states import AnalyticBase, NormalBase, ThermodynamicBase, UniformBase
 from boltzgen.systems import System, make_system
@@ -856,9 +857,8 @@ def _structure(problem: Problem, reference: ReferenceData, mapped: np.ndarray,
       difference in units of its bootstrap σ, shell by shell, and the 95th percentile of that
       statistic under sampling noise alone (:func:`boltzgen.observables.overlay_statistics`).
     """
-    from boltzgen.observables import overlay_statistics
-
-    if not hasattr(problem.system, "pair_histograms") or len(mapped) == 0:
+    if (not hasattr(problem.system, "pair_histograms") or len(mapped) == 0
+            or len(reference.target_test) == 0):
         return {}, {}
     w = _normalized_weights(log_w)
     flow = problem.system.pair_histograms(mapped)
