@@ -48,7 +48,7 @@ from boltzgen.estimators import (
 from boltzgen.flows import build_flow
 from boltzgen.mcmc import decorrelated, replica_exchange
 from boltzgen.md import MDProtocol, cache_key, cached_md, held_out_blocks
-from boltzgen.observables import overlay_statistics
+from boltzgen.observables import PairHistograms, overlay_statistics
 from boltzgen.openmm_bridge import OpenMMEvaluator
 from boltzgen.states import AnalyticBase, NormalBase, ThermodynamicBase, UniformBase
 from boltzgen.systems import System, make_system
@@ -870,22 +870,31 @@ def _structure(problem: Problem, reference: ReferenceData, mapped: np.ndarray,
     for pair, hist in target.items():
         name = pair.replace("-", "_")
         by_label = curves.setdefault(pair, {})
-        by_label["target MD"] = (hist.r_nm, hist.g(), hist.g_err(seed=seed))
+        g_target, target_replicas = _curve(hist, None, seed, by_label, "target MD")
         if pair in other:
             g_other = other[pair].g()
             by_label["target MD, other frames"] = (other[pair].r_nm, g_other,
                                                    np.full(len(hist.r_nm), np.nan))
-            metrics[f"rdf_{name}_md_split_difference"] = float(np.abs(g_other - hist.g()).max())
+            metrics[f"rdf_{name}_md_split_difference"] = float(np.abs(g_other - g_target).max())
         if w.sum() > 0:
-            g_flow = flow[pair].g(w)
-            by_label["flow, reweighted"] = (flow[pair].r_nm, g_flow,
-                                            flow[pair].g_err(w, seed=seed))
-            metrics[f"rdf_{name}_max_difference"] = float(np.abs(g_flow - hist.g()).max())
-            overlay = overlay_statistics(flow[pair], hist, w, None, seed=seed)
+            g_flow, flow_replicas = _curve(flow[pair], w, seed + 1, by_label, "flow, reweighted")
+            metrics[f"rdf_{name}_max_difference"] = float(np.abs(g_flow - g_target).max())
+            overlay = overlay_statistics(g_flow, flow_replicas, g_target, target_replicas)
             metrics.update({f"rdf_{name}_{key}": value for key, value in overlay.items()})
-        by_label["flow, as drawn"] = (flow[pair].r_nm, flow[pair].g(),
-                                      flow[pair].g_err(seed=seed))
+        _curve(flow[pair], None, seed + 2, by_label, "flow, as drawn")
     return curves, metrics
+
+
+def _curve(hist: PairHistograms, weights: np.ndarray | None, seed: int,
+           by_label: dict[str, Curve], label: str) -> tuple[np.ndarray, np.ndarray]:
+    """Store ``label``'s (r, g, bootstrap standard error; NaN with fewer than 2 frames) in
+    ``by_label``; return g and its bootstrap replicas."""
+    g = hist.g(weights)
+    replicas = hist.g_replicas(weights, seed=seed)
+    err = (replicas.std(axis=0, ddof=1) if len(hist.counts) >= 2 and len(replicas) >= 2
+           else np.full(len(g), np.nan))
+    by_label[label] = (hist.r_nm, g, err)
+    return g, replicas
 
 
 def _named_free_energies(problem: Problem, reference: ReferenceData, metrics: dict[str, float]
