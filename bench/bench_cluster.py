@@ -123,6 +123,7 @@ def scale_out(n_jobs: int, work: Path, rounds: int, full_size: bool) -> dict:
     outside: dict[int, list[float]] = {1: [], 2: []}
     records: dict[int, list[float]] = {1: [], 2: []}
     busy_all: dict[int, list[dict[str, str]]] = {1: [], 2: []}
+    timelines: dict[int, list[dict[str, float]]] = {1: [], 2: []}
     ceilings: list[float] = []
     for round_ in range(rounds):
         ceilings.append(cpu_ceiling())
@@ -141,15 +142,19 @@ def scale_out(n_jobs: int, work: Path, rounds: int, full_size: bool) -> dict:
                 raise SystemExit(f"launch on {n_nodes} node(s) failed:\n{done.stderr[-3000:]}")
             record = _sum_metric(work, name, "time_record")
             busy, span = _node_busy(work, name)
+            timeline = _launch_timeline(work, name)
             print(f"round {round_}, {n_nodes} node(s): {done.stdout.strip().splitlines()[0]}; "
                   f"wall {elapsed:.1f} s, of which {elapsed - span:.1f} s outside the span from "
                   f"the first task's start to the last task's end; driver's MLflow logging "
                   f"{record:.1f} s in all; per node, seconds with a task running / that span: "
-                  f"{busy}", flush=True)
+                  f"{busy}; launch timeline (s from the driver's start): "
+                  + ", ".join(f"{k.removeprefix('time_')} {v:.1f}" for k, v in timeline.items()),
+                  flush=True)
             seconds[n_nodes].append(elapsed)
             outside[n_nodes].append(elapsed - span)
             records[n_nodes].append(record)
             busy_all[n_nodes].append(busy)
+            timelines[n_nodes].append(timeline)
     return {"jobs": n_jobs, "job_size": "quickstart" if full_size else "small",
             "rounds": rounds, "seconds_one_node": seconds[1], "seconds_two_nodes": seconds[2],
             "speedup": statistics.median(seconds[1]) / statistics.median(seconds[2]),
@@ -158,7 +163,8 @@ def scale_out(n_jobs: int, work: Path, rounds: int, full_size: bool) -> dict:
             "seconds_outside_task_span_two_nodes": outside[2],
             "driver_record_seconds_one_node": records[1],
             "driver_record_seconds_two_nodes": records[2],
-            "node_busy_one_node": busy_all[1], "node_busy_two_nodes": busy_all[2]}
+            "node_busy_one_node": busy_all[1], "node_busy_two_nodes": busy_all[2],
+            "launch_timeline_one_node": timelines[1], "launch_timeline_two_nodes": timelines[2]}
 
 
 def _node_busy(work: Path, experiment: str) -> tuple[dict[str, str], float]:
@@ -189,6 +195,20 @@ def _node_busy(work: Path, experiment: str) -> tuple[dict[str, str], float]:
                 reach = b
         out[node] = f"{busy:.1f}/{last - first:.1f}"
     return out, last - first
+
+
+def _launch_timeline(work: Path, experiment: str) -> dict[str, float]:
+    """The launch's start-up marks and its tail, from its parent run (``time_to_*``: seconds
+    from the driver process's start; ``time_after_last_task``: last task end to the end of
+    the records)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment).experiment_id
+    (parent,) = client.search_runs([exp], "tags.campaign_role = 'launch'", max_results=1)
+    return {key: value for key, value in sorted(parent.data.metrics.items(), key=lambda kv:
+                                                kv[1]) if key.startswith("time_to_")
+            or key == "time_after_last_task"}
 
 
 def _sum_metric(work: Path, experiment: str, key: str) -> float:

@@ -67,6 +67,9 @@ def bench_energy(args: argparse.Namespace) -> dict:
     from boltzgen.pipeline import make_energy_function
     from boltzgen.systems import make_system
 
+    # One thread for the in-process baseline as for the actors: OpenMM's CPU PME ignores the
+    # Context's Threads property and would use every core here, not one.
+    os.environ["OPENMM_CPU_THREADS"] = "1"
     pool_size = args.pool or os.cpu_count() or 1
     ray.init(num_cpus=pool_size, include_dashboard=False, log_to_driver=False)
     rows = []

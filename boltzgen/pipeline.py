@@ -748,6 +748,7 @@ class Estimates:
     log_weights: np.ndarray
     notes: dict[str, str]
     mapped_potential: np.ndarray | None = None  # U(T(x)) in the system's energy units
+    reverse_work: np.ndarray | None = None  # kT, per held-out target sample (LBAR's input)
     # Pair type -> sample set -> (r nm, g(r), its error), for systems with pair histograms.
     structure: dict[str, dict[str, Curve]] = field(default_factory=dict)
 
@@ -829,7 +830,8 @@ def estimate(
         else "not defined",
     }
     return Estimates(metrics=metrics, log_weights=log_w, notes=notes,
-                     mapped_potential=np.asarray(potentials["mapped"]), structure=structure)
+                     mapped_potential=np.asarray(potentials["mapped"]), structure=structure,
+                     reverse_work=reverse_work)
 
 
 def _normalized_weights(log_w: np.ndarray) -> np.ndarray:
@@ -955,6 +957,10 @@ class EstimateReport:
     metrics: dict[str, float]
     notes: dict[str, str]
     plots: dict[str, str]
+    # The estimators' inputs, kT: "forward_work" w_F = u_B(T x) - u_A(x) - log|det J_T(x)|
+    # for x ~ A and "reverse_work" w_R = u_A(T⁻¹ y) - u_B(y) - log|det J_T⁻¹(y)| for held-out
+    # y ~ B, so that users can rerun or cross-check LFEP, LBAR and the ESS.
+    works: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def estimate_and_plot(
@@ -968,8 +974,11 @@ def estimate_and_plot(
     check_injected_failure(config, "estimate")
     estimates = estimate(config, reference, samples, potentials)
     plots = save_figures(figures(config, reference, samples, estimates), plot_dir)
+    works = {"forward_work": -estimates.log_weights}
+    if estimates.reverse_work is not None:
+        works["reverse_work"] = estimates.reverse_work
     return EstimateReport(metrics=dict(estimates.metrics), notes=dict(estimates.notes),
-                          plots=plots)
+                          plots=plots, works=works)
 
 
 def figures(

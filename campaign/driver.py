@@ -25,6 +25,7 @@ on it. Queueing behind other jobs is not counted (it is waiting for a busy actor
 from __future__ import annotations
 
 import collections
+import io
 import json
 import math
 import os
@@ -145,11 +146,15 @@ METHODS = {"run_md": ("mcmc", "reference"), "run_reference": ("mcmc", "reference
 
 class Driver:
 
-    def __init__(self, plan: Plan, tracker: Tracker, tags: dict[str, str],
-                 progress: Progress | None = None) -> None:
+    def __init__(self, plan: Plan, progress: Progress | None = None,
+                 marks: dict[str, float] | None = None) -> None:
         self.plan = plan
-        self.tracker = tracker
-        self.tags = tags
+        # Launch timeline (unix seconds): the launcher's marks (process start, Ray up, ...)
+        # and the driver's own (actors ready, first task start, last task end).
+        self.marks: dict[str, float] = marks if marks is not None else {}
+        self._initial_actors = 0
+        self.tracker: Tracker  # set by run(): the actors may start before the store is open
+        self.tags: dict[str, str] = {}
         self.progress = progress or Progress()
         self.pools: dict[str, list[Any]] = {}
         self.idle: dict[str, collections.deque[Any]] = {}
@@ -168,13 +173,14 @@ class Driver:
 
     # -- actors --------------------------------------------------------------------------------
     def start_actors(self) -> None:
-        self._actors_started = time.time()
+        self._actors_started = self.marks["actors_requested"] = time.time()
         for role, res in self.plan.resources.items():
             self.pools[role] = []
             self.idle[role] = collections.deque()
             self.queues[role] = collections.deque()
             for _ in range(int(res["count"])):
                 self._add_actor(role)
+        self._initial_actors = len(self.pending_ready)
 
     def _add_actor(self, role: str) -> None:
         res = self.plan.resources[role]
@@ -200,7 +206,10 @@ class Driver:
             self._add_actor(role)
 
     # -- main loop -----------------------------------------------------------------------------
-    def run(self) -> LaunchSummary:
+    def run(self, tracker: Tracker, tags: dict[str, str]) -> LaunchSummary:
+        """Run every job not finished before; ``tags`` go on the launch's parent run. Starts
+        the actors unless :meth:`start_actors` already did."""
+        self.tracker, self.tags = tracker, tags
         started = time.time()
         summary = LaunchSummary()
         records = self.tracker.job_records(job.job_id for job in self.plan.jobs)
@@ -212,8 +221,8 @@ class Driver:
                 summary.skipped.append(job)
             else:
                 todo.append(JobRun(job=job, config=job.config_dict))
-        if todo:  # actor processes start (seconds of imports) while MLflow records the launch
-            self.start_actors()
+        if todo and not self.pools:  # actor processes start (seconds of imports) while
+            self.start_actors()       # MLflow records the launch
         self.parent_run_id = self.tracker.start_parent(
             f"launch-{time.strftime('%Y%m%d-%H%M%S')}", self.tags,
             {"campaign": self.plan.spec.name, "n_jobs": len(self.plan.jobs),
@@ -240,9 +249,22 @@ class Driver:
         summary.seconds = time.time() - started
         self.tracker.log_metrics(self.parent_run_id, {
             "n_finished": len(summary.finished), "n_failed": len(summary.failed),
-            "n_skipped": len(summary.skipped), "time_launch": summary.seconds})
+            "n_skipped": len(summary.skipped), "time_launch": summary.seconds,
+            **self._timeline()})
         self.tracker.end(self.parent_run_id, FAILED if summary.failed else FINISHED)
         return summary
+
+    def _timeline(self) -> dict[str, float]:
+        """Where a launch's fixed cost goes (seconds): from the driver process's start to each
+        start-up mark, and from the last task's end to now (the final records)."""
+        marks, now = self.marks, time.time()
+        out = {f"time_to_{name}": marks[name] - marks["process_start"]
+               for name in ("ray_ready", "tracker_ready", "actors_requested",
+                            "first_actor_ready", "all_actors_ready", "first_task_start")
+               if name in marks and "process_start" in marks}
+        if "last_task_end" in marks:
+            out["time_after_last_task"] = now - marks["last_task_end"]
+        return out
 
     def _loop(self, todo: list[JobRun], summary: LaunchSummary) -> None:
         open_runs = {id(run) for run in todo}
@@ -277,6 +299,9 @@ class Driver:
             return
         self.actor_nodes[actor] = where["node"]
         self.idle[role].append(actor)
+        self.marks.setdefault("first_actor_ready", time.time())
+        if len(self.actor_nodes) == self._initial_actors:
+            self.marks.setdefault("all_actors_ready", time.time())
 
     def _check_roles_alive(self) -> None:
         """A role with queued work but no live actor would stall its jobs forever."""
@@ -349,6 +374,9 @@ class Driver:
                 self._fail(run, f"{type(cause).__name__}: {cause}", str(exc))
             return
         task.record.start, task.record.end = timing["start"], timing["end"]
+        self.marks["first_task_start"] = min(self.marks.get("first_task_start", math.inf),
+                                             timing["start"])
+        self.marks["last_task_end"] = max(self.marks.get("last_task_end", 0.0), timing["end"])
         task.record.node = timing.get("node", "")
         self.idle[role].append(actor)
         if run.stage == "failed":
@@ -548,6 +576,10 @@ class Driver:
                                                      indent=1), "tasks.json")
         for path in report.plots.values():
             self.tracker.log_file(run.run_id, path, "plots")
+        if report.works:
+            buffer = io.BytesIO()
+            np.savez(buffer, **report.works)
+            self.tracker.log_bytes(run.run_id, buffer.getvalue(), "works.npz")
         self.tracker.set_tags(run.run_id, {"estimate_valid": str(valid).lower(),
                                            "stage": "finished",
                                            "nodes": json.dumps(nodes, sort_keys=True)})

@@ -57,6 +57,18 @@ def check_resources(plan: Plan, nodes: list[dict[str, float]], where: str) -> No
                 f"{field} (count x {field}) must add up to at most that")
 
 
+def process_start_time() -> float:
+    """Unix time at which this process started (from /proc on Linux, to 10 ms; elsewhere the
+    time of this call), the zero of a launch's timeline."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started_after_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - started_after_boot)
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
 def _ray_nodes() -> list[dict[str, float]]:
     import ray
 
@@ -74,10 +86,12 @@ def check_cluster_resources(plan: Plan, address: str) -> None:
         ray.shutdown()
 
 
-def start_ray(address: str | None, while_starting: Callable[[], T] | None = None) -> T | None:
+def start_ray(address: str | None, while_starting: Callable[[], T] | None = None,
+              on_ready: Callable[[], None] | None = None) -> T | None:
     """Join the cluster at ``address`` (after checking that it answers and admits this driver)
     or start a local instance; meanwhile, in a thread, run ``while_starting`` (e.g. opening
-    the tracking store, which takes seconds for a new SQLite file) and return its result."""
+    the tracking store, which takes seconds for a new SQLite file) and return its result.
+    ``on_ready`` runs as soon as Ray is up, before waiting for ``while_starting``."""
     import ray
 
     if address:
@@ -96,6 +110,8 @@ def start_ray(address: str | None, while_starting: Callable[[], T] | None = None
             ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
         else:
             ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+        if on_ready is not None:
+            on_ready()
         return opening.result() if opening is not None else None
 
 
@@ -103,6 +119,7 @@ def launch_plan(plan: Plan, spec_path: Path, address: str | None, tracking_uri: 
                 show_progress: bool) -> LaunchSummary:
     import ray
 
+    marks = {"process_start": process_start_time()}
     address = ray_address(address)
     if not address:
         check_resources(plan, [local_capacity()], "this machine")
@@ -111,21 +128,31 @@ def launch_plan(plan: Plan, spec_path: Path, address: str | None, tracking_uri: 
     def open_tracker() -> Tracker:
         tracker = Tracker(uri, plan.spec.experiment_name, plan.spec.tracking.artifact_location)
         tracker.experiment_id()  # the first query creates a new store's tables
+        marks["tracker_ready"] = time.time()
         return tracker
 
     # Nothing to run (every job finished before): record the launch, start no Ray.
     all_done = Tracker.store_exists(uri) and _all_finished(plan, uri)
-    opened = None if all_done else start_ray(address, while_starting=open_tracker)
-    try:
-        if address and not all_done:
+    progress = RichProgress() if show_progress else Progress()
+    driver = Driver(plan, progress, marks)
+
+    def ray_ready() -> None:
+        marks["ray_ready"] = time.time()
+        if address:
             check_resources(plan, _ray_nodes(), f"the Ray cluster at {address}")
+        # Some job is left to run: start the actor processes now (seconds of imports each),
+        # while the tracking store still opens.
+        driver.start_actors()
+
+    opened = None if all_done else start_ray(address, while_starting=open_tracker,
+                                             on_ready=ray_ready)
+    try:
         tracker = opened or open_tracker()
         tags = {"campaign": plan.spec.name, "spec_hash": plan.spec_hash,
                 "git_commit": project_commit(), "spec_file": str(spec_path),
                 "ray_address": address or "local", "driver_host": socket.gethostname(),
                 "driver_pid": str(os.getpid()), **library_versions()}
-        progress = RichProgress() if show_progress else Progress()
-        return Driver(plan, tracker, tags, progress).run()
+        return driver.run(tracker, tags)
     finally:
         if ray.is_initialized():
             ray.shutdown()

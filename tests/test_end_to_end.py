@@ -93,7 +93,16 @@ def test_launch_records_results_and_failure(campaign_dir: Path,
     done = next(row for row in rows if row["status"] == "FINISHED")
     finished = client.get_run(done["run_id"])
     names = {a.path for a in client.list_artifacts(done["run_id"])}
-    assert {"resolved_spec.yaml", "checkpoint", "plots", "tasks.json"} <= names
+    assert {"resolved_spec.yaml", "checkpoint", "plots", "tasks.json", "works.npz"} <= names
+    # The logged works reproduce the logged estimates: LFEP = -ln mean exp(-w_F).
+    import numpy as np
+    from scipy.special import logsumexp
+
+    with np.load(client.download_artifacts(done["run_id"], "works.npz", str(campaign_dir))) as w:
+        forward, reverse = w["forward_work"], w["reverse_work"]
+    assert len(forward) == done["metrics"]["n_samples"] and len(reverse) > 0
+    lfep = np.log(len(forward)) - logsumexp(-forward)
+    assert lfep == pytest.approx(done["metrics"]["delta_f"], abs=1e-9)
     plots = {a.path for a in client.list_artifacts(done["run_id"], "plots")}
     assert plots == {"plots/log_weights.png", "plots/marginals.png"}
     # Drawn by the sampler actor into the work directory; the driver logged the files.
@@ -102,6 +111,13 @@ def test_launch_records_results_and_failure(campaign_dir: Path,
     for tag in ("job_id", "spec_hash", "git_commit", "version.torch", "version.openmm",
                 "version.ray", "mlflow.parentRunId"):
         assert finished.data.tags.get(tag), tag
+    # The launch's timeline on the parent run, in the order things happen.
+    parent = client.get_run(finished.data.tags["mlflow.parentRunId"]).data.metrics
+    order = ["time_to_ray_ready", "time_to_actors_requested", "time_to_first_actor_ready",
+             "time_to_first_task_start"]
+    assert [parent[key] for key in order] == sorted(parent[key] for key in order), parent
+    assert parent["time_to_first_actor_ready"] <= parent["time_to_all_actors_ready"], parent
+    assert parent["time_to_ray_ready"] > 0 and parent["time_after_last_task"] >= 0
 
 
 def test_double_well_estimates_agree_with_quadrature(campaign_dir: Path,

@@ -86,6 +86,15 @@ def test_tiny_ice_campaign_reports_what_the_issue_names(workdir: Path) -> None:
 
     plots = {a.path for a in MlflowClient().list_artifacts(rows[0]["run_id"], "plots")}
     assert {"plots/radial_distributions.png", "plots/energy_histograms.png"} <= plots
+    # LBAR recomputed from the logged works (kT) is the logged LBAR.
+    import numpy as np
+
+    from boltzgen.estimators import lbar
+
+    works = MlflowClient().download_artifacts(rows[0]["run_id"], "works.npz", str(workdir))
+    with np.load(works) as w:
+        recomputed, _ = lbar(w["forward_work"], w["reverse_work"])
+    assert recomputed == pytest.approx(rows[0]["metrics"]["delta_f_lbar"], abs=1e-9)
 
     table = runner.invoke(app, ["compare", str(spec)])
     assert table.exit_code == 0 and "lfep/mol" in table.stdout and "mbar" in table.stdout
