@@ -61,8 +61,17 @@ try:
     import ray
     from ray._raylet import GcsClient
     import ray._common.usage.usage_lib as usage
-    meta = usage.get_cluster_metadata(GcsClient(address=sys.argv[1])) or {}
-    print(json.dumps({"ok": True, "ray_version": meta.get("ray_version"),
+    gcs = GcsClient(address=sys.argv[1])
+    meta = usage.get_cluster_metadata(gcs) or {}
+    try:  # the live nodes' resources, so that a plan can be checked before anything starts
+        from ray.core.generated.gcs_pb2 import GcsNodeInfo
+        nodes = [{key: float(value) for key, value in info.resources_total.items()
+                  if key in ("CPU", "GPU")}
+                 for info in gcs.get_all_node_info(timeout=10).values()
+                 if info.state == GcsNodeInfo.ALIVE]
+    except Exception:
+        nodes = None
+    print(json.dumps({"ok": True, "ray_version": meta.get("ray_version"), "nodes": nodes,
                       "python_version": meta.get("python_version"), "ours": ray.__version__}))
 except Exception as exc:
     print(json.dumps({"ok": False, "type": type(exc).__name__, "message": str(exc)}))
@@ -70,7 +79,14 @@ except Exception as exc:
 
 
 def cluster_refusal(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
-    """Why the Ray cluster at ``address`` would not take this driver, or None.
+    """Why the Ray cluster at ``address`` would not take this driver, or None."""
+    return probe_cluster(address, timeout_s)[0]
+
+
+def probe_cluster(address: str, timeout_s: float = PROBE_TIMEOUT_S
+                  ) -> tuple[str | None, list[dict[str, float]] | None]:
+    """(why the Ray cluster at ``address`` would not take this driver, or None; the CPU and
+    GPU counts of its live nodes, or None where the GCS did not list them).
 
     Asks the cluster's GCS for its metadata with this process's authentication settings:
     a missing or wrong token and a different Ray (or Python major.minor) version are named
@@ -86,10 +102,10 @@ def cluster_refusal(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | N
         done = subprocess.run([sys.executable, "-c", _PROBE, target], capture_output=True,
                               text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
-        return f"the cluster did not answer within {timeout_s:.0f} s"
+        return f"the cluster did not answer within {timeout_s:.0f} s", None
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not lines:
-        return f"the connection check failed: {done.stderr.strip()[-300:]}"
+        return f"the connection check failed: {done.stderr.strip()[-300:]}", None
     answer = json.loads(lines[-1])
     mode = os.environ.get("RAY_AUTH_MODE", "unset")
     if not answer["ok"]:
@@ -98,15 +114,15 @@ def cluster_refusal(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | N
                       os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token"))
             return (f"the cluster refused this driver's authentication (RAY_AUTH_MODE={mode}, "
                     f"token from {source}); set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH "
-                    "(or RAY_AUTH_TOKEN) to the cluster's token")
-        return f"{answer['type']}: {answer['message'][:300]}"
+                    "(or RAY_AUTH_TOKEN) to the cluster's token"), None
+        return f"{answer['type']}: {answer['message'][:300]}", None
     theirs, ours = answer.get("ray_version"), answer.get("ours")
     if theirs and theirs != ours:
         return (f"the cluster runs Ray {theirs} and this driver Ray {ours}; install the same "
-                "version on both")
+                "version on both"), None
     python = answer.get("python_version") or ""
     mine = platform.python_version()
     if python and python.split(".")[:2] != mine.split(".")[:2]:
         return (f"the cluster runs Python {python} and this driver Python {mine}; use the same "
-                "major.minor version on both")
-    return None
+                "major.minor version on both"), None
+    return None, answer.get("nodes")

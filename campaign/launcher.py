@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from campaign.cluster import cluster_refusal, ray_address, unreachable_reason
+from campaign.cluster import probe_cluster, ray_address, unreachable_reason
 from campaign.driver import Driver, JobRun, LaunchSummary, Progress
 from campaign.errors import SpecError
 from campaign.plan import Plan
@@ -75,35 +75,46 @@ def _ray_nodes() -> list[dict[str, float]]:
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
+def admit(plan: Plan, address: str) -> bool:
+    """Check, before anything is started or written, that the cluster at ``address`` answers,
+    admits this driver (token, Ray and Python versions) and can place every actor of ``plan``
+    (its live nodes' CPUs and GPUs, from the cluster's GCS); else a SpecError. False where the
+    GCS did not list the nodes (the plan is then checked once Ray is joined)."""
+    reason = unreachable_reason(address)
+    if reason is not None:
+        raise SpecError("--address", address, f"no Ray cluster answers there ({reason}); "
+                        "start one (ray start --head) or leave --address and RAY_ADDRESS "
+                        "unset for a local instance")
+    refusal, nodes = probe_cluster(address)
+    if refusal is not None:
+        raise SpecError("--address", address, refusal)
+    if nodes is None:
+        return False
+    check_resources(plan, nodes, f"the Ray cluster at {address}")
+    return True
+
+
 def check_cluster_resources(plan: Plan, address: str) -> None:
-    """Join the cluster at ``address``, check the plan against its live nodes, leave."""
+    """Check the plan against the live nodes of the cluster at ``address`` (a SpecError if no
+    node can hold an actor); joins the cluster only where its GCS did not list the nodes."""
     import ray
 
-    start_ray(address)
-    try:
-        check_resources(plan, _ray_nodes(), f"the Ray cluster at {address}")
-    finally:
-        ray.shutdown()
+    if not admit(plan, address):
+        start_ray(address)
+        try:
+            check_resources(plan, _ray_nodes(), f"the Ray cluster at {address}")
+        finally:
+            ray.shutdown()
 
 
 def start_ray(address: str | None, while_starting: Callable[[], T] | None = None,
               on_ready: Callable[[], None] | None = None) -> T | None:
-    """Join the cluster at ``address`` (after checking that it answers and admits this driver)
-    or start a local instance; meanwhile, in a thread, run ``while_starting`` (e.g. opening
-    the tracking store, which takes seconds for a new SQLite file) and return its result.
-    ``on_ready`` runs as soon as Ray is up, before waiting for ``while_starting``."""
+    """Join the cluster at ``address`` (admitted before: :func:`admit`) or start a local
+    instance; meanwhile, in a thread, run ``while_starting`` (e.g. opening the tracking
+    store, which takes seconds for a new SQLite file) and return its result. ``on_ready``
+    runs as soon as Ray is up, before waiting for ``while_starting``."""
     import ray
 
-    if address:
-        reason = unreachable_reason(address)
-        if reason is not None:
-            raise SpecError("--address", address, f"no Ray cluster answers there ({reason}); "
-                            "start one (ray start --head) or leave --address and RAY_ADDRESS "
-                            "unset for a local instance")
-        refusal = cluster_refusal(address)
-        if refusal is not None:
-            raise SpecError("--address", address, refusal)
-    # Only now, with the address admitted, may anything be written.
     with ThreadPoolExecutor(max_workers=1) as pool:
         opening = pool.submit(while_starting) if while_starting is not None else None
         if address:
@@ -121,7 +132,9 @@ def launch_plan(plan: Plan, spec_path: Path, address: str | None, tracking_uri: 
 
     marks = {"process_start": process_start_time()}
     address = ray_address(address)
-    if not address:
+    if address:  # only now, with the cluster admitted and the plan placeable, may anything
+        admit(plan, address)  # be started or written
+    else:
         check_resources(plan, [local_capacity()], "this machine")
     uri = resolve_tracking_uri(tracking_uri, plan.spec.tracking.uri)
 
@@ -138,15 +151,15 @@ def launch_plan(plan: Plan, spec_path: Path, address: str | None, tracking_uri: 
 
     def ray_ready() -> None:
         marks["ray_ready"] = time.time()
-        if address:
+        if address:  # again: nodes may have left since the check before Ray was joined
             check_resources(plan, _ray_nodes(), f"the Ray cluster at {address}")
         # Some job is left to run: start the actor processes now (seconds of imports each),
         # while the tracking store still opens.
         driver.start_actors()
 
-    opened = None if all_done else start_ray(address, while_starting=open_tracker,
-                                             on_ready=ray_ready)
     try:
+        opened = None if all_done else start_ray(address, while_starting=open_tracker,
+                                                 on_ready=ray_ready)
         tracker = opened or open_tracker()
         tags = {"campaign": plan.spec.name, "spec_hash": plan.spec_hash,
                 "git_commit": project_commit(), "spec_file": str(spec_path),

@@ -60,6 +60,19 @@ def ray_head():
 
 def test_launch_joins_existing_cluster(ray_head, tmp_path: Path) -> None:
     address, env = ray_head
+    # A plan that no node of this 2-CPU head can hold is refused before anything is written,
+    # by launch and by launch --dry-run alike.
+    big = copy.deepcopy(TINY_SPEC)
+    big["resources"]["trainer"]["cpus"] = 3
+    big_spec = write_spec(tmp_path, big, "big.yaml")
+    for extra in ([], ["--dry-run"]):
+        proc = subprocess.run([CAMPAIGN, "launch", str(big_spec), "--address", address, *extra],
+                              env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"},
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "resources.trainer.cpus" in proc.stderr and "has 2 CPUs" in proc.stderr
+        assert not (tmp_path / "m.db").exists()
     data = copy.deepcopy(TINY_SPEC)
     data["training"]["steps"] = 50
     data["reference"].update(n_steps=300, burn_in=100)
