@@ -78,11 +78,6 @@ except Exception as exc:
 """
 
 
-def cluster_refusal(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
-    """Why the Ray cluster at ``address`` would not take this driver, or None."""
-    return probe_cluster(address, timeout_s)[0]
-
-
 def probe_cluster(address: str, timeout_s: float = PROBE_TIMEOUT_S
                   ) -> tuple[str | None, list[dict[str, float]] | None]:
     """(why the Ray cluster at ``address`` would not take this driver, or None; the CPU and

@@ -132,10 +132,13 @@ def launch_plan(plan: Plan, spec_path: Path, address: str | None, tracking_uri: 
 
     marks = {"process_start": process_start_time()}
     address = ray_address(address)
-    if address:  # only now, with the cluster admitted and the plan placeable, may anything
-        admit(plan, address)  # be started or written
+    # Before anything is started or written: the plan fits this machine, or the cluster admits
+    # this driver and can place the plan (checked once joined where its GCS listed no nodes).
+    if address:
+        nodes_checked = admit(plan, address)
     else:
         check_resources(plan, [local_capacity()], "this machine")
+        nodes_checked = True
     uri = resolve_tracking_uri(tracking_uri, plan.spec.tracking.uri)
 
     def open_tracker() -> Tracker:
@@ -151,7 +154,7 @@ def launch_plan(plan: Plan, spec_path: Path, address: str | None, tracking_uri: 
 
     def ray_ready() -> None:
         marks["ray_ready"] = time.time()
-        if address:  # again: nodes may have left since the check before Ray was joined
+        if not nodes_checked:
             check_resources(plan, _ray_nodes(), f"the Ray cluster at {address}")
         # Some job is left to run: start the actor processes now (seconds of imports each),
         # while the tracking store still opens.

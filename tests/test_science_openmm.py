@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -43,3 +46,16 @@ def test_evaluator_travels_without_its_context() -> None:
 def test_bad_platform_is_refused() -> None:
     with pytest.raises(ValueError, match="energy.platform: 'Metal' is not allowed"):
         OpenMMEvaluator("<System/>", platform="Metal")
+
+
+def test_actors_hold_openmm_pme_to_their_threads() -> None:
+    """OpenMM's CPU PME kernels ignore a Context's Threads property and use every core unless
+    OPENMM_CPU_THREADS is set: an actor sets it to its own threads (fresh process, because the
+    actor also sets torch's thread count)."""
+    code = ("import os; from actors.roles import McmcActor, TrainerActor; "
+            "McmcActor(cpus=0.45); a = os.environ['OPENMM_CPU_THREADS']; "
+            "TrainerActor(cpus=2.0); print(a, os.environ['OPENMM_CPU_THREADS'])")
+    env = {k: v for k, v in os.environ.items() if k != "OPENMM_CPU_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120, check=True)
+    assert out.stdout.split() == ["1", "2"], out.stderr[-2000:]
