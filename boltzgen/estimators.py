@@ -25,10 +25,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.special import logsumexp
 
 from boltzgen._checks import check_float, check_int
 from boltzgen._pymbar import pymbar
+
+
+def logsumexp(a: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """``scipy.special.logsumexp``, imported at the first call: every actor process imports
+    this module, and most never estimate anything."""
+    from scipy.special import logsumexp as scipy_logsumexp
+
+    return scipy_logsumexp(a, axis=axis)
 
 
 @dataclass

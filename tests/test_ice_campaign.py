@@ -81,6 +81,10 @@ def test_tiny_ice_campaign_reports_what_the_issue_names(workdir: Path) -> None:
         assert m["rdf_O_O_max_difference"] >= 0 and m["rdf_O_H_md_split_difference"] >= 0
         assert m["rdf_O_H_max_z"] >= 0 and m["rdf_O_H_max_z_noise95"] > 0
         assert 0 < m["rdf_O_H_shells"] <= 60
+        # The RDFs average over every held-out frame (the last 60 % of 40), the estimators
+        # over its decorrelated subset; block bootstrap over 3 ceil(g) frames.
+        assert m["rdf_flow_frames"] == m["rdf_target_frames"] == 24
+        assert m["n_samples"] <= 24 and m["rdf_flow_block_frames"] % 3 == 0
 
     from mlflow.tracking import MlflowClient
 

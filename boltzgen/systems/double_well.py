@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from scipy import integrate
 
 from boltzgen._checks import check_float
 from boltzgen.systems.base import System
@@ -101,6 +100,8 @@ class DoubleWell2D(System):
         v_min = float(np.min(self._v(crit)))
         inflection = math.sqrt(max(0.0, -self.b / (6.0 * self.a)))
         radius = max(float(np.max(np.abs(crit))), inflection) + 1.0
+        from scipy import integrate  # here: every actor process imports this module
+
         while True:
             value, _ = integrate.quad(
                 lambda s: math.exp(-(self._v(s) - v_min) / t),
