@@ -59,7 +59,24 @@ def start_node(num_cpus: float, head: str | None = None, prefix: str = "rn",
                cores: str | None = None) -> RayNode:
     """Start a head (``head`` None) or a worker joining ``head``; return it once it is up.
     ``cores`` (e.g. "0" or "0,1"): pin the node and every process it starts to these cores
-    (``taskset``), so that a node given one CPU uses one."""
+    (``taskset``), so that a node given one CPU uses one.
+
+    ``ray start`` gives a node 30 s (fixed in Ray) to register with the GCS; a node pinned to
+    one busy core can miss that, so a start that failed that way is tried once more, on fresh
+    ports and with a note on stderr. Any other failure, or a second one, raises."""
+    for attempt in range(2):
+        try:
+            return _start_node_once(num_cpus, head, prefix, cores)
+        except RuntimeError as exc:
+            if attempt or "timed out during startup" not in str(exc):
+                raise
+            print("ray start: the node missed Ray's 30 s registration limit; trying once more",
+                  file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def _start_node_once(num_cpus: float, head: str | None, prefix: str,
+                     cores: str | None) -> RayNode:
     temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: sockets <= 107 bytes
     base = _port_block(10 + WORKER_PORTS)
     pin = ["taskset", "-c", cores] if cores is not None else []
