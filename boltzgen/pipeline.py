@@ -137,13 +137,15 @@ class HeldOutFrames:
 
     ``frames`` (F, dim) flow coordinates, ``potential`` (F,) U in the system's energy units,
     ``segment`` (F,) the held-out block each frame lies in, ``statistical_inefficiency`` g of
-    the run's U in frames (pymbar); the decorrelated held-out set keeps every ceil(g)-th frame.
+    the run's U in frames (pymbar); ``decorrelated``: the rows of ``frames`` that form the
+    decorrelated held-out set (every ceil(g)-th frame; ``base_test``/``target_test``), in order.
     """
 
     frames: np.ndarray
     potential: np.ndarray
     segment: np.ndarray
     statistical_inefficiency: float
+    decorrelated: np.ndarray
 
     @property
     def block_frames(self) -> int:
@@ -407,7 +409,8 @@ def _time_split(run: Any, holdout_fraction: float, blocks: int = 1
         test_x, test_u, g = decorrelated(x[None, cut:], u[None, cut:])
         every = HeldOutFrames(frames=x[cut:], potential=u[cut:],
                               segment=np.zeros(n_test, dtype=np.int64),
-                              statistical_inefficiency=float(g))
+                              statistical_inefficiency=float(g),
+                              decorrelated=np.arange(0, n_test, max(1, math.ceil(g))))
         return x[:cut], test_x, u[:cut], test_u, every
     edges = np.linspace(0, len(x), blocks + 1).round().astype(int)
     held_out = held_out_blocks(blocks, holdout_fraction)
@@ -433,7 +436,7 @@ def _time_split(run: Any, holdout_fraction: float, blocks: int = 1
     segment = np.concatenate([np.full(len(idx), k) for k, idx in enumerate(every_idx)])
     return x[train], x[test], u[train], u[test], HeldOutFrames(
         frames=x[every], potential=u[every], segment=segment.astype(np.int64),
-        statistical_inefficiency=g)
+        statistical_inefficiency=g, decorrelated=np.searchsorted(every, test))
 
 
 def _split(
@@ -678,10 +681,11 @@ class SampleSet:
     u_a_pulled_back: np.ndarray | None  # u_A(T⁻¹ y_B) in kT where A is analytic, else None
     seconds: float
     # An MD base: every held-out base frame (ReferenceData.base_heldout) mapped, for
-    # structural observables; None otherwise.
+    # structural observables, and which of its rows ``mapped`` is; None otherwise.
     mapped_heldout: np.ndarray | None = None
     logdet_heldout: np.ndarray | None = None
     u_a_heldout: np.ndarray | None = None  # u_A in kT of those base frames
+    heldout_rows: np.ndarray | None = None
 
 
 def sample(
@@ -707,22 +711,27 @@ def sample(
         )
     y_b = _tensor(reference.target_test)
     every = reference.base_heldout
+    heldout = {}
     with torch.no_grad():
-        mapped, logdet = _batched(flow.forward, x, batch_size)
+        if every is not None and not isinstance(problem.base, AnalyticBase):
+            # Every held-out base frame once; the decorrelated ones are rows of it.
+            mapped_every, logdet_every = _batched(flow.forward, _tensor(every.frames),
+                                                  batch_size)
+            rows = every.decorrelated[:n]
+            mapped, logdet = mapped_every[rows], logdet_every[rows]
+            heldout = {"mapped_heldout": mapped_every.numpy(),
+                       "logdet_heldout": logdet_every.numpy(),
+                       "u_a_heldout": every.potential / (problem.system.boltzmann_constant
+                                                         * problem.base.temperature),
+                       "heldout_rows": rows}
+        else:
+            mapped, logdet = _batched(flow.forward, x, batch_size)
         back, logdet_inv = _batched(flow.inverse, y_b, batch_size)
         u_a_back = (
             problem.base.reduced_energy(back).numpy()
             if isinstance(problem.base, AnalyticBase)
             else None
         )
-        heldout = {}
-        if every is not None and not isinstance(problem.base, AnalyticBase):
-            mapped_every, logdet_every = _batched(flow.forward, _tensor(every.frames),
-                                                  batch_size)
-            heldout = {"mapped_heldout": mapped_every.numpy(),
-                       "logdet_heldout": logdet_every.numpy(),
-                       "u_a_heldout": every.potential / (problem.system.boltzmann_constant
-                                                         * problem.base.temperature)}
     return SampleSet(
         u_a=u_a.detach().numpy(),
         mapped=mapped.numpy(),
@@ -787,12 +796,15 @@ def potential_energy(config: Mapping[str, Any], x: np.ndarray,
 
 
 def energy_requests(samples: SampleSet) -> dict[str, np.ndarray]:
-    """Coordinates whose potential energy the energy stage must evaluate."""
-    requests = {"mapped": samples.mapped}
+    """Coordinates whose potential energy the energy stage must evaluate: the mapped samples,
+    or every mapped held-out base frame where the mapped samples are rows of those
+    (:func:`estimate` takes their energies from it); T⁻¹(y_B) for a thermodynamic base."""
+    if samples.mapped_heldout is not None and samples.heldout_rows is not None:
+        requests = {"mapped_heldout": samples.mapped_heldout}
+    else:
+        requests = {"mapped": samples.mapped}
     if samples.u_a_pulled_back is None:  # a thermodynamic base needs U at T⁻¹(y_B) too
         requests["pulled_back"] = samples.pulled_back
-    if samples.mapped_heldout is not None:  # every held-out base frame, for observables
-        requests["mapped_heldout"] = samples.mapped_heldout
     return requests
 
 
@@ -821,6 +833,9 @@ def estimate(
 ) -> Estimates:
     """LFEP and LBAR ΔF (kT) with 1-sigma errors, Kish ESS fraction, NLL where defined."""
     problem = Problem.from_config(config)
+    if "mapped" not in potentials and samples.heldout_rows is not None:
+        potentials = {**potentials,
+                      "mapped": np.asarray(potentials["mapped_heldout"])[samples.heldout_rows]}
     u_b_mapped = potentials["mapped"] / problem.kt
     log_w = lfep_log_weights(samples.u_a, samples.logdet, u_b_mapped)
     lfep = importance_free_energy(log_w)
