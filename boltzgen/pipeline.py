@@ -950,9 +950,9 @@ def _structure(problem: Problem, reference: ReferenceData, samples: SampleSet,
     plentiful; their errors come from the moving-block bootstrap over blocks of
     :attr:`HeldOutFrames.block_frames`. (With the ~80 decorrelated base frames of the
     ``ice.yaml`` jobs, 24–37 effective samples after reweighting, the O–H overlay statistic
-    failed in one realisation and passed in another; the same jobs over all 600 held-out
-    frames gave max_z 2.6 and 1.7 against noise95 3.2.) Otherwise: the decorrelated
-    held-out frames, with the ordinary bootstrap.
+    failed in one realisation and passed in another; the same jobs over all 551 held-out
+    base frames gave O–H max_z 2.5 and 1.7 against noise95 3.4 and 3.1.) Otherwise: the
+    decorrelated held-out frames, with the ordinary bootstrap.
     """
     if (not hasattr(problem.system, "pair_histograms") or len(samples.mapped) == 0
             or len(reference.target_test) == 0):
