@@ -710,10 +710,10 @@ def sample(
             problem.system.boltzmann_constant * problem.base.temperature
         )
     y_b = _tensor(reference.target_test)
-    every = reference.base_heldout
-    heldout = {}
+    every = None if isinstance(problem.base, AnalyticBase) else reference.base_heldout
+    heldout: dict[str, Any] = {}
     with torch.no_grad():
-        if every is not None and not isinstance(problem.base, AnalyticBase):
+        if every is not None:
             # Every held-out base frame once; the decorrelated ones are rows of it.
             mapped_every, logdet_every = _batched(flow.forward, _tensor(every.frames),
                                                   batch_size)
@@ -888,9 +888,9 @@ def estimate(
         if len(reverse_work) >= 2:
             metrics["ess_backward_err"] = kish_ess_fraction_err(-reverse_work)
     metrics.update(_named_free_energies(problem, reference, metrics))
-    every_potential = potentials.get("mapped_heldout")
+    every_potential = potentials.get("mapped_heldout")  # present where samples has those
     every_log_w = None
-    if every_potential is not None and samples.mapped_heldout is not None:
+    if every_potential is not None:
         every_log_w = lfep_log_weights(samples.u_a_heldout, samples.logdet_heldout,
                                        np.asarray(every_potential) / problem.kt)
     structure, structure_metrics = _structure(problem, reference, samples, log_w, every_log_w,
@@ -958,8 +958,7 @@ def _structure(problem: Problem, reference: ReferenceData, samples: SampleSet,
             or len(reference.target_test) == 0):
         return {}, {}
     every_base, every_target = reference.base_heldout, reference.target_heldout
-    if (heldout_log_w is not None and samples.mapped_heldout is not None
-            and every_base is not None):
+    if heldout_log_w is not None and every_base is not None:
         flow_x, w = samples.mapped_heldout, _normalized_weights(heldout_log_w)
         flow_blocks = (every_base.segment, every_base.block_frames)
     else:
@@ -1141,8 +1140,8 @@ def figures(
             # decorrelated ones.
             every_base, every_target = reference.base_heldout, reference.target_heldout
             mapped_u, flow_w, base_u = estimates.mapped_potential, w, reference.base_test_potential
-            if (estimates.mapped_heldout_potential is not None and every_base is not None
-                    and estimates.heldout_log_weights is not None):
+            if (estimates.mapped_heldout_potential is not None
+                    and estimates.heldout_log_weights is not None and every_base is not None):
                 mapped_u = estimates.mapped_heldout_potential
                 flow_w = _normalized_weights(estimates.heldout_log_weights)
                 base_u = every_base.potential

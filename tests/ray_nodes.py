@@ -64,15 +64,14 @@ def start_node(num_cpus: float, head: str | None = None, prefix: str = "rn",
     ``ray start`` gives a node 30 s (fixed in Ray) to register with the GCS; a node pinned to
     one busy core can miss that, so a start that failed that way is tried once more, on fresh
     ports and with a note on stderr. Any other failure, or a second one, raises."""
-    for attempt in range(2):
-        try:
-            return _start_node_once(num_cpus, head, prefix, cores)
-        except RuntimeError as exc:
-            if attempt or "timed out during startup" not in str(exc):
-                raise
-            print("ray start: the node missed Ray's 30 s registration limit; trying once more",
-                  file=sys.stderr)
-    raise AssertionError("unreachable")
+    try:
+        return _start_node_once(num_cpus, head, prefix, cores)
+    except RuntimeError as exc:
+        if "timed out during startup" not in str(exc):
+            raise
+    print("ray start: the node missed Ray's 30 s registration limit; trying once more",
+          file=sys.stderr)
+    return _start_node_once(num_cpus, head, prefix, cores)
 
 
 def _start_node_once(num_cpus: float, head: str | None, prefix: str,
