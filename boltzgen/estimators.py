@@ -78,6 +78,16 @@ def lfep_log_weights(
         return a + ld - b
 
 
+def normalized_weights(log_w: np.ndarray) -> np.ndarray:
+    """Importance weights up to a constant: exp(log w − max log w), with non-finite log weights
+    as 0 (all 0 when none is finite), for weighted histograms and averages."""
+    finite = np.isfinite(log_w)
+    w = np.zeros_like(log_w, dtype=np.float64)
+    if finite.any():
+        w[finite] = np.exp(log_w[finite] - log_w[finite].max())
+    return w
+
+
 def kish_ess_fraction(log_w: torch.Tensor | np.ndarray) -> float:
     """Kish ESS / N = exp(2 logsumexp(log w) - logsumexp(2 log w)) / N, in [0, 1].
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from boltzgen import pipeline
+from boltzgen.pipeline import flow_training
 from campaign.plan import make_plan
 from campaign.spec import parse_spec
 from tests.conftest import TINY_SPEC, write_spec
@@ -43,19 +44,19 @@ def test_training_continues_exactly_from_its_checkpoint(tmp_path: Path) -> None:
     class Died(Exception):
         pass
 
-    save = pipeline._Progress.save
+    save = flow_training._Progress.save
 
-    def save_then_die(self: pipeline._Progress, content: dict) -> None:
+    def save_then_die(self: flow_training._Progress, content: dict) -> None:
         save(self, content)
         if content["state"].step == 40:
             raise Died
 
-    pipeline._Progress.save = save_then_die  # type: ignore[method-assign]
+    flow_training._Progress.save = save_then_die  # type: ignore[method-assign]
     try:
         with pytest.raises(Died):
             pipeline.train(config, reference, checkpoint_dir=str(tmp_path), checkpoint_every=20)
     finally:
-        pipeline._Progress.save = save  # type: ignore[method-assign]
+        flow_training._Progress.save = save  # type: ignore[method-assign]
     resumed = pipeline.train(config, reference, checkpoint_dir=str(tmp_path),
                              checkpoint_every=20)
     assert (resumed.resumed_from_step, resumed.steps_run) == (40, 20)

@@ -194,7 +194,7 @@ def test_interleaved_holdout_alternates_blocks_and_keeps_a_gap() -> None:
 
     from boltzgen.mcmc import decorrelated
     from boltzgen.md import held_out_blocks
-    from boltzgen.pipeline import _time_split
+    from boltzgen.pipeline.reference import _time_split
 
     assert held_out_blocks(10, 0.6) == [False, True, False, True, True, False, True, False,
                                         True, True]

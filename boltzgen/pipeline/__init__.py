@@ -1,0 +1,57 @@
+"""One free-energy job as stages: reference -> train -> sample -> energy -> estimate.
+
+Each stage is a plain function of the job's resolved configuration (a mapping, as the campaign
+spec resolves it) and the previous stages' outputs, so that the same code runs in Ray actors, in
+one plain Python process (the benchmark's baseline) and in a notebook.
+
+The estimand is ΔF = f_B − f_A in kT (reduced units), f = −ln Z, with B the system at the job's
+``temperature`` and A the base state (DESIGN.md §3):
+
+* ``base.kind = normal``: A = N(0, scale² I) in flow coordinates, normalized, f_A = 0, so ΔF is
+  the absolute reduced free energy −ln ∫ exp(−U(x)/k_B T) dx in flow coordinates;
+* ``base.kind = thermodynamic``: A = the same system at ``base.temperature``, so ΔF = f(T) − f(T_A).
+
+A flow T maps A to B. With x ~ A, the LFEP log weights are
+log w = u_A(x) + log|det J_T(x)| − u_B(T(x)) and ΔF ≈ ln N − logsumexp(log w)
+(Jarzynski-type targeted free-energy perturbation; Wirnsberger et al. 2020). With y ~ B mapped
+back by T⁻¹, BAR over both directions gives LBAR. The references are exact (quadrature) where
+the system knows its partition function, else MBAR (Shirts & Chodera 2008) over a replica-exchange
+MCMC ladder geomspace(T, T_A, K).
+
+The stages live in one module each (``problem``: what they share; ``reference``,
+``flow_training``, ``sampling``, ``energies``, ``estimation`` with ``structure``, and
+``report``); this package exposes what actors and the driver call.
+"""
+
+from boltzgen.pipeline.energies import (
+    BatchEnergy,
+    energy_requests,
+    make_energy_function,
+    potential_energy,
+)
+from boltzgen.pipeline.estimation import Estimates, estimate
+from boltzgen.pipeline.flow_training import SymmetryImages, TrainedFlow, load_flow, train
+from boltzgen.pipeline.problem import (
+    EnergyFunction,
+    InjectedFailure,
+    Problem,
+    check_injected_failure,
+    stage_seed,
+)
+from boltzgen.pipeline.reference import (
+    HeldOutFrames,
+    ReferenceData,
+    md_runs,
+    run_md_rung,
+    run_reference,
+)
+from boltzgen.pipeline.report import EstimateReport, estimate_and_plot, figures
+from boltzgen.pipeline.sampling import SampleSet, sample
+
+__all__ = [
+    "BatchEnergy", "EnergyFunction", "EstimateReport", "Estimates", "HeldOutFrames",
+    "InjectedFailure", "Problem", "ReferenceData", "SampleSet", "SymmetryImages", "TrainedFlow",
+    "check_injected_failure", "energy_requests", "estimate", "estimate_and_plot", "figures",
+    "load_flow", "make_energy_function", "md_runs", "potential_energy", "run_md_rung",
+    "run_reference", "sample", "stage_seed", "train",
+]

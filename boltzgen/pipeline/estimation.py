@@ -1,0 +1,184 @@
+"""Estimate stage: LFEP and LBAR ΔF (kT) with errors, Kish ESS forward and backward, NLL and
+forward KL where defined, ΔF under each estimator's name in total and per molecule, and the
+structural observables."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from boltzgen.estimators import (
+    importance_free_energy,
+    importance_free_energy_err_bootstrap,
+    kish_ess_fraction,
+    kish_ess_fraction_err,
+    lbar,
+    lbar_err_bootstrap,
+    lfep_log_weights,
+    normalized_weights,
+)
+from boltzgen.pipeline.problem import Problem, stage_seed
+from boltzgen.pipeline.reference import ReferenceData
+from boltzgen.pipeline.sampling import SampleSet
+from boltzgen.pipeline.structure import Curve, structure_curves
+
+
+@dataclass
+class Estimates:
+    metrics: dict[str, float]
+    log_weights: np.ndarray
+    notes: dict[str, str]
+    mapped_potential: np.ndarray | None = None  # U(T(x)) in the system's energy units
+    # The same for every held-out base frame, and its LFEP log weights (where mapped).
+    mapped_heldout_potential: np.ndarray | None = None
+    heldout_log_weights: np.ndarray | None = None
+    reverse_work: np.ndarray | None = None  # kT, per held-out target sample (LBAR's input)
+    # Pair type -> sample set -> (r nm, g(r), its error), for systems with pair histograms.
+    structure: dict[str, dict[str, Curve]] = field(default_factory=dict)
+
+
+def estimate(
+    config: Mapping[str, Any],
+    reference: ReferenceData,
+    samples: SampleSet,
+    potentials: Mapping[str, np.ndarray],
+) -> Estimates:
+    """LFEP and LBAR ΔF (kT) with 1-sigma errors, Kish ESS fraction, NLL where defined."""
+    problem = Problem.from_config(config)
+    if "mapped" not in potentials and samples.heldout_rows is not None:
+        potentials = {**potentials,
+                      "mapped": np.asarray(potentials["mapped_heldout"])[samples.heldout_rows]}
+    u_b_mapped = potentials["mapped"] / problem.kt
+    log_w = lfep_log_weights(samples.u_a, samples.logdet, u_b_mapped)
+    lfep = importance_free_energy(log_w)
+    metrics: dict[str, float] = {
+        "delta_f": lfep.delta_f,
+        "delta_f_err": lfep.delta_f_err,
+        "ess": lfep.ess,
+        "ess_err": kish_ess_fraction_err(log_w) if len(log_w) >= 2 else float("nan"),
+        "delta_f_err_bootstrap": importance_free_energy_err_bootstrap(log_w)
+        if len(log_w) >= 2 else float("nan"),
+        "n_samples": float(lfep.n_samples),
+        "n_nonfinite": float(lfep.n_nonfinite),
+        "training_loss_bound": float(np.mean(-log_w[np.isfinite(log_w)]))
+        if np.isfinite(log_w).any()
+        else float("nan"),
+    }
+    if reference.reference_delta_f is not None:
+        metrics["reference_delta_f"] = reference.reference_delta_f
+        metrics["reference_delta_f_err"] = float(reference.reference_delta_f_err or 0.0)
+    if samples.u_a_pulled_back is not None:
+        u_a_back = samples.u_a_pulled_back
+        # −log q(y) = u_A(T⁻¹ y) − log|det J_T⁻¹(y)| for a normalized base.
+        metrics["nll"] = float(np.mean(u_a_back - samples.logdet_inverse))
+    else:
+        u_a_back = potentials["pulled_back"] / (
+            problem.system.boltzmann_constant * problem.base.temperature
+        )
+    u_b_test = reference.target_test_potential / problem.kt
+    if "nll" in metrics and reference.reference_delta_f is not None:
+        # KL(p_B || q) = E_B[log p_B − log q], log p_B(y) = −u_B(y) + f_B on the base's
+        # normalized measure (f_A = 0, so f_B is the reference ΔF); paired per test sample.
+        kl_terms = -u_b_test + reference.reference_delta_f + (u_a_back - samples.logdet_inverse)
+        finite = np.isfinite(kl_terms)
+        if finite.sum() >= 2:
+            metrics["forward_kl"] = float(np.mean(kl_terms[finite]))
+            metrics["forward_kl_err"] = float(np.std(kl_terms[finite], ddof=1)
+                                              / np.sqrt(finite.sum()))
+    metrics.update(_mode_metrics(problem, samples.mapped, log_w))
+    forward_work = u_b_mapped - samples.logdet - samples.u_a
+    reverse_work = u_a_back - samples.logdet_inverse - u_b_test
+    if len(reverse_work) >= 2 and np.isfinite(forward_work).sum() >= 2:
+        lbar_f, lbar_err = lbar(forward_work, reverse_work)
+        metrics["delta_f_lbar"], metrics["delta_f_lbar_err"] = lbar_f, lbar_err
+        if np.isfinite(lbar_f):
+            metrics["delta_f_lbar_err_bootstrap"] = lbar_err_bootstrap(forward_work,
+                                                                       reverse_work)
+    if np.isfinite(reverse_work).any():
+        # Backward weights w(y) ∝ p_A(T⁻¹ y)|det J_T⁻¹(y)| / p_B(y) = exp(−reverse work), y ~ B.
+        metrics["ess_backward"] = kish_ess_fraction(-reverse_work)
+        if len(reverse_work) >= 2:
+            metrics["ess_backward_err"] = kish_ess_fraction_err(-reverse_work)
+    metrics.update(_named_free_energies(problem, reference, metrics))
+    every_potential = potentials.get("mapped_heldout")  # present where samples has those
+    every_log_w = None
+    if every_potential is not None:
+        every_log_w = lfep_log_weights(samples.u_a_heldout, samples.logdet_heldout,
+                                       np.asarray(every_potential) / problem.kt)
+    structure, structure_metrics = structure_curves(problem, reference, samples, log_w, every_log_w,
+                                              stage_seed(config, "observables"))
+    metrics.update(structure_metrics)
+    metrics.update(reference.diagnostics)
+    metrics = {k: float(v) for k, v in metrics.items()}
+    notes = {
+        "estimand": problem.estimand(),
+        "reference_method": reference.method,
+        "estimator": "LFEP: ln N - logsumexp(u_A + log|det J| - u_B); error by the delta "
+        "method sqrt((1/ESS_fraction - 1)/N)",
+        "nll_convention": f"mean -log q(y) in nats over held-out reference samples of the "
+        f"target ({reference.method.split(';')[-1].strip()}), density on the base's measure: "
+        f"{problem.system.estimand_note}; forward_kl = nll - entropy of the target (nats)"
+        if "nll" in metrics
+        else "not defined",
+    }
+    return Estimates(metrics=metrics, log_weights=log_w, notes=notes,
+                     mapped_potential=np.asarray(potentials["mapped"]), structure=structure,
+                     reverse_work=reverse_work,
+                     mapped_heldout_potential=None if every_potential is None
+                     else np.asarray(every_potential),
+                     heldout_log_weights=every_log_w)
+
+
+def _named_free_energies(problem: Problem, reference: ReferenceData, metrics: dict[str, float]
+                         ) -> dict[str, float]:
+    """ΔF by estimator under its own name, in kT for the whole system and, for a molecular
+    system, ``..._per_molecule`` (kT per molecule), each with its 1-sigma ``_err``:
+    ``delta_f_lfep`` (= ``delta_f``; error by the delta method), ``delta_f_lbar`` (pymbar's
+    asymptotic error), ``delta_f_mbar`` (the reference where it is MBAR over a temperature
+    ladder; bootstrap error); LFEP and LBAR also with ``_err_bootstrap``, the standard
+    deviation over bootstrap resamples of their samples."""
+    out = {"delta_f_lfep": metrics["delta_f"], "delta_f_lfep_err": metrics["delta_f_err"]}
+    if "delta_f_err_bootstrap" in metrics:
+        out["delta_f_lfep_err_bootstrap"] = metrics["delta_f_err_bootstrap"]
+    if "delta_f_lbar" in metrics:
+        out["delta_f_lbar"] = metrics["delta_f_lbar"]
+        out["delta_f_lbar_err"] = metrics["delta_f_lbar_err"]
+        if "delta_f_lbar_err_bootstrap" in metrics:
+            out["delta_f_lbar_err_bootstrap"] = metrics["delta_f_lbar_err_bootstrap"]
+    if reference.method.startswith("MBAR") and "reference_delta_f" in metrics:
+        out["delta_f_mbar"] = metrics["reference_delta_f"]
+        out["delta_f_mbar_err"] = metrics["reference_delta_f_err"]
+    molecules = problem.system.molecule_count
+    if molecules:
+        for name in ("delta_f_lfep", "delta_f_lbar", "delta_f_mbar"):
+            if name in out:
+                out[f"{name}_per_molecule"] = out[name] / molecules
+                out[f"{name}_per_molecule_err"] = out[f"{name}_err"] / molecules
+                if f"{name}_err_bootstrap" in out:
+                    out[f"{name}_per_molecule_err_bootstrap"] = (
+                        out[f"{name}_err_bootstrap"] / molecules)
+    return out
+
+
+def _mode_metrics(problem: Problem, mapped: np.ndarray, log_w: np.ndarray) -> dict[str, float]:
+    """Largest absolute error of a mode's probability: flow samples as drawn (``mode_weight_error``)
+    and importance-reweighted (``..._reweighted``), against the system's exact mode weights;
+    ``..._noise`` is the largest one-sigma sampling error sqrt(p(1 − p)/N) of an exact sampler."""
+    exact = problem.system.exact_mode_probabilities(problem.temperature)
+    if exact is None or len(mapped) == 0:
+        return {}
+    labels = problem.system.mode_index(mapped)
+    drawn = np.bincount(labels, minlength=len(exact)) / len(labels)
+    weights = normalized_weights(log_w)
+    reweighted = np.bincount(labels, weights=weights, minlength=len(exact)) / max(
+        weights.sum(), 1e-300)
+    return {
+        "mode_weight_error": float(np.abs(drawn - exact).max()),
+        "mode_weight_error_reweighted": float(np.abs(reweighted - exact).max()),
+        "mode_weight_error_noise": float(np.sqrt(exact * (1 - exact) / len(labels)).max()),
+    }
+
+
