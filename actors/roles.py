@@ -85,6 +85,10 @@ class TrainerActor(_StageWorker):
         # Ray sets CUDA_VISIBLE_DEVICES for an actor that holds GPUs; one that asked for none
         # trains on the CPU even where Ray leaves GPUs visible (Ray >= 2.60).
         device = "cuda" if self.gpus > 0 and torch.cuda.is_available() else "cpu"
+        if config.get("inject_failure") == "trainer_process_exit":
+            # Die as a killed process would (no exception reaches Ray): Ray restarts the actor
+            # and the driver retries the job's task, until the retry budget is spent.
+            os._exit(1)
         energy = PooledEnergy(config, evaluators) if evaluators else None
         trained, timing = self._timed(pipeline.train, config, reference, device, checkpoint_dir,
                                       energy, checkpoint_every)

@@ -181,6 +181,11 @@ class EnergySettings(Strict):
     platform: Literal["CPU", "Reference", "CUDA", "OpenCL"] = "CPU"
 
 
+FailureToInject = Literal["reference", "train", "sample", "energy", "estimate",
+                          "trainer_process_exit"]
+"""Stages that can raise on purpose, and the trainer process that can exit on purpose."""
+
+
 class JobConfig(Strict):
     """The resolved settings of one job; its canonical JSON is hashed into the job id."""
 
@@ -193,8 +198,10 @@ class JobConfig(Strict):
     training: TrainingSettings = TrainingSettings()
     sampling: SamplingSettings = SamplingSettings()
     energy: EnergySettings = EnergySettings()
-    inject_failure: Literal["reference", "train", "sample", "energy", "estimate"] | None = Field(
-        default=None, description="raise on purpose in this stage (tests failure handling)"
+    inject_failure: FailureToInject | None = Field(
+        default=None, description="raise on purpose in this stage, or (trainer_process_exit) "
+        "end the trainer's process at the start of training as a kill would (tests failure "
+        "handling)"
     )
 
 
@@ -245,7 +252,7 @@ class CampaignSpec(Strict):
     training: TrainingSettings = TrainingSettings()
     sampling: SamplingSettings = SamplingSettings()
     energy: EnergySettings = EnergySettings()
-    inject_failure: Literal["reference", "train", "sample", "energy", "estimate"] | None = None
+    inject_failure: FailureToInject | None = None
     grid: dict[str, Any] | list[dict[str, Any]] = Field(default_factory=dict)
     resources: Resources = Resources()
     fault_tolerance: FaultTolerance = FaultTolerance()

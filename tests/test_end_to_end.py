@@ -1,8 +1,11 @@
 """End to end on a local Ray instance with a temporary SQLite MLflow store.
 
-One launch runs four double-well jobs (one with OpenMM energies), one of which fails on purpose in
-its training stage;
-a second launch must add no finished child run (resume), and rerun only the failed job.
+One launch runs five double-well jobs (one with OpenMM energies). Two fail on purpose: one raises
+in its training stage (an error of the science code: FAILED at once, never retried), the other's
+trainer process exits at the start of training as a killed one would (the machinery: Ray restarts
+the actor and the driver retries the task once, ``fault_tolerance.job_retries: 1``, then records
+the job as FAILED with the cause) while the other jobs finish.
+A second launch must add no finished child run (resume), and rerun only the failed jobs.
 The double-well estimates are compared with the exact -ln Z by quadrature.
 """
 
@@ -13,6 +16,7 @@ import json
 from pathlib import Path
 
 import pytest
+from click.testing import Result
 from typer.testing import CliRunner
 
 from campaign.cli import app
@@ -30,7 +34,9 @@ def _spec(directory: Path) -> Path:
     data = copy.deepcopy(TINY_SPEC)
     data["grid"] = [{"temperature": [1.0, 2.0]},
                     {"temperature": 1.5, "energy": {"backend": "openmm", "platform": "CPU"}},
-                    {"temperature": 1.5, "inject_failure": "train"}]
+                    {"temperature": 1.5, "inject_failure": "train"},
+                    {"temperature": 1.5, "inject_failure": "trainer_process_exit"}]
+    data["fault_tolerance"] = {"job_retries": 1}
     return write_spec(directory, data)
 
 
@@ -39,6 +45,12 @@ def _run(args: list[str], directory: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{directory / 'mlflow.db'}")
     return runner.invoke(app, args)
+
+
+def _summary(result: Result) -> dict:
+    """The launch's JSON summary from its stdout. In this process (CliRunner) Ray's notices of a
+    dead worker land in the captured output ahead of it; run as a command they go to stderr."""
+    return json.loads(result.stdout[result.stdout.index("{\n"):])
 
 
 def _finished_child_runs(directory: Path) -> dict[str, int]:
@@ -58,16 +70,19 @@ def test_launch_records_results_and_failure(campaign_dir: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     spec = _spec(campaign_dir)
     result = _run(["launch", str(spec), "--format", "json"], campaign_dir, monkeypatch)
-    assert result.exit_code == 1, result.output  # one job failed on purpose
-    summary = json.loads(result.stdout)
-    assert len(summary["finished"]) == 3 and len(summary["failed"]) == 1
-    assert "InjectedFailure" in summary["failed"][0]["error"]
+    assert result.exit_code == 1, result.output  # two jobs failed on purpose
+    summary = _summary(result)
+    assert len(summary["finished"]) == 3 and len(summary["failed"]) == 2
+    errors = sorted(failed["error"] for failed in summary["failed"])
+    assert errors[0].startswith("InjectedFailure"), errors
+    assert errors[1].startswith("trainer actor died") and errors[1].endswith(
+        "gave up after 1 retries (fault_tolerance.job_retries)"), errors
 
     compare = _run(["compare", str(spec), "--format", "json"], campaign_dir, monkeypatch)
     assert compare.exit_code == 0, compare.output
     rows = json.loads(compare.stdout)
     statuses = sorted(row["status"] for row in rows)
-    assert statuses == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
+    assert statuses == ["FAILED", "FAILED", "FINISHED", "FINISHED", "FINISHED"]
     for row in rows:
         assert {"job_id", "status", "params", "metrics"} <= set(row)
         if row["status"] != "FINISHED":
@@ -83,10 +98,15 @@ def test_launch_records_results_and_failure(campaign_dir: Path,
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{campaign_dir / 'mlflow.db'}")
-    failed = next(row for row in rows if row["status"] == "FAILED")
-    run = client.get_run(failed["run_id"])
+    failed = {row["params"].get("inject_failure"): row for row in rows
+              if row["status"] == "FAILED"}
+    run = client.get_run(failed["train"]["run_id"])
     assert "failure injected on purpose" in run.data.tags["error"]
     assert run.data.tags["failed_stage"] == "train"
+    assert "retries" not in run.data.tags  # an error of the science code is not retried
+    exited = client.get_run(failed["trainer_process_exit"]["run_id"]).data.tags
+    assert exited["failed_stage"] == "train" and exited["retries"] == "1"
+    assert exited["last_retry_reason"].startswith("trainer actor died")
     trace = client.download_artifacts(run.info.run_id, "traceback.txt", str(campaign_dir))
     assert "InjectedFailure" in Path(trace).read_text()
     # A finished job carries its artifacts and provenance tags.
@@ -147,15 +167,15 @@ def test_second_launch_resumes(campaign_dir: Path, monkeypatch: pytest.MonkeyPat
     before = _finished_child_runs(campaign_dir)
     assert sorted(before.values()) == [1, 1, 1]
     result = _run(["launch", str(spec), "--format", "json"], campaign_dir, monkeypatch)
-    assert result.exit_code == 1, result.output  # the failing job is retried and fails again
-    summary = json.loads(result.stdout)
+    assert result.exit_code == 1, result.output  # the failing jobs are rerun and fail again
+    summary = _summary(result)
     assert sorted(summary["skipped"]) == sorted(before)
-    assert summary["finished"] == [] and len(summary["failed"]) == 1
+    assert summary["finished"] == [] and len(summary["failed"]) == 2
     assert _finished_child_runs(campaign_dir) == before
 
     status = _run(["status", str(spec)], campaign_dir, monkeypatch)
     assert status.exit_code == 0
-    assert status.stdout.splitlines()[0] == "3 finished, 0 running, 1 failed, 0 pending (of 4 jobs)"
+    assert status.stdout.splitlines()[0] == "3 finished, 0 running, 2 failed, 0 pending (of 5 jobs)"
 
 
 def test_launch_with_every_job_finished_starts_no_ray(campaign_dir: Path,
@@ -172,6 +192,6 @@ def test_launch_with_every_job_finished_starts_no_ray(campaign_dir: Path,
     before = _finished_child_runs(campaign_dir)
     result = _run(["launch", str(spec), "--format", "json"], campaign_dir, monkeypatch)
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
+    summary = _summary(result)
     assert len(summary["skipped"]) == 2 and summary["finished"] == []
     assert _finished_child_runs(campaign_dir) == before
