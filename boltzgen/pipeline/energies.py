@@ -14,8 +14,9 @@ from boltzgen.openmm_bridge import OpenMMEvaluator
 from boltzgen.pipeline.problem import EnergyFunction, check_injected_failure, float64_tensor
 from boltzgen.systems import make_system
 
-if TYPE_CHECKING:  # sampling imports training, which imports BatchEnergy from here
+if TYPE_CHECKING:  # sampling imports flow_training, which imports BatchEnergy from here
     from boltzgen.pipeline.sampling import SampleSet
+
 
 class BatchEnergy(torch.autograd.Function):
     """U(x) (B,) in energy units from a batch energy function x -> (U, ∇U) (numpy), with
