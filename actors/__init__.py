@@ -1,13 +1,16 @@
-"""Thin Ray actor classes: each wraps science stage functions and owns its resources.
+"""Thin Ray actor classes: each runs tasks of the science's job graphs and owns its resources.
 
 Actors import the science package (``boltzgen``) and Ray, never ``campaign``.
 """
 
+from actors.progress import ProgressFile
 from actors.roles import (
     ROLE_CLASSES,
     EnergyEvaluatorActor,
-    McmcActor,
+    PooledEnergy,
+    ReferenceSamplerActor,
     SamplerActor,
+    TaskWorker,
     TrainerActor,
     make_actor,
 )
@@ -15,8 +18,11 @@ from actors.roles import (
 __all__ = [
     "ROLE_CLASSES",
     "EnergyEvaluatorActor",
-    "McmcActor",
+    "PooledEnergy",
+    "ProgressFile",
+    "ReferenceSamplerActor",
     "SamplerActor",
+    "TaskWorker",
     "TrainerActor",
     "make_actor",
 ]

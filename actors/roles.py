@@ -1,43 +1,46 @@
-"""The four actor roles of a campaign.
+"""The actor roles of a campaign: Ray actors that run any task of a job's graph.
 
-Every stage method returns ``(result, timing)`` where ``timing`` holds the wall-clock
-``start``/``end`` (``time.time()``, seconds) of the work inside the actor, so that the driver can
-tell compute time from orchestration time, and the Ray ``node`` id, host and pid that did it.
+``run_task`` runs one task (or one piece of a chunked task) and returns ``(output, timing)``,
+where ``timing`` holds the wall-clock ``start``/``end`` (``time.time()``, seconds) of the work
+inside the actor, so that the driver can tell compute time from orchestration time, and the
+Ray ``node`` id, host and pid that did it. The task's function is imported where it runs, at
+its first use: a process imports only what its tasks need.
+
 Actors keep no job state between calls: a restarted actor (which re-runs ``__init__``) loses
-nothing; a trainer's progress lives in checkpoint files in the work directory.
+nothing but its memo (OpenMM Contexts, rebuilt on use); a trainer's progress lives in
+checkpoint files in the work directory.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import ray
-import torch
 
-from boltzgen import pipeline
+from actors.progress import ProgressFile
 
-Timing = dict[str, float]
+Timing = dict[str, Any]
 
 
-class _StageWorker:
-    """Common set-up: torch threads equal to the CPUs Ray gave this actor."""
+class TaskWorker:
+    """One worker of a role: CPU threads (torch, OpenMM) equal to the CPUs Ray gave it."""
 
     def __init__(self, cpus: float = 1.0, gpus: float = 0.0) -> None:
         self.threads = max(1, math.ceil(cpus))
-        torch.set_num_threads(self.threads)
         os.environ["OMP_NUM_THREADS"] = str(self.threads)
         # OpenMM's CPU PME kernels ignore the platform's Threads property and start one
         # thread per core of the machine unless this is set (read at the first PME Context):
         # two MD actors on 2 cores then ran 2 x 3 threads, 30 % of the time in the kernel.
         os.environ["OPENMM_CPU_THREADS"] = str(self.threads)
         self.gpus = gpus
+        self.memo: dict[str, Any] = {}  # per process: e.g. an OpenMM Context per system
 
     def ready(self) -> dict[str, Any]:
         """Called by the driver when the actor starts or restarts: it is constructed and its
@@ -45,11 +48,60 @@ class _StageWorker:
         return {**_where(), "threads": self.threads,
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
-    @staticmethod
-    def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, Timing]:
+    def run_task(self, function: str, args: Mapping[str, Any], inputs: Mapping[str, Any],
+                 evaluators: list[Any] | None = None, progress_file: str | None = None
+                 ) -> tuple[Any, Timing]:
+        """``function(ctx, **args, **inputs)``. ``evaluators``: EnergyEvaluator actors that
+        compute every energy the task needs (each batch split evenly over them);
+        ``progress_file``: where the task's progress reports go (JSON, for the driver)."""
+        from boltzgen.pipeline.graph import TaskContext, call_task
+
+        # Inputs arrive as object refs in the driver's store (a fan-in as a list of them).
+        inputs = {name: _fetched(value) for name, value in inputs.items()}
+        energy = PooledEnergy(args["config"], evaluators) if evaluators else None
+        ctx = TaskContext(threads=self.threads, device=self._device(), energy=energy,
+                          memo=self.memo, end_process=_end_process,
+                          progress=ProgressFile(progress_file) if progress_file else None)
+        if "torch" in sys.modules:  # the torch intra-op pool of this actor's CPUs only
+            sys.modules["torch"].set_num_threads(self.threads)
         start = time.time()
-        result = fn(*args)
-        return result, {"start": start, "end": time.time(), **_where()}
+        value = call_task(ctx, function, {**args, **inputs})
+        return value, {"start": start, "end": time.time(), **_where()}
+
+    def energies_and_forces(self, config: Mapping[str, Any], x: np.ndarray
+                            ) -> tuple[tuple[np.ndarray, np.ndarray], Timing]:
+        """(U (B,), ∇U (B, dim)) in the system's energy units per flow coordinate: a chunk of
+        a trainer's batch (:class:`PooledEnergy`)."""
+        from boltzgen.pipeline.graph import TaskContext
+        from boltzgen.pipeline.job import energy_function
+
+        ctx = TaskContext(threads=self.threads, memo=self.memo)
+        start = time.time()
+        value = energy_function(ctx, config)(x)
+        return value, {"start": start, "end": time.time(), **_where()}
+
+    def _device(self) -> str:
+        # Ray sets CUDA_VISIBLE_DEVICES for an actor that holds GPUs; one that asked for none
+        # runs on the CPU even where Ray leaves GPUs visible (Ray >= 2.60).
+        if self.gpus <= 0:
+            return "cpu"
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _fetched(value: Any) -> Any:
+    if isinstance(value, ray.ObjectRef):
+        return ray.get(value)
+    if isinstance(value, list):
+        return [_fetched(item) for item in value]
+    return value
+
+
+def _end_process() -> None:
+    """Die as a killed process would (no exception reaches Ray): Ray restarts the actor and
+    the driver retries the task, until the job's retry budget is spent."""
+    os._exit(1)
 
 
 def _where() -> dict[str, Any]:
@@ -58,48 +110,9 @@ def _where() -> dict[str, Any]:
             "pid": os.getpid()}
 
 
-class McmcActor(_StageWorker):
-    """Reference data: replica-exchange MCMC or OpenMM MD over a temperature ladder, and the
-    MBAR (or exact) reference ΔF."""
-
-    def run_md(self, config: Mapping[str, Any], temperature: float, work_dir: str
-               ) -> tuple[float, Timing]:
-        """One MD run of a job's ladder into the cache (seconds it took; 0 if cached)."""
-        return self._timed(pipeline.run_md_rung, config, temperature, work_dir, self.threads)
-
-    def run_reference(self, config: Mapping[str, Any], work_dir: str | None = None
-                      ) -> tuple[pipeline.ReferenceData, Timing]:
-        return self._timed(pipeline.run_reference, config, work_dir, self.threads)
-
-
-class TrainerActor(_StageWorker):
-    """Fits a flow (PyTorch)."""
-
-    def train(self, config: Mapping[str, Any], reference: pipeline.ReferenceData,
-              checkpoint_dir: str | None = None, evaluators: list[Any] | None = None,
-              checkpoint_every: int = 0) -> tuple[pipeline.TrainedFlow, Timing]:
-        """``evaluators``: EnergyEvaluator actors that compute every training energy (each
-        batch split evenly over them); without them the system's potential runs here.
-        Progress is saved to ``checkpoint_dir`` every ``checkpoint_every`` steps and picked up
-        again by the next call for the same job (after this actor died, or the driver)."""
-        # Ray sets CUDA_VISIBLE_DEVICES for an actor that holds GPUs; one that asked for none
-        # trains on the CPU even where Ray leaves GPUs visible (Ray >= 2.60).
-        device = "cuda" if self.gpus > 0 and torch.cuda.is_available() else "cpu"
-        if config.get("inject_failure") == "trainer_process_exit":
-            # Die as a killed process would (no exception reaches Ray): Ray restarts the actor
-            # and the driver retries the job's task, until the retry budget is spent.
-            os._exit(1)
-        energy = PooledEnergy(config, evaluators) if evaluators else None
-        trained, timing = self._timed(pipeline.train, config, reference, device, checkpoint_dir,
-                                      energy, checkpoint_every)
-        # Chunks re-sent in this call (a trainer restarted after its own death starts at 0).
-        trained.energy_chunks_resent = energy.resent if energy else 0
-        return trained, timing
-
-
 class PooledEnergy:
     """A batch energy function x -> (U, ∇U) that splits x evenly over ``evaluators`` (Ray
-    handles of EnergyEvaluatorActor) and gathers their answers in order.
+    handles of energy-evaluator actors) and gathers their answers in order.
 
     A chunk whose evaluator died is evaluated again on one that still answers (energies are
     pure functions; ``resent`` counts such chunks); the dead one is left out of later batches
@@ -143,51 +156,25 @@ class PooledEnergy:
         return (np.concatenate([u for u, _ in parts]), np.concatenate([g for _, g in parts]))
 
 
-class SamplerActor(_StageWorker):
-    """Draws base samples, maps them through a trained flow, and pulls target samples back;
-    then turns the pooled energies into estimates and figures."""
-
-    def sample(self, config: Mapping[str, Any], trained: pipeline.TrainedFlow,
-               reference: pipeline.ReferenceData) -> tuple[pipeline.SampleSet, Timing]:
-        return self._timed(pipeline.sample, config, trained, reference)
-
-    def estimate(self, config: Mapping[str, Any], reference: pipeline.ReferenceData,
-                 samples: pipeline.SampleSet, potentials: Mapping[str, np.ndarray],
-                 plot_dir: str) -> tuple[pipeline.EstimateReport, Timing]:
-        """ΔF estimates, ESS and diagnostics from the pooled energies; figures written as PNG
-        files to ``plot_dir`` (in the work directory, for the driver to log)."""
-        return self._timed(pipeline.estimate_and_plot, config, reference, samples, potentials,
-                           plot_dir)
+class ReferenceSamplerActor(TaskWorker):
+    """Reference data: MD runs, replica-exchange MCMC, exact sampling, the reference ΔF."""
 
 
-class EnergyEvaluatorActor(_StageWorker):
-    """Potential energies and forces of batches of configurations (one of a pool).
-
-    Owns its energy functions (an OpenMM Context for the OpenMM backend), built once per
-    system/backend and kept for later batches.
-    """
-
-    def __init__(self, cpus: float = 1.0, gpus: float = 0.0) -> None:
-        super().__init__(cpus, gpus)
-        self._functions: dict[str, pipeline.EnergyFunction] = {}
-
-    def _function(self, config: Mapping[str, Any]) -> pipeline.EnergyFunction:
-        key = json.dumps([config["system"], config.get("energy")], sort_keys=True)
-        if key not in self._functions:
-            self._functions[key] = pipeline.make_energy_function(config, self.threads)
-        return self._functions[key]
-
-    def potential(self, config: Mapping[str, Any], x: np.ndarray) -> tuple[np.ndarray, Timing]:
-        return self._timed(pipeline.potential_energy, config, x, self._function(config))
-
-    def energies_and_forces(self, config: Mapping[str, Any], x: np.ndarray
-                            ) -> tuple[tuple[np.ndarray, np.ndarray], Timing]:
-        """(U (B,), ∇U (B, dim)) in the system's energy units per flow coordinate."""
-        return self._timed(self._function(config), x)
+class TrainerActor(TaskWorker):
+    """Fits flows (PyTorch; CUDA when it holds a GPU)."""
 
 
-ROLE_CLASSES: dict[str, type[_StageWorker]] = {
-    "mcmc": McmcActor,
+class SamplerActor(TaskWorker):
+    """Draws samples from trained flows; turns pooled energies into estimates and figures."""
+
+
+class EnergyEvaluatorActor(TaskWorker):
+    """Potential energies and forces of batches of configurations (one of a pool), with its
+    energy functions (an OpenMM Context for the OpenMM backend) built once and kept."""
+
+
+ROLE_CLASSES: dict[str, type[TaskWorker]] = {
+    "mcmc": ReferenceSamplerActor,
     "trainer": TrainerActor,
     "sampler": SamplerActor,
     "energy_evaluator": EnergyEvaluatorActor,

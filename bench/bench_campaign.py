@@ -3,8 +3,9 @@
 Runs 8 quickstart-size jobs (4 double-well and 4 DW4 temperatures, the quickstart's settings)
 twice in one invocation: through ``campaign`` on a local Ray instance (actor pools as in
 specs/quickstart.yaml) with a temporary SQLite MLflow store, then sequentially with the same
-science stage functions in this process (1 torch thread, the fastest setting for these tiny
-flows on a small machine; no MLflow). Prints the speedup and the per-job orchestration overhead.
+task graphs in this process (``pipeline.run_job``; 1 torch thread, the fastest setting for
+these tiny flows on a small machine; no MLflow). Prints the speedup and the per-job orchestration
+overhead.
 
 Overhead of a job = Σ over its tasks of (actor start − submit) + (result seen − actor end): the
 seconds in which the actor that runs the job's next stage was ready but not working on it.
@@ -83,16 +84,9 @@ def run_sequential(data: dict) -> dict:
     torch.set_num_threads(1)
     plan = make_plan(parse_spec(data))
     start = time.perf_counter()
-    for job in plan.jobs:
-        config = job.config_dict
-        reference = pipeline.run_reference(config)
-        trained = pipeline.train(config, reference)
-        samples = pipeline.sample(config, trained, reference)
-        energy = pipeline.make_energy_function(config)  # built once per job, as in the actors
-        potentials = {key: pipeline.potential_energy(config, coords, energy)
-                      for key, coords in pipeline.energy_requests(samples).items()}
-        with tempfile.TemporaryDirectory() as plots:
-            pipeline.estimate_and_plot(config, reference, samples, potentials, plots)
+    with tempfile.TemporaryDirectory() as work:
+        for job in plan.jobs:  # each job's task graph, in this process (estimates, PNGs too)
+            pipeline.run_job(pipeline.job_graph(job.config_dict, job.job_id, work))
     return {"wall_s": time.perf_counter() - start, "n_jobs": len(plan.jobs)}
 
 

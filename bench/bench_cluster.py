@@ -244,7 +244,7 @@ def recovery(work: Path) -> dict:
             time.sleep(0.2)
         time.sleep(3.0)
         trainers = [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()
-                    and _cmdline(e).startswith("ray::TrainerActor.train")]
+                    and _cmdline(e).startswith("ray::TrainerActor.run_task")]
         killed_at = time.time()
         os.kill(trainers[0], signal.SIGKILL)
         out, err = proc.communicate(timeout=1800)

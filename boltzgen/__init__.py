@@ -6,5 +6,6 @@ replica-exchange MCMC for reference data, training objectives, free-energy estim
 
 Depends only on torch, numpy, scipy, pymbar and matplotlib, so it is usable from a notebook
 without Ray or MLflow. All flow math is float64. Toy systems are in reduced units: temperature
-means kT and free energies f = -ln Z are dimensionless (in kT); see ``DESIGN.md`` section 3.
+means kT and free energies f = -ln Z are dimensionless (in kT); see docs/architecture.md,
+Conventions.
 """

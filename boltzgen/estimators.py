@@ -1,4 +1,4 @@
-"""Free-energy estimators in reduced units (kT); formulas of DESIGN.md §3.
+"""Free-energy estimators in reduced units (kT); formulas of docs/architecture.md, Conventions.
 
 Conventions: f = -ln Z (dimensionless, kT), ΔF = f_B - f_A for a map T from state A to state B.
 

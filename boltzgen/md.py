@@ -1,6 +1,7 @@
 """Molecular dynamics with OpenMM, cached on disk by a hash of the system and the protocol.
 
-Protocol (DESIGN.md §4): LangevinMiddleIntegrator (time step, friction), energy minimisation
+Protocol (docs/architecture.md, Ice XI and rigid bodies): LangevinMiddleIntegrator (time step,
+friction), energy minimisation
 from the ideal crystal, equilibration, then production with a frame every
 ``frame_interval_ps``. Each frame stores the positions, the box and the potential energy U
 (kJ/mol, float64 from OpenMM's state).

@@ -1,6 +1,7 @@
 """Training objectives for a flow T from state A (base side) to state B (target side).
 
-Reduced units (kT). With log w(x) = u_A(x) + log|det J_T(x)| - u_B(T(x)) (DESIGN.md §3):
+Reduced units (kT). With log w(x) = u_A(x) + log|det J_T(x)| - u_B(T(x)) (docs/architecture.md,
+Conventions):
 
 - Reverse KL / LFEP loss, x ~ A:  L = E_A[-log w] = KL(T#A || B) + ΔF >= ΔF = f_B - f_A
   (Gibbs/Jensen bound; Wirnsberger et al. 2020). With a normalized Gaussian base

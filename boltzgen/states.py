@@ -2,7 +2,7 @@
 
 Each state exposes ``reduced_energy(x)`` (dimensionless, kT units) and ``free_energy``,
 f_A = -ln ∫ exp(-u_A(x)) dx in kT, or None where it is unknown and only differences are
-meaningful (DESIGN.md §3: ΔF = f_B - f_A).
+meaningful (docs/architecture.md, Conventions: ΔF = f_B - f_A).
 """
 
 from __future__ import annotations

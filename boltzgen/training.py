@@ -69,6 +69,7 @@ def train_flow(
     resume: TrainingState | None = None,
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[TrainingState], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainingResult:
     """Train ``flow`` in place.
 
@@ -85,6 +86,7 @@ def train_flow(
             it); the result is the same as that of an uninterrupted run.
         checkpoint_every, on_checkpoint: call ``on_checkpoint`` with the state after every
             ``checkpoint_every`` steps and after the last one (0: never).
+        on_step: called with (steps done, loss) after every step (progress displays).
     """
     if objective not in OBJECTIVES:
         raise ValueError(
@@ -144,6 +146,8 @@ def train_flow(
             loss = maximum_likelihood_loss(flow, data_b[idx.to(data_b.device)], u_a)
         value = float(loss.detach())
         losses.append(value)
+        if on_step is not None:
+            on_step(step + 1, value)
         if not math.isfinite(value) or not loss.requires_grad:
             n_skipped += 1
             checkpoint(step + 1)

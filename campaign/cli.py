@@ -33,6 +33,11 @@ class LaunchFormat(StrEnum):
     json = "json"
 
 
+class Backend(StrEnum):
+    ray = "ray"
+    local = "local"
+
+
 class CompareFormat(StrEnum):
     table = "table"
     json = "json"
@@ -76,9 +81,17 @@ def launch(
     tracking_uri: TrackingUri = None,
     fmt: Annotated[LaunchFormat, typer.Option(
         "--format", help="output format")] = LaunchFormat.table,
+    backend: Annotated[Backend, typer.Option(
+        "--backend", help="ray: Ray actors, on a local instance or the cluster at --address; "
+        "local: every task in this process, one at a time (no Ray)")] = Backend.ray,
 ) -> None:
     """Run every job of the spec that has not finished yet (resume is automatic)."""
     plan = _plan(spec)
+    if backend == Backend.local:
+        if address is not None:
+            _fail_input(SpecError("--address", address, "joins a Ray cluster; leave it out "
+                                  "with --backend local, or use --backend ray"))
+        _refuse_process_exit(plan)
     if dry_run:
         from campaign.cluster import configure_ray_auth, ray_address
         from campaign.launcher import check_cluster_resources, check_resources, local_capacity
@@ -94,15 +107,17 @@ def launch(
             _fail_input(error)
         _print_plan(plan, fmt)
         return
-    from campaign.cluster import configure_ray_auth, ray_address
+    if backend == Backend.ray:
+        from campaign.cluster import configure_ray_auth, ray_address
 
-    configure_ray_auth(ray_address(address))  # before Ray is imported (DESIGN.md §5)
+        configure_ray_auth(ray_address(address))  # before Ray is imported (docs/architecture)
     from campaign.launcher import launch_plan
 
     try:
         with _stdout_to_stderr():
             summary = launch_plan(plan, spec, address=address, tracking_uri=tracking_uri,
-                                  show_progress=fmt == LaunchFormat.table)
+                                  show_progress=fmt == LaunchFormat.table,
+                                  backend=backend.value)
     except SpecError as error:
         _fail_input(error)
     except RuntimeError as error:  # the campaign could not go on (e.g. no actor could start)
@@ -111,6 +126,14 @@ def launch(
     _print_summary(summary, fmt)
     if summary.failed:
         raise typer.Exit(1)
+
+
+def _refuse_process_exit(plan: Any) -> None:
+    """The local backend runs every task in this process: nothing may end it on purpose."""
+    for job in plan.jobs:
+        if job.config.inject_failure == "trainer_process_exit":
+            _fail_input(SpecError("inject_failure", "trainer_process_exit", f"(job {job.job_id}) "
+                                  "ends a trainer's process; allowed only with --backend ray"))
 
 
 @app.command()
@@ -298,10 +321,28 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 
 def _print_plan(plan: Any, fmt: LaunchFormat) -> None:
+    from boltzgen.pipeline import job_graph
+
+    work_dir = str(plan.spec.work_path())
+    graphs = {job.job_id: job_graph(job.config_dict, job.job_id, work_dir,
+                                    plan.spec.fault_tolerance.checkpoint_every)
+              for job in plan.jobs}
+    needed_by: dict[str, list[str]] = {}
+    for job_id, graph in graphs.items():
+        for task in graph.tasks:
+            needed_by.setdefault(task.key, []).append(job_id)
     if fmt == LaunchFormat.json:
-        print(json.dumps(plan.as_records(), indent=2))
+        records = plan.as_records()
+        for record in records:
+            record["tasks"] = [{"key": t.key, "role": t.role, "stage": t.stage,
+                                "label": t.label, "jobs": needed_by[t.key]}
+                               for t in graphs[record["job_id"]].tasks]
+        print(json.dumps(records, indent=2))
         return
-    print(f"campaign {plan.spec.name}: {len(plan.jobs)} jobs (dry run: nothing started)")
+    shared = {key: jobs for key, jobs in needed_by.items() if len(jobs) > 1}
+    n_tasks = len(needed_by)
+    print(f"campaign {plan.spec.name}: {len(plan.jobs)} jobs, {n_tasks} distinct tasks "
+          f"({len(shared)} shared by several jobs; dry run: nothing started)")
     for role, res in plan.resources.items():
         print(f"  {role:<17} {res['count']} x (cpus={res['cpus']:g}, gpus={res['gpus']:g})")
     for job in plan.jobs:
@@ -310,6 +351,12 @@ def _print_plan(plan: Any, fmt: LaunchFormat) -> None:
             where = f", OpenMM on {ask['openmm_platform']}" if ask["openmm_platform"] else ""
             print(f"      {stage:<9} {ask['role']:<17} cpus={ask['cpus']:g} "
                   f"gpus={ask['gpus']:g}{where}")
+    if shared:
+        print("  shared tasks (each runs once; task: the jobs that need it):")
+        tasks = {t.key: t for graph in graphs.values() for t in graph.tasks}
+        for key, jobs in shared.items():
+            print(f"    {tasks[key].label or tasks[key].stage:<12} {key[:24]:<24} "
+                  f"{tasks[key].role:<17} {', '.join(j[:12] for j in jobs)}")
 
 
 def _print_summary(summary: Any, fmt: LaunchFormat) -> None:

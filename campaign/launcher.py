@@ -1,4 +1,5 @@
-"""Start or join Ray, check that the resources can be placed, run the driver, shut down."""
+"""Start or join Ray (or nothing, for the local backend), check that the resources can be
+placed, run the scheduler over the chosen backend, shut down."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from campaign.cluster import probe_cluster, ray_address, unreachable_reason
-from campaign.driver import Driver, JobRun, LaunchSummary, Progress
 from campaign.errors import SpecError
 from campaign.plan import Plan
+from campaign.recorder import Recorder
+from campaign.scheduler import JobRun, LaunchSummary, Progress, Scheduler
 from campaign.tracking import (
     FINISHED,
     Tracker,
@@ -127,10 +129,40 @@ def start_ray(address: str | None, while_starting: Callable[[], T] | None = None
 
 
 def launch_plan(plan: Plan, spec_path: Path, address: str | None, tracking_uri: str | None,
-                show_progress: bool) -> LaunchSummary:
+                show_progress: bool, backend: str = "ray") -> LaunchSummary:
+    """Run the plan's unfinished jobs on ``backend`` (``ray``: a local instance or the cluster
+    at ``address``; ``local``: this process) and record them in MLflow."""
+    marks = {"process_start": process_start_time()}
+    uri = resolve_tracking_uri(tracking_uri, plan.spec.tracking.uri)
+    progress = RichProgress() if show_progress else Progress()
+
+    def open_tracker() -> Tracker:
+        tracker = Tracker(uri, plan.spec.experiment_name, plan.spec.tracking.artifact_location)
+        tracker.experiment_id()  # the first query creates a new store's tables
+        marks["tracker_ready"] = time.time()
+        return tracker
+
+    tags = {"campaign": plan.spec.name, "spec_hash": plan.spec_hash,
+            "git_commit": project_commit(), "spec_file": str(spec_path),
+            "driver_host": socket.gethostname(), "driver_pid": str(os.getpid()),
+            "backend": backend, **library_versions()}
+    if backend == "local":
+        from campaign.backends import LocalBackend
+
+        check_resources(plan, [local_capacity()], "this machine")
+        tracker = open_tracker()
+        scheduler = Scheduler(plan, LocalBackend(plan, marks), progress, marks)
+        return scheduler.run(Recorder(tracker, plan, {**tags, "ray_address": "none"}))
+    return _launch_on_ray(plan, address, uri, marks, progress, open_tracker, tags)
+
+
+def _launch_on_ray(plan: Plan, address: str | None, uri: str, marks: dict[str, float],
+                   progress: Progress, open_tracker: Callable[[], Tracker],
+                   tags: dict[str, str]) -> LaunchSummary:
     import ray
 
-    marks = {"process_start": process_start_time()}
+    from campaign.backends import RayBackend
+
     address = ray_address(address)
     # Before anything is started or written: the plan fits this machine, or the cluster admits
     # this driver and can place the plan (checked once joined where its GCS listed no nodes).
@@ -139,18 +171,9 @@ def launch_plan(plan: Plan, spec_path: Path, address: str | None, tracking_uri: 
     else:
         check_resources(plan, [local_capacity()], "this machine")
         nodes_checked = True
-    uri = resolve_tracking_uri(tracking_uri, plan.spec.tracking.uri)
-
-    def open_tracker() -> Tracker:
-        tracker = Tracker(uri, plan.spec.experiment_name, plan.spec.tracking.artifact_location)
-        tracker.experiment_id()  # the first query creates a new store's tables
-        marks["tracker_ready"] = time.time()
-        return tracker
-
     # Nothing to run (every job finished before): record the launch, start no Ray.
     all_done = Tracker.store_exists(uri) and _all_finished(plan, uri)
-    progress = RichProgress() if show_progress else Progress()
-    driver = Driver(plan, progress, marks)
+    backend = RayBackend(plan, marks)
 
     def ray_ready() -> None:
         marks["ray_ready"] = time.time()
@@ -158,17 +181,14 @@ def launch_plan(plan: Plan, spec_path: Path, address: str | None, tracking_uri: 
             check_resources(plan, _ray_nodes(), f"the Ray cluster at {address}")
         # Some job is left to run: start the actor processes now (seconds of imports each),
         # while the tracking store still opens.
-        driver.start_actors()
+        backend.start()
 
     try:
         opened = None if all_done else start_ray(address, while_starting=open_tracker,
                                                  on_ready=ray_ready)
         tracker = opened or open_tracker()
-        tags = {"campaign": plan.spec.name, "spec_hash": plan.spec_hash,
-                "git_commit": project_commit(), "spec_file": str(spec_path),
-                "ray_address": address or "local", "driver_host": socket.gethostname(),
-                "driver_pid": str(os.getpid()), **library_versions()}
-        return driver.run(tracker, tags)
+        scheduler = Scheduler(plan, backend, progress, marks)
+        return scheduler.run(Recorder(tracker, plan, {**tags, "ray_address": address or "local"}))
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -182,9 +202,11 @@ def _all_finished(plan: Plan, uri: str) -> bool:
 
 
 class RichProgress(Progress):
-    """Jobs done of total and the stage of each running job, on stderr.
+    """Jobs done of total and, for each running job, its stage, tasks done of total, a
+    running training's step and loss, and the time left (on stderr).
 
-    On a terminal this is a live display; elsewhere (CI, logs) one line per event.
+    On a terminal this is a live display; elsewhere (CI, logs) one line per stage change and
+    per job done, and a job's progress at most once a minute.
     """
 
     def __init__(self) -> None:
@@ -193,6 +215,8 @@ class RichProgress(Progress):
         self.console = Console(stderr=True)
         self.live: Any = None
         self.running: dict[str, tuple[str, str, float]] = {}
+        self.notes: dict[str, str] = {}
+        self.printed: dict[str, float] = {}
         self.total = self.done_count = self.failed = 0
 
     def start(self, total: int, skipped: int) -> None:
@@ -212,11 +236,12 @@ class RichProgress(Progress):
         from rich.table import Table
 
         table = Table(show_header=True, header_style="bold", box=None)
-        for name in ("job", "grid", "stage", "s in stage"):
+        for name in ("job", "grid", "stage", "s in stage", "progress"):
             table.add_column(name)
         now = time.time()
         for job_id, (label, stage, since) in self.running.items():
-            table.add_row(job_id[:12], label, stage, f"{now - since:.0f}")
+            table.add_row(job_id[:12], label, stage, f"{now - since:.0f}",
+                          self.notes.get(job_id, ""))
         head = (f"jobs done {self.done_count}/{self.total}"
                 + (f" ({self.failed} failed)" if self.failed else ""))
         bar = ProgressBar(total=max(self.total, 1), completed=self.done_count, width=40)
@@ -229,8 +254,16 @@ class RichProgress(Progress):
         if self.live is None:
             self.console.print(f"{run.job.job_id[:12]} {run.job.label}: {run.stage}")
 
+    def update(self, run: JobRun) -> None:
+        job_id = run.job.job_id
+        self.notes[job_id] = run.progress_text()
+        if self.live is None and time.time() - self.printed.get(job_id, 0.0) > 60:
+            self.printed[job_id] = time.time()
+            self.console.print(f"{job_id[:12]} {run.job.label}: {self.notes[job_id]}")
+
     def done(self, run: JobRun) -> None:
         self.running.pop(run.job.job_id, None)
+        self.notes.pop(run.job.job_id, None)
         self.done_count += 1
         self.failed += run.stage == "failed"
         if self.live is None:

@@ -3,7 +3,8 @@ the campaign's driver on its head.
 
 It follows Ray's documented multi-node pattern: ``ray start --head --block`` in one Slurm task,
 ``ray start --address ... --block`` in the others (both through srun), then the driver in the
-batch script itself, on the head's host. The traps it avoids (DESIGN.md §5):
+batch script itself, on the head's host. The traps it avoids (docs/architecture.md, Traps worked
+around):
 
 - ports derived from the job id (two campaigns on one node do not collide) and from the Ray
   node's index on its host (several Ray nodes on one host do not collide either);

@@ -1,7 +1,7 @@
 """Real Ray nodes on this host for tests and benchmarks: a head and workers started with
 ``ray start``, each with its own temp dir and every port given explicitly (two Ray nodes on one
-host collide on the defaults; DESIGN.md §5). Stopped by the processes that name their temp dir,
-never with ``ray stop`` (which ends every Ray process on the machine)."""
+host collide on the defaults; docs/architecture.md, Traps worked around). Stopped by the processes
+that name their temp dir, never with ``ray stop`` (which ends every Ray process on the machine)."""
 
 from __future__ import annotations
 

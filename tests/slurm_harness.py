@@ -1,6 +1,6 @@
 """A real single-host Slurm for tests: Debian's slurmctld, slurmd and munge, installed when
 missing (root and a package registry needed), configured under a temporary directory and
-stopped by process id (DESIGN.md §5).
+stopped by process id (docs/architecture.md, Traps worked around).
 
 Each daemon runs in the foreground, backgrounded here, with its output in a file: otherwise the
 caller's pipes stay open and it hangs.

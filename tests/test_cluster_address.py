@@ -1,7 +1,8 @@
 """`launch --address` joins an existing Ray cluster (started here with `ray start --head`).
 
 The head is started the way a user would, with RAY_AUTH_MODE unset, so Ray turns token
-authentication on; the driver must pick the token up by itself (DESIGN.md §5).
+authentication on; the driver must pick the token up by itself (docs/architecture.md, Traps worked
+around).
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ def test_killed_trainer_resumes_from_its_checkpoint_and_survives_a_killed_evalua
     try:
         _wait_for(lambda: progress.is_file() and _progress_step(progress) >= 2 * every, 240,
                   "two training checkpoints", proc)
-        trainers = _wait_for(lambda: busy("ray::TrainerActor.train"), 30,
+        trainers = _wait_for(lambda: busy("ray::TrainerActor.run_task"), 30,
                              "the training process")
         killed_after = _progress_step(progress)
         os.kill(trainers[0], signal.SIGKILL)

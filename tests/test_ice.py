@@ -35,7 +35,7 @@ def _perturbed(ice: IceXI, seed: int, scale: float = 0.01) -> torch.Tensor:
 
 
 def test_crystal_matches_the_paper_setup(ice: IceXI) -> None:
-    # DESIGN.md §4: N16 box 0.89846 × 0.77808 × 0.73358 nm, cutoff = 0.73358 / 2 − 1e-5.
+    # docs/architecture.md: N16 box 0.89846 × 0.77808 × 0.73358 nm, cutoff = 0.73358 / 2 − 1e-5.
     np.testing.assert_allclose(ice.box.edges, (0.89846, 0.77808, 0.73358), atol=1e-5)
     assert ice.cutoff_nm == pytest.approx(0.36678, abs=1e-5)
     assert ice.dim == 16 * 7 and ice.rigid_layout().pinned_positions == (0,)

@@ -52,8 +52,8 @@ def test_actors_hold_openmm_pme_to_their_threads() -> None:
     """OpenMM's CPU PME kernels ignore a Context's Threads property and use every core unless
     OPENMM_CPU_THREADS is set: an actor sets it to its own threads (fresh process, because the
     actor also sets torch's thread count)."""
-    code = ("import os; from actors.roles import McmcActor, TrainerActor; "
-            "McmcActor(cpus=0.45); a = os.environ['OPENMM_CPU_THREADS']; "
+    code = ("import os; from actors.roles import ReferenceSamplerActor, TrainerActor; "
+            "ReferenceSamplerActor(cpus=0.45); a = os.environ['OPENMM_CPU_THREADS']; "
             "TrainerActor(cpus=2.0); print(a, os.environ['OPENMM_CPU_THREADS'])")
     env = {k: v for k, v in os.environ.items() if k != "OPENMM_CPU_THREADS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

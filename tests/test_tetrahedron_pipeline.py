@@ -1,7 +1,8 @@
-"""The tetrahedron job through the pipeline stages in one process (no Ray, no MLflow)."""
+"""The tetrahedron job through its task graph in one process (no Ray, no MLflow)."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -31,13 +32,9 @@ def _config(**overrides) -> dict:
     return make_plan(parse_spec(data)).jobs[0].config_dict
 
 
-def _run(config: dict) -> pipeline.Estimates:
-    reference = pipeline.run_reference(config)
-    trained = pipeline.train(config, reference)
-    samples = pipeline.sample(config, trained, reference)
-    potentials = {k: pipeline.potential_energy(config, v)
-                  for k, v in pipeline.energy_requests(samples).items()}
-    return pipeline.estimate(config, reference, samples, potentials)
+def _run(config: dict) -> pipeline.JobOutcome:
+    """The job's graph run in this process (the notebook path); no work directory."""
+    return pipeline.run_job(pipeline.job_graph(config, "tet", work_dir=None))
 
 
 @pytest.mark.parametrize("flow", [
@@ -51,8 +48,8 @@ def test_nearly_untrained_flows_give_unbiased_free_energies(flow: dict) -> None:
     """Five training steps leave the flow near its start: the LFEP estimate is then importance
     sampling from a broad proposal and must agree with the exact −ln Z within 5 of its error
     bars; every metric the issue names is reported."""
-    estimates = _run(_config(flow=flow))
-    m = estimates.metrics
+    outcome = _run(_config(flow=flow))
+    m = outcome.metrics
     for key in ("delta_f", "delta_f_err", "ess", "forward_kl", "nll", "reference_delta_f",
                 "mode_weight_error", "mode_weight_error_reweighted", "mode_weight_error_noise",
                 "exact_sampler_acceptance", "delta_f_lbar"):
@@ -60,8 +57,9 @@ def test_nearly_untrained_flows_give_unbiased_free_energies(flow: dict) -> None:
     assert abs(m["delta_f"] - m["reference_delta_f"]) < 5 * m["delta_f_err"]
     assert m["forward_kl"] > 0.3  # a barely trained flow is far from the target
     assert m["mode_weight_error"] > 0.01
-    assert "normalized Haar" in estimates.notes["estimand"]
-    assert np.isfinite(estimates.log_weights).all()
+    assert "normalized Haar" in outcome.params["estimand"]
+    # The works are minus the LFEP log weights.
+    assert np.isfinite(np.load(io.BytesIO(outcome.blobs["works.npz"]))["forward_work"]).all()
 
 
 def test_spec_refuses_mismatched_bases_samplers_and_flows() -> None:

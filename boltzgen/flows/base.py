@@ -1,6 +1,7 @@
 """Building blocks shared by the coupling flows (float64).
 
-Direction (DESIGN.md §3): ``forward`` maps the base / state-A side x to the target side y and
+Direction (docs/architecture.md, Conventions): ``forward`` maps the base / state-A side x to the
+target side y and
 returns (y, log|det dy/dx|); ``inverse`` maps y back and returns (x, log|det dx/dy|). The
 log-dets have the batch shape, on the input's device and dtype.
 

@@ -1,7 +1,8 @@
 """Rigid-body coupling flows: N bodies, positions on a periodic torus, orientations on S³.
 
 Köhler, Invernizzi, de Haan, Noé, "Rigid body flows for sampling molecular crystal
-structures", ICML 2023 (DESIGN.md §4). Flow coordinates follow :class:`RigidLayout`:
+structures", ICML 2023 (docs/architecture.md, Ice XI and rigid bodies). Flow coordinates follow
+:class:`RigidLayout`:
 [positions (N, 3) nm if the layout has a box] + [unit quaternions (N, 4)]. Direction as for
 every flow here: ``forward`` maps the base side to the target side and returns
 (y, log|det J|); ``inverse`` returns (x, log|det J⁻¹|).

@@ -1,6 +1,7 @@
 """Flip-equivariant bijections of S³ (unit quaternions), with log|det J| on the sphere.
 
-Rigid-body flows (Köhler, Invernizzi, de Haan, Noé, ICML 2023; DESIGN.md §4) keep the density
+Rigid-body flows (Köhler, Invernizzi, de Haan, Noé, ICML 2023; docs/architecture.md, Ice XI and
+rigid bodies) keep the density
 on SO(3) proper by making every map of S³ odd, f(−q) = −f(q): then a flip-symmetric density
 stays flip-symmetric. Both maps here are *projective*: y = G(p) / |G(p)| with G odd and
 positively homogeneous, so they act on directions.
@@ -25,7 +26,7 @@ direction is that of (1 − r²) cos θ q̂ + (1 + r²) sin θ u). Hence, with �
 
     log|det J| = ln[(1 − ρ)(1 + ρ)³ / ((1 + ρ)² − 4 (q·p)²)²],
 
-which is DESIGN.md's formula for d = 4, and the inverse is again closed-form: A(q)⁻¹ ∝
+the closed form for d = 4, and the inverse is again closed-form: A(q)⁻¹ ∝
 (1 − ρ) I + 2 q qᵀ. Along a fixed unit axis a, A = (1 + ρ) I − 2ρ a aᵀ, and the inverse of the
 map with ρ is the map with −ρ; :func:`double_mobius_axial` takes a *signed* ρ ∈ (−1, 1)
 (ρ > 0: the symmetrized Möbius with q = √ρ a, pushing mass away from ±a; ρ < 0: its inverse,

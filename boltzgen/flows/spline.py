@@ -4,7 +4,8 @@ C. Durkan, A. Bekasov, I. Murray, G. Papamakarios, "Neural Spline Flows", NeurIP
 (arXiv:1906.04032), built on the monotone rational-quadratic interpolant of J. A. Gregory and
 R. Delbourgo, IMA J. Numer. Anal. 2 (1982) 123-130.
 
-Direction (DESIGN.md §3) as for every flow here: ``forward`` maps the base side x to the target
+Direction (docs/architecture.md, Conventions) as for every flow here: ``forward`` maps the base
+side x to the target
 side y and returns (y, log|det dy/dx|); ``inverse`` returns (x, log|det dx/dy|), both log-dets
 shaped like the batch.
 

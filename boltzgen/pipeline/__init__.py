@@ -5,7 +5,7 @@ spec resolves it) and the previous stages' outputs, so that the same code runs i
 one plain Python process (the benchmark's baseline) and in a notebook.
 
 The estimand is ΔF = f_B − f_A in kT (reduced units), f = −ln Z, with B the system at the job's
-``temperature`` and A the base state (DESIGN.md §3):
+``temperature`` and A the base state (docs/architecture.md, Conventions):
 
 * ``base.kind = normal``: A = N(0, scale² I) in flow coordinates, normalized, f_A = 0, so ΔF is
   the absolute reduced free energy −ln ∫ exp(−U(x)/k_B T) dx in flow coordinates;
@@ -20,17 +20,23 @@ MCMC ladder geomspace(T, T_A, K).
 
 The stages live in one module each (``problem``: what they share; ``reference``,
 ``flow_training``, ``sampling``, ``energies``, ``estimation`` with ``structure``, and
-``report``); this package exposes what actors and the driver call.
+``report``). ``job`` declares a job as a graph of tasks over them (``graph``: the task model and
+an in-process runner); the campaign's scheduler runs such graphs over Ray actors or in one
+process, and :func:`run_job` runs one job's graph here (a notebook):
+``run_job(job_graph(config, job_id, work_dir))``.
 """
 
-from boltzgen.pipeline.energies import (
-    BatchEnergy,
-    energy_requests,
-    make_energy_function,
-    potential_energy,
-)
+from boltzgen.pipeline.energies import BatchEnergy, make_energy_function, potential_energy
 from boltzgen.pipeline.estimation import Estimates, estimate
 from boltzgen.pipeline.flow_training import SymmetryImages, TrainedFlow, load_flow, train
+from boltzgen.pipeline.graph import (
+    JobGraph,
+    JobOutcome,
+    TaskContext,
+    TaskSpec,
+    run_job,
+)
+from boltzgen.pipeline.job import job_graph
 from boltzgen.pipeline.problem import (
     EnergyFunction,
     InjectedFailure,
@@ -46,12 +52,13 @@ from boltzgen.pipeline.reference import (
     run_reference,
 )
 from boltzgen.pipeline.report import EstimateReport, estimate_and_plot, figures
-from boltzgen.pipeline.sampling import SampleSet, sample
+from boltzgen.pipeline.sampling import SampleSet, energy_requests, sample
 
 __all__ = [
     "BatchEnergy", "EnergyFunction", "EstimateReport", "Estimates", "HeldOutFrames",
-    "InjectedFailure", "Problem", "ReferenceData", "SampleSet", "SymmetryImages", "TrainedFlow",
-    "check_injected_failure", "energy_requests", "estimate", "estimate_and_plot", "figures",
-    "load_flow", "make_energy_function", "md_runs", "potential_energy", "run_md_rung",
+    "InjectedFailure", "JobGraph", "JobOutcome", "Problem", "ReferenceData", "SampleSet",
+    "SymmetryImages", "TaskContext", "TaskSpec", "TrainedFlow", "check_injected_failure",
+    "energy_requests", "estimate", "estimate_and_plot", "figures", "job_graph", "load_flow",
+    "make_energy_function", "md_runs", "potential_energy", "run_job", "run_md_rung",
     "run_reference", "sample", "stage_seed", "train",
 ]

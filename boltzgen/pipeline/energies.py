@@ -1,11 +1,11 @@
 """Energy stage: batch energy functions x -> (U, ∇U) by the job's backend (the system's torch
-potential or OpenMM), the autograd bridge that lets training differentiate them, and which
-coordinates the energy stage must evaluate."""
+potential or OpenMM) and the autograd bridge that lets training differentiate them. (Which
+coordinates the energy stage evaluates is the sampling stage's word: ``energy_requests``.)"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,9 +13,6 @@ import torch
 from boltzgen.openmm_bridge import OpenMMEvaluator
 from boltzgen.pipeline.problem import EnergyFunction, check_injected_failure, float64_tensor
 from boltzgen.systems import make_system
-
-if TYPE_CHECKING:  # sampling imports flow_training, which imports BatchEnergy from here
-    from boltzgen.pipeline.sampling import SampleSet
 
 
 class BatchEnergy(torch.autograd.Function):
@@ -73,18 +70,3 @@ def potential_energy(config: Mapping[str, Any], x: np.ndarray,
     """U(x) in the system's energy units for a batch of flow coordinates (energy stage)."""
     check_injected_failure(config, "energy")
     return (energy_function or make_energy_function(config))(x)[0]
-
-
-def energy_requests(samples: SampleSet) -> dict[str, np.ndarray]:
-    """Coordinates whose potential energy the energy stage must evaluate: the mapped samples,
-    or every mapped held-out base frame where the mapped samples are rows of those
-    (:func:`estimate` takes their energies from it); T⁻¹(y_B) for a thermodynamic base."""
-    if samples.mapped_heldout is not None and samples.heldout_rows is not None:
-        requests = {"mapped_heldout": samples.mapped_heldout}
-    else:
-        requests = {"mapped": samples.mapped}
-    if samples.u_a_pulled_back is None:  # a thermodynamic base needs U at T⁻¹(y_B) too
-        requests["pulled_back"] = samples.pulled_back
-    return requests
-
-

@@ -7,7 +7,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,8 @@ PROGRESS_FILE = "progress.pt"
 
 def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cpu",
           checkpoint_dir: str | None = None, energy: EnergyFunction | None = None,
-          checkpoint_every: int = 0) -> TrainedFlow:
+          checkpoint_every: int = 0,
+          on_step: Callable[[int, int, float], None] | None = None) -> TrainedFlow:
     """Fit the flow A -> B by maximum likelihood on B's reference data or by reverse KL (the
     LFEP loss), after ``training.warm_start_steps`` maximum-likelihood steps where asked.
 
@@ -66,6 +67,9 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
     that many steps; a later call for the same configuration (a restarted trainer, a relaunch
     after a lost driver) continues from there and ends with the same flow as an uninterrupted
     run.
+
+    ``on_step(step, steps, loss)``: called after every optimizer step with the steps done and
+    due over all phases (a progress display).
     """
     check_injected_failure(config, "train")
     start = time.perf_counter()
@@ -137,9 +141,15 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
         losses, skipped, first_phase = saved["losses"], saved["skipped"], saved["phase"]
         evaluations[0] = saved["evaluations"]
         resumed = len(losses) + saved["state"].step
+    steps_due = sum(steps for _, steps in phases)
     for index in range(first_phase, len(phases)):
         objective, steps = phases[index]
         done_before = list(losses), skipped
+
+        def step_done(step: int, loss: float, offset: int = sum(
+                n for _, n in phases[:index])) -> None:
+            if on_step is not None:
+                on_step(offset + step, steps_due, loss)
 
         def save(state: TrainingState, index: int = index,
                  done_before: tuple[list[float], int] = done_before) -> None:
@@ -153,7 +163,7 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
             data_b=target_train, seed=seed + index,
             final_learning_rate=training.get("final_learning_rate"),
             resume=saved["state"] if saved is not None and index == first_phase else None,
-            checkpoint_every=checkpoint_every, on_checkpoint=save,
+            checkpoint_every=checkpoint_every, on_checkpoint=save, on_step=step_done,
         )
         losses += result.losses
         skipped += result.n_skipped

@@ -41,12 +41,14 @@ def sample(
     trained: TrainedFlow,
     reference: ReferenceData,
     batch_size: int = 8192,
+    device: str = "cpu",
 ) -> SampleSet:
-    """Draw x ~ A (fresh for a normal base, held-out MCMC for a thermodynamic one) and map."""
+    """Draw x ~ A (fresh for a normal base, held-out MCMC for a thermodynamic one) and map
+    them through the flow on ``device`` (the arrays returned are on the CPU)."""
     check_injected_failure(config, "sample")
     start = time.perf_counter()
     problem = Problem.from_config(config)
-    flow = load_flow(trained.checkpoint)
+    flow = load_flow(trained.checkpoint).to(device)
     n = int(config["sampling"]["n_samples"])
     if isinstance(problem.base, AnalyticBase):
         generator = torch.Generator().manual_seed(stage_seed(config, "sample"))
@@ -64,7 +66,7 @@ def sample(
         if every is not None:
             # Every held-out base frame once; the decorrelated ones are rows of it.
             mapped_every, logdet_every = _batched(flow.forward, float64_tensor(every.frames),
-                                                  batch_size)
+                                                  batch_size, device)
             rows = every.decorrelated[:n]
             mapped, logdet = mapped_every[rows], logdet_every[rows]
             heldout = {"mapped_heldout": mapped_every.numpy(),
@@ -73,8 +75,8 @@ def sample(
                                                          * problem.base.temperature),
                        "heldout_rows": rows}
         else:
-            mapped, logdet = _batched(flow.forward, x, batch_size)
-        back, logdet_inv = _batched(flow.inverse, y_b, batch_size)
+            mapped, logdet = _batched(flow.forward, x, batch_size, device)
+        back, logdet_inv = _batched(flow.inverse, y_b, batch_size, device)
         u_a_back = (
             problem.base.reduced_energy(back).numpy()
             if isinstance(problem.base, AnalyticBase)
@@ -92,12 +94,27 @@ def sample(
     )
 
 
-def _batched(fn: Any, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batched(fn: Any, x: torch.Tensor, batch_size: int, device: str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn`` over ``x`` in batches on ``device``; the results back on the CPU."""
     outs, logdets = [], []
     for chunk in torch.split(x, batch_size):
-        out, logdet = fn(chunk)
-        outs.append(out)
-        logdets.append(logdet)
+        out, logdet = fn(chunk.to(device))
+        outs.append(out.cpu())
+        logdets.append(logdet.cpu())
     return torch.cat(outs), torch.cat(logdets)
+
+
+def energy_requests(samples: SampleSet) -> dict[str, np.ndarray]:
+    """Coordinates whose potential energy the energy stage must evaluate: the mapped samples,
+    or every mapped held-out base frame where the mapped samples are rows of those
+    (:func:`estimate` takes their energies from it); T⁻¹(y_B) for a thermodynamic base."""
+    if samples.mapped_heldout is not None and samples.heldout_rows is not None:
+        requests = {"mapped_heldout": samples.mapped_heldout}
+    else:
+        requests = {"mapped": samples.mapped}
+    if samples.u_a_pulled_back is None:  # a thermodynamic base needs U at T⁻¹(y_B) too
+        requests["pulled_back"] = samples.pulled_back
+    return requests
 
 

@@ -6,7 +6,8 @@ u_T(x) = U(x) / (k_B T) and the configurational partition function
 
     Z(T) = ∫ exp(-U(x) / (k_B T)) dx      (over the flow coordinates, measure ``estimand_note``),
 
-and the reduced (dimensionless) free energy f(T) = -ln Z(T), in units of kT (DESIGN.md §3).
+and the reduced (dimensionless) free energy f(T) = -ln Z(T), in units of kT (docs/architecture.md,
+Conventions).
 
 Constructor convention: a concrete system's ``__init__`` takes only keyword parameters with
 defaults (its physical parameters), validates them and stores each under the same attribute

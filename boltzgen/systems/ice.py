@@ -1,4 +1,5 @@
-"""Ice XI in TIP4P-Ew water: the rigid-body flows paper's molecular crystal (DESIGN.md §4).
+"""Ice XI in TIP4P-Ew water: the rigid-body flows paper's molecular crystal (docs/architecture.md,
+Ice XI and rigid bodies).
 
 Crystal: GenIce2's lattice ``"XI"`` (the antiferroelectric candidate the paper used; ``"11i"``
 is the ferroelectric Cmc2₁ structure), 16 molecules per orthorhombic cell, ``rep = (n, n, n)``,
@@ -10,7 +11,8 @@ Flow coordinates (``RigidLayout(N, box, pinned_positions=(0,))``), per sample:
 [oxygen positions (N, 3) nm] + [unit quaternions (N, 4)], with the gauge fixed by translating
 every configuration so that molecule 0's oxygen is at the origin and wrapping each molecule
 *whole* (by its oxygen) into [0, L). Molecule 0's position is pinned: no flow moves it, so no
-log-det term counts a direction the data cannot move (DESIGN.md §4: such phantom directions
+log-det term counts a direction the data cannot move (docs/architecture.md, Ice XI and rigid
+bodies: such phantom directions
 bias ΔF by about 1.4 kT). Hydrogens sit at O + R(q) s_H of the TIP4P-Ew template; OpenMM
 places the M site (``computeVirtualSites``) and returns its force distributed onto O, H1, H2.
 

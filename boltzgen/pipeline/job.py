@@ -1,0 +1,225 @@
+"""The free-energy job as a task graph: MD runs (shared by content key) -> reference -> train
+-> sample -> energy (in pieces over the energy pool) -> estimate, and the job's outcome.
+
+Content keys: an MD run's key is its MD cache key (system and protocol: jobs whose ladders
+share a temperature share the run); every other task's output depends on the whole resolved
+configuration (its seed is derived from it, :func:`boltzgen.pipeline.problem.stage_seed`), so
+its key hashes the stage name with that configuration. The reference and the trained flow are
+cached in the work directory (``tasks/<key>.pkl``): a later launch of a job that failed after
+them starts from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from boltzgen.pipeline.graph import Chunking, JobGraph, JobOutcome, TaskContext, TaskSpec
+from boltzgen.pipeline.problem import InjectedFailure
+
+MODULE = __name__
+
+
+def stage_key(stage: str, config: Mapping[str, Any]) -> str:
+    """Content key of a stage whose output depends on the whole job configuration."""
+    text = json.dumps([stage, config], sort_keys=True, separators=(",", ":"), default=str)
+    return f"{stage}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def job_graph(config: Mapping[str, Any], job_id: str, work_dir: str | None,
+              checkpoint_every: int = 0) -> JobGraph:
+    """The tasks of one job. ``work_dir`` holds MD frames, task outputs, checkpoints and
+    figures (None: no caches, figures in a temporary directory per estimate)."""
+    from boltzgen.pipeline.reference import md_runs
+
+    config = dict(config)
+    md = [TaskSpec(key=f"md-{key}", role="mcmc", stage="reference",
+                   function=f"{MODULE}:md_run_task", label=f"MD {temperature:.1f} K",
+                   args={"config": config, "temperature": temperature, "work_dir": work_dir})
+          for key, temperature in md_runs(config)]
+    reference = TaskSpec(
+        key=stage_key("reference", config), role="mcmc", stage="reference",
+        function=f"{MODULE}:reference_task", args={"config": config, "work_dir": work_dir},
+        inputs={"md_runs": tuple(task.key for task in md)} if md else {}, cache=True,
+        # A job whose MD is done goes ahead of queued MD runs: it can train while other
+        # jobs' MD goes on (behind them it would wait for every MD run of the plan).
+        priority=1, label="reference")
+    checkpoints = None if work_dir is None else str(Path(work_dir) / "checkpoints" / job_id)
+    train = TaskSpec(
+        key=stage_key("train", config), role="trainer", stage="train",
+        function=f"{MODULE}:train_task", inputs={"reference": reference.key}, cache=True,
+        args={"config": config, "checkpoint_dir": checkpoints,
+              "checkpoint_every": checkpoint_every},
+        # OpenMM energies in training go to the EnergyEvaluator pool (each actor keeps its
+        # Context); torch potentials are cheaper in the trainer's own process.
+        energy_pool=config["energy"]["backend"] == "openmm", label="train")
+    sample = TaskSpec(
+        key=stage_key("sample", config), role="sampler", stage="sample",
+        function=f"{MODULE}:sample_task", args={"config": config},
+        inputs={"trained": train.key, "reference": reference.key}, label="sample")
+    energy = TaskSpec(
+        key=stage_key("energy", config), role="energy_evaluator", stage="energy",
+        function=f"{MODULE}:energy_piece_task", args={"config": config},
+        inputs={"samples": sample.key}, label="energy",
+        chunked=Chunking(split=f"{MODULE}:energy_pieces", gather=f"{MODULE}:gather_energies"))
+    plots = None if work_dir is None else str(Path(work_dir) / "plots" / job_id)
+    estimate = TaskSpec(
+        key=stage_key("estimate", config), role="sampler", stage="estimate",
+        function=f"{MODULE}:estimate_task", args={"config": config, "plot_dir": plots},
+        inputs={"reference": reference.key, "samples": sample.key, "potentials": energy.key},
+        label="estimate")
+    return JobGraph(
+        tasks=(*md, reference, train, sample, energy, estimate),
+        outcome=f"{MODULE}:job_outcome",
+        outcome_inputs={"reference": reference.key, "trained": train.key,
+                        "samples": sample.key, "report": estimate.key})
+
+
+# -- task functions: (ctx, **args, **inputs) ----------------------------------------------------
+
+def md_run_task(ctx: TaskContext, config: Mapping[str, Any], temperature: float,
+                work_dir: str | None) -> float:
+    """One MD run of a ladder into the work directory's MD cache; seconds it took (0 if it
+    was there)."""
+    from boltzgen.pipeline.reference import run_md_rung
+
+    if work_dir is None:
+        raise ValueError("work_dir: None is not allowed for reference.sampler 'md'; MD frames "
+                         "are cached in the campaign's work directory")
+    return run_md_rung(config, temperature, work_dir, ctx.threads)
+
+
+def reference_task(ctx: TaskContext, config: Mapping[str, Any], work_dir: str | None,
+                   md_runs: Sequence[float] = ()) -> Any:
+    """Reference data and ΔF (its MD runs, if any, are in the cache by now)."""
+    from boltzgen.pipeline.reference import run_reference
+
+    return run_reference(config, work_dir, ctx.threads)
+
+
+def train_task(ctx: TaskContext, config: Mapping[str, Any], reference: Any,
+               checkpoint_dir: str | None, checkpoint_every: int) -> Any:
+    """Fit the flow; energies by ``ctx.energy`` where the executor gave the energy pool."""
+    from boltzgen.pipeline.flow_training import train
+
+    if config.get("inject_failure") == "trainer_process_exit":
+        # Die as a killed process would: only an executor whose tasks run in processes of
+        # their own (Ray actors) can show how the campaign survives it.
+        if ctx.end_process is None:
+            raise InjectedFailure("inject_failure 'trainer_process_exit' needs a backend whose "
+                                  "tasks run in their own processes (--backend ray)")
+        ctx.end_process()
+
+    def report(step: int, steps: int, loss: float) -> None:
+        ctx.report(step=step, steps=steps, loss=loss)
+
+    trained = train(config, reference, ctx.device, checkpoint_dir, ctx.energy,
+                    checkpoint_every, on_step=report)
+    # An energy function over a pool of workers counts the chunks it sent again after a
+    # worker died (``resent``); energies computed here have none.
+    trained.energy_chunks_resent = int(getattr(ctx.energy, "resent", 0))
+    return trained
+
+
+def sample_task(ctx: TaskContext, config: Mapping[str, Any], trained: Any,
+                reference: Any) -> Any:
+    from boltzgen.pipeline.sampling import sample
+
+    return sample(config, trained, reference, device=ctx.device)
+
+
+def energy_function(ctx: TaskContext, config: Mapping[str, Any]) -> Any:
+    """The job's batch energy function, built once per process and system/backend (an
+    OpenMM Context per actor)."""
+    from boltzgen.pipeline.energies import make_energy_function
+
+    key = json.dumps(["energy", config["system"], config.get("energy")], sort_keys=True)
+    return ctx.remember(key, lambda: make_energy_function(config, ctx.threads))
+
+
+def energy_pieces(config: Mapping[str, Any], samples: Any) -> list[dict[str, Any]]:
+    """The energy stage's pieces: every requested set of coordinates in chunks of
+    ``sampling.energy_batch_size`` rows."""
+    from boltzgen.pipeline.sampling import energy_requests
+
+    batch = int(config["sampling"]["energy_batch_size"])
+    pieces = []
+    for name, coords in energy_requests(samples).items():
+        chunks = [coords[i:i + batch] for i in range(0, len(coords), batch)] or [coords]
+        pieces += [{"config": config, "name": name, "x": chunk} for chunk in chunks]
+    return pieces
+
+
+def energy_piece_task(ctx: TaskContext, config: Mapping[str, Any], name: str,
+                      x: np.ndarray) -> tuple[str, np.ndarray]:
+    """U (energy units) of one chunk of the coordinates called ``name``."""
+    from boltzgen.pipeline.energies import potential_energy
+
+    return name, potential_energy(config, x, energy_function(ctx, config))
+
+
+def gather_energies(pieces: Sequence[tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {}
+    for name, values in pieces:
+        parts.setdefault(name, []).append(values)
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def estimate_task(ctx: TaskContext, config: Mapping[str, Any], reference: Any, samples: Any,
+                  potentials: Mapping[str, np.ndarray], plot_dir: str | None) -> Any:
+    """Estimates and figures (PNG files in ``plot_dir``, for the driver to log)."""
+    import tempfile
+
+    from boltzgen.pipeline.report import estimate_and_plot
+
+    plot_dir = plot_dir or tempfile.mkdtemp(prefix="boltzgen-plots-")
+    return estimate_and_plot(config, reference, samples, potentials, plot_dir)
+
+
+# -- the outcome ----------------------------------------------------------------------------------
+
+def job_outcome(reference: Any, trained: Any, samples: Any, report: Any) -> JobOutcome:
+    """What a finished job records: the estimates, how training went, the energy evaluations,
+    the notes that say what each number means, the checkpoint, the works and the figures."""
+    from boltzgen.pipeline.sampling import energy_requests
+
+    metrics = dict(report.metrics)
+    metrics["train_skipped_steps"] = trained.skipped_steps
+    metrics["train_resumed_from_step"] = trained.resumed_from_step
+    metrics["train_steps_run"] = trained.steps_run
+    metrics["train_energy_chunks_resent"] = trained.energy_chunks_resent
+    metrics["flow_parameters"] = trained.n_parameters
+    # Configurations whose system energy was computed (OpenMM for molecular systems):
+    # in training, and in the energy stage (mapped samples and pulled-back targets).
+    estimate_evaluations = sum(len(v) for v in energy_requests(samples).values())
+    metrics["energy_evaluations_train"] = trained.energy_evaluations
+    metrics["energy_evaluations_estimate"] = estimate_evaluations
+    metrics["energy_evaluations"] = trained.energy_evaluations + estimate_evaluations
+    params = {
+        "estimand": report.notes["estimand"],
+        "reference_method": report.notes["reference_method"],
+        "estimator": report.notes["estimator"],
+        "nll_convention": report.notes["nll_convention"],
+        "reference_ladder": ",".join(f"{t:.6g}" for t in reference.ladder),
+        **({"checkpoint_path": trained.checkpoint_path} if trained.checkpoint_path else {}),
+    }
+    blobs = {"checkpoint/flow.pt": trained.checkpoint}
+    if report.works:
+        import io
+
+        buffer = io.BytesIO()
+        np.savez(buffer, **report.works)
+        blobs["works.npz"] = buffer.getvalue()
+    return JobOutcome(metrics=metrics, params=params, series={"train_loss": trained.losses},
+                      blobs=blobs, files={"plots": list(report.plots.values())})
+
+
+def valid_estimate(outcome: JobOutcome) -> bool:
+    return math.isfinite(outcome.metrics.get("delta_f", math.nan))
+
