@@ -9,24 +9,27 @@ keeps the ids, so finished jobs are not redone.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import json
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from boltzgen.flows import build_flow
+from boltzgen.flows import FLOW_KINDS, RIGID_FLOW_KINDS, build_flow
 from boltzgen.md import MDProtocol, held_out_blocks
-from boltzgen.systems import make_system
+from boltzgen.systems import System, make_system
 from campaign.errors import SpecError
 from campaign.spec import (
     JOB_SECTIONS,
     CampaignSpec,
+    FlowSettings,
     JobConfig,
     MDSettings,
+    SystemSettings,
     spec_error_from_validation,
 )
 
@@ -36,7 +39,11 @@ def canonical_json(data: Any) -> str:
 
 
 def content_hash(data: Any, length: int = 16) -> str:
-    return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:length]
+    return _text_hash(canonical_json(data), length)
+
+
+def _text_hash(text: str, length: int = 16) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -115,43 +122,209 @@ class Plan:
         ]
 
 
-def make_plan(spec: CampaignSpec) -> Plan:
-    """Expand the grid, validate every job, hash it; raise SpecError on the first bad value."""
-    defaults = spec.model_dump(mode="python", include=set(JOB_SECTIONS), exclude_none=True)
-    defaults["seed"] = spec.seed
-    blocks = spec.grid if isinstance(spec.grid, list) else [spec.grid]
+@dataclass(frozen=True)
+class GridBlock:
+    """One block of the grid: its label in messages (``grid``, ``grid[1]``), its mapping and
+    its axes (path -> values; a fixed value is an axis of one value)."""
+
+    label: str
+    block: dict[str, Any]
+    axes: dict[str, list[Any]]
+
+    @property
+    def size(self) -> int:
+        """Its grid points: the product of its axis lengths."""
+        return math.prod(len(values) for values in self.axes.values())
+
+
+def grid_blocks(spec: CampaignSpec) -> list[GridBlock]:
+    """The grid's blocks with their axes checked (paths into the job settings, no empty axis);
+    nothing is expanded, so this is instant for any grid."""
     many_blocks = isinstance(spec.grid, list)
-    jobs: list[Job] = []
-    seen: set[str] = set()
-    molecules: dict[str, int | None] = {}  # system JSON -> molecule count
+    blocks = spec.grid if isinstance(spec.grid, list) else [spec.grid]
+    checked: list[GridBlock] = []
     for block_index, block in enumerate(blocks):
         label = f"grid[{block_index}]" if many_blocks else "grid"
         if not isinstance(block, dict):
             raise SpecError(label, block, "a grid block is a mapping of axis -> values")
-        axes = _axes(block, label)
-        names = list(axes)
-        for combo in itertools.product(*(axes[name] for name in names)):
-            overrides = dict(zip(names, combo, strict=True))
-            config = _resolve(defaults, overrides, label)
-            job_id = content_hash(config.model_dump(mode="json"))
+        checked.append(GridBlock(label=label, block=block, axes=_axes(block, label)))
+    return checked
+
+
+def count_jobs(spec: CampaignSpec) -> int:
+    """Grid points of the spec: each block's product of axis lengths, summed over the blocks.
+    An upper bound on the jobs (a point two blocks share is one job), known before expanding."""
+    return sum(block.size for block in grid_blocks(spec))
+
+
+def make_plan(spec: CampaignSpec, *, cache: bool = True) -> Plan:
+    """Expand the grid, validate every job, hash it; raise SpecError on the first bad value.
+
+    The grid is counted first and refused beyond ``spec.max_jobs``, so a grid of 10^7 points
+    is answered at once instead of being expanded. Each distinct section value of a block is
+    validated and encoded once and each distinct system and flow built once
+    (:class:`BlockJobs`, :class:`ScienceChecks`); ``cache=False`` resolves, validates, encodes
+    and checks every job on its own, as planning did before the caches: the same plan, tens of
+    times slower (the baseline of bench/bench_plan.py). Top-level settings that the grid replaces
+    in every job are checked too (:func:`_check_top_level`).
+    """
+    blocks = grid_blocks(spec)
+    count = sum(block.size for block in blocks)
+    if count > spec.max_jobs:
+        raise SpecError("grid", detail=(
+            f"{count} jobs (each block's product of axis lengths, summed) is not allowed; at "
+            f"most max_jobs = {spec.max_jobs}: shrink the grid, split the campaign, or raise "
+            "the top-level max_jobs"))
+    checks = ScienceChecks(cache=cache)
+    defaults = spec.model_dump(mode="python", include=set(JOB_SECTIONS), exclude_none=True)
+    defaults["seed"] = spec.seed
+    many_blocks = isinstance(spec.grid, list)
+    jobs: list[Job] = []
+    seen: set[str] = set()
+    for block in blocks:
+        is_axis = {name: isinstance(block.block[name], list) for name in block.axes}
+        expanded = BlockJobs(block, defaults, checks) if cache else _plain_jobs(
+            block, defaults, checks)
+        for overrides, config, canonical, system in expanded:
+            job_id = _text_hash(canonical)
             if job_id in seen:
                 continue  # two blocks can name the same job; it runs once
             seen.add(job_id)
             # What tells the jobs apart: the axes of the block and, where blocks differ in a
             # component (a flow, a base), that component's fixed value.
-            varying = {k: v for k, v in overrides.items() if isinstance(block[k], list) or (
+            varying = {k: v for k, v in overrides.items() if is_axis[k] or (
                 many_blocks and k != "system" and isinstance(v, dict) and "kind" in v)}
-            system_key = json.dumps(config.system.model_dump(mode="json"), sort_keys=True)
-            if system_key not in molecules:
-                molecules[system_key] = make_system(config.system.model_dump()).molecule_count
             jobs.append(Job(job_id=job_id, config=config, grid_values=varying,
-                            molecules=molecules[system_key]))
+                            molecules=system.molecule_count))
+    _check_top_level(spec, blocks, checks)
     resources = spec.resources.model_dump(mode="json")
     _check_gpu_platforms(jobs, resources)
     spec_hash = content_hash(
         {"jobs": [job.job_id for job in jobs], "name": spec.name, "resources": resources}
     )
     return Plan(spec=spec, jobs=jobs, spec_hash=spec_hash, resources=resources)
+
+
+PlannedJob = tuple[dict[str, Any], JobConfig, str, System]
+"""A job of a block: its grid values (path -> value), its configuration, the canonical JSON
+of that configuration (what its id hashes) and its system."""
+
+_MISSING = object()
+_MODEL_SECTIONS = tuple(name for name, info in JobConfig.model_fields.items()
+                        if isinstance(info.annotation, type)
+                        and issubclass(info.annotation, BaseModel))
+_SCALAR_SECTIONS = tuple(name for name in JobConfig.model_fields
+                         if name not in _MODEL_SECTIONS and name != "seed")
+# Each field's JSON key with its colon, in the order canonical JSON (sorted keys) writes them.
+_KEYS_IN_ORDER = tuple((name, json.dumps(name) + ":") for name in sorted(JobConfig.model_fields))
+
+
+def _plain_jobs(block: GridBlock, defaults: dict[str, Any],
+                checks: ScienceChecks) -> Iterator[PlannedJob]:
+    """The block's jobs in grid order, each resolved, validated and encoded on its own."""
+    names = list(block.axes)
+    for combo in itertools.product(*block.axes.values()):
+        overrides = dict(zip(names, combo, strict=True))
+        config, dump, system = _resolve(defaults, overrides, block.label, checks)
+        yield overrides, config, canonical_json(dump), system
+
+
+class BlockJobs:
+    """The jobs of one grid block in grid order, assembled from their sections.
+
+    A job's section (``system``, ``training``, ``temperature``...) depends only on the block's
+    axes into that section, and a grid crosses a few values of each: so each distinct section
+    value is resolved, validated by its model, dumped and encoded to canonical JSON once, and a
+    job is its sections' models checked together by :class:`JobConfig` (which takes validated
+    models as they are) and its sections' JSON joined in key order, which is exactly the
+    canonical JSON of its whole configuration. Validating, dumping and encoding a job whole
+    costs about 30 µs, as much again as all the rest of planning it.
+
+    A job with any complaint is resolved again whole by :func:`_resolve`, which raises it
+    exactly as planning always has (the first bad job in grid order, its field and value).
+    """
+
+    def __init__(self, block: GridBlock, defaults: dict[str, Any],
+                 checks: ScienceChecks) -> None:
+        self.block = block
+        self.defaults = defaults
+        self.checks = checks
+        self.names = list(block.axes)
+        self.values = list(block.axes.values())
+        self.paths = [name.split(".") for name in self.names]
+        heads = [path[0] for path in self.paths]
+        self.axes_of = {section: tuple(i for i, head in enumerate(heads) if head == section)
+                        for section in (*_MODEL_SECTIONS, *_SCALAR_SECTIONS)}
+        self.fixed = {section: self._section(section, ()) for section, axes
+                      in self.axes_of.items() if not axes}
+        self._variants: dict[tuple[str, tuple[int, ...]], Any] = {}
+        self.verified = False
+
+    def __iter__(self) -> Iterator[PlannedJob]:
+        varied = [(section, axes) for section, axes in self.axes_of.items() if axes]
+        for choice in itertools.product(*(range(len(values)) for values in self.values)):
+            overrides = {name: self.values[i][k]
+                         for i, (name, k) in enumerate(zip(self.names, choice, strict=True))}
+            sections = dict(self.fixed)
+            for section, axes in varied:
+                key = (section, tuple(choice[i] for i in axes))
+                if key not in self._variants:
+                    self._variants[key] = self._section(section, key[1])
+                sections[section] = self._variants[key]
+            planned = self._assemble(sections)
+            if planned is None:  # some complaint: resolve the job whole, which raises it
+                config, dump, system = _resolve(self.defaults, overrides, self.block.label,
+                                                self.checks)
+                planned = (config, canonical_json(dump), system)
+            yield overrides, *planned
+
+    def _section(self, section: str, choice: tuple[int, ...]) -> Any:
+        """A section's value for one choice of its axes' values: (model, its canonical JSON)
+        for a model section, the raw value for a scalar one; None where it is not valid on
+        its own, _MISSING where nothing sets it."""
+        holder = {section: self.defaults[section]} if section in self.defaults else {}
+        try:
+            for i, k in zip(self.axes_of[section], choice, strict=True):
+                _set_path(holder, self.paths[i], self.values[i][k], self.names[i])
+        except SpecError:
+            return None
+        raw = holder.get(section, _MISSING)
+        if section not in _MODEL_SECTIONS or raw is _MISSING:
+            return raw
+        try:
+            model = JobConfig.model_fields[section].annotation.model_validate(raw)
+        except ValidationError:
+            return None
+        return model, canonical_json(model.model_dump(mode="json"))
+
+    def _assemble(self, sections: dict[str, Any]) -> tuple[JobConfig, str, System] | None:
+        """A job from its sections' values; None where any of them or the job has a complaint."""
+        data: dict[str, Any] = {"seed": self.defaults["seed"]}
+        encoded: dict[str, str] = {}
+        for section, value in sections.items():
+            if value is None or (value is _MISSING and section in _MODEL_SECTIONS):
+                return None
+            if section in _MODEL_SECTIONS:
+                data[section], encoded[section] = value
+            elif value is not _MISSING:
+                data[section] = value
+        if "temperature" not in data:
+            return None
+        try:
+            config = JobConfig.model_validate(data)
+            system = self.checks.check(config, encoded["system"], encoded["flow"])
+        except (ValidationError, SpecError):
+            return None
+        for section in ("seed", *_SCALAR_SECTIONS):
+            encoded[section] = canonical_json(getattr(config, section))
+        canonical = "{" + ",".join(key + encoded[name] for name, key in _KEYS_IN_ORDER) + "}"
+        if not self.verified:  # the first job of the block, also encoded whole: they must agree
+            whole = canonical_json(config.model_dump(mode="json"))
+            if whole != canonical:
+                raise RuntimeError(f"{self.block.label}: a job's sections encode to {canonical}"
+                                   f", the whole job to {whole}; its id would change")
+            self.verified = True
+        return config, canonical, system
 
 
 GPU_PLATFORMS = ("CUDA", "OpenCL")
@@ -200,10 +373,18 @@ def _axes(block: dict[str, Any], label: str) -> dict[str, list[Any]]:
     return axes
 
 
-def _resolve(defaults: dict[str, Any], overrides: dict[str, Any], label: str) -> JobConfig:
-    data = copy.deepcopy(defaults)
+def _resolve(defaults: dict[str, Any], overrides: dict[str, Any], label: str,
+             checks: ScienceChecks) -> tuple[JobConfig, dict[str, Any], System]:
+    """One job: the defaults with the grid's values at their paths, validated by the models
+    and the science. Returns the config, its JSON dump (what the id hashes) and its system.
+
+    Nothing is deep-copied: the job's mapping is a shallow copy of the defaults, every mapping
+    on an override's path is copied before it is written (:func:`_set_path`), and validation
+    reads the values without changing them (the models are frozen).
+    """
+    data = dict(defaults)
     for path, value in overrides.items():
-        _set_path(data, path.split("."), copy.deepcopy(value), f"{label}.{path}")
+        _set_path(data, path.split("."), value, f"{label}.{path}")
 
     def where(field_path: str) -> str:
         # Name the grid axis when the bad value came from the grid, else the spec's own field.
@@ -220,102 +401,214 @@ def _resolve(defaults: dict[str, Any], overrides: dict[str, Any], label: str) ->
     except ValidationError as exc:
         err = spec_error_from_validation(exc, prefix="")
         raise err.at(where(err.field)) from None
+    dump = config.model_dump(mode="json")
     try:
-        _check_science(config)
+        system = checks.check(config, canonical_json(dump["system"]),
+                              canonical_json(dump["flow"]))
     except SpecError as err:
         raise err.at(where(err.field)) from None
-    return config
+    return config, dump, system
 
 
 def _set_path(data: dict[str, Any], keys: list[str], value: Any, label: str) -> None:
+    """Put ``value`` at ``keys`` in ``data``, copying each mapping on the way (it may be shared
+    with the defaults, the grid or other jobs) instead of changing it."""
     node = data
     for key in keys[:-1]:
-        child = node.setdefault(key, {})
+        child = node.get(key, {})
         if not isinstance(child, dict):
             raise SpecError(label, child, f"'{key}' is not a mapping, so it has no sub-keys")
+        child = dict(child)
+        node[key] = child
         node = child
     node[keys[-1]] = value
 
 
-def _check_science(config: JobConfig) -> None:
-    """Let the science package check the system and flow parameters it owns."""
-    try:
-        system = make_system(config.system.model_dump())
-    except (ValueError, TypeError) as exc:
-        raise _science_error(exc, "system") from None
-    try:
-        build_flow(system.dim, config.flow.model_dump(), layout=system.rigid_layout())
-    except (ValueError, TypeError) as exc:
-        raise _science_error(exc, "flow") from None
+class ScienceChecks:
+    """The science package's checks of jobs, each run once per distinct combination of the
+    settings it reads.
+
+    Building a system and a torch flow module costs about a millisecond, twenty times the rest
+    of planning a job, and a grid crosses few systems and flows with many temperatures and
+    training settings. So a built system is kept by the canonical JSON of the job's ``system``
+    and a flow that built by that of (``system``, ``flow``); the rules between sections
+    (:func:`rule_complaints`) cost microseconds and run for every job. A complaint is not kept:
+    the first one ends the plan. ``cache=False`` builds both for every job (the benchmark's
+    baseline).
+    """
+
+    def __init__(self, cache: bool = True) -> None:
+        self.cache = cache
+        self.systems: dict[str, System] = {}  # system JSON -> system, in the order first seen
+        self._flows: set[tuple[str, str]] = set()  # (system JSON, flow JSON) that built
+
+    def system(self, settings: SystemSettings, key: str) -> System:
+        """The system of ``settings`` (``key``: their canonical JSON), built by the science."""
+        if self.cache and key in self.systems:
+            return self.systems[key]
+        try:
+            system = make_system(settings.model_dump())
+        except (ValueError, TypeError) as exc:
+            raise _science_error(exc, "system") from None
+        self.systems.setdefault(key, system)
+        return system
+
+    def flow(self, system: System, system_key: str, settings: FlowSettings, key: str) -> None:
+        """Build the flow of ``settings`` (``key``: their canonical JSON) for ``system``."""
+        if self.cache and (system_key, key) in self._flows:
+            return
+        try:
+            build_flow(system.dim, settings.model_dump(), layout=system.rigid_layout())
+        except (ValueError, TypeError) as exc:
+            raise _science_error(exc, "flow") from None
+        self._flows.add((system_key, key))
+
+    def check(self, config: JobConfig, system_key: str, flow_key: str) -> System:
+        """Let the science check one job (the keys: the canonical JSON of its ``system`` and
+        ``flow``); raise its first complaint."""
+        system = self.system(config.system, system_key)
+        self.flow(system, system_key, config.flow, flow_key)
+        complaint = next(rule_complaints(config, system), None)
+        if complaint is not None:
+            raise complaint
+        return system
+
+
+def rule_complaints(config: JobConfig, system: System, *,
+                    temperature_known: bool = True) -> Iterator[SpecError]:
+    """The rules between a job's sections and its system, as complaints in the order a job is
+    refused by them (the first one). ``temperature_known=False`` (the top level without a
+    target temperature) skips the rule that compares with the target temperature."""
     rigid = system.rigid_layout() is not None
     if rigid and config.base.kind == "normal":
-        raise SpecError("base.kind", config.base.kind, f"system '{system.kind}' has rigid-body "
+        yield SpecError("base.kind", config.base.kind, f"system '{system.kind}' has rigid-body "
                         "coordinates (torus × S³); use 'uniform' or 'thermodynamic'")
     if not rigid and config.base.kind == "uniform":
-        raise SpecError("base.kind", "uniform", f"system '{system.kind}' has Euclidean "
+        yield SpecError("base.kind", "uniform", f"system '{system.kind}' has Euclidean "
                         "coordinates; use 'normal' or 'thermodynamic'")
     if config.reference.sampler == "exact" and not system.supports_exact_sampling():
-        raise SpecError("reference.sampler", "exact", f"system '{system.kind}' has no exact "
+        yield SpecError("reference.sampler", "exact", f"system '{system.kind}' has no exact "
                         "sampler; use 'mcmc'")
     if rigid and config.reference.sampler == "mcmc":
-        raise SpecError("reference.sampler", "mcmc", "MCMC on rigid-body coordinates is not "
+        yield SpecError("reference.sampler", "mcmc", "MCMC on rigid-body coordinates is not "
                         "implemented; use 'exact' or 'md'")
     if config.reference.sampler == "md":
-        _check_md(config, system)
+        yield from _md_complaints(config, system)
     elif config.reference.holdout_blocks is not None:
-        raise SpecError("reference.holdout_blocks", config.reference.holdout_blocks,
+        yield SpecError("reference.holdout_blocks", config.reference.holdout_blocks,
                         "interleaved held-out blocks split MD runs; leave it out for "
                         f"sampler '{config.reference.sampler}'")
     if config.energy.backend == "openmm" and not system.supports_openmm():
-        raise SpecError("energy.backend", "openmm", f"system '{system.kind}' has no OpenMM "
+        yield SpecError("energy.backend", "openmm", f"system '{system.kind}' has no OpenMM "
                         "form; use torch")
     base = config.base
     if base.kind == "thermodynamic" and base.temperature is None:
-        raise SpecError("base.temperature", detail="required: a thermodynamic base needs a "
+        yield SpecError("base.temperature", detail="required: a thermodynamic base needs a "
                         "temperature > 0")
     if base.kind in ("normal", "uniform") and base.temperature is not None:
-        raise SpecError("base.temperature", base.temperature,
+        yield SpecError("base.temperature", base.temperature,
                         f"a {base.kind} base has no temperature")
-    if base.kind == "thermodynamic" and base.temperature == config.temperature:
-        raise SpecError("base.temperature", base.temperature,
+    if (temperature_known and base.kind == "thermodynamic"
+            and base.temperature == config.temperature):
+        yield SpecError("base.temperature", base.temperature,
                         "it equals the target temperature (ΔF = 0); choose another")
-    if config.flow.model_dump().get("thermal_scaling") and base.kind != "thermodynamic":
-        raise SpecError("flow.thermal_scaling", True, "it scales displacements by "
+    if (config.flow.model_extra or {}).get("thermal_scaling") and base.kind != "thermodynamic":
+        yield SpecError("flow.thermal_scaling", True, "it scales displacements by "
                         "sqrt(T / T_base); it needs base.kind 'thermodynamic'")
     if (config.training.warm_start_steps is not None
             and config.training.objective != "reverse_kl"):
-        raise SpecError("training.warm_start_steps", config.training.warm_start_steps,
+        yield SpecError("training.warm_start_steps", config.training.warm_start_steps,
                         "a maximum-likelihood warm start precedes reverse_kl training; "
                         "leave it out for maximum_likelihood")
     if config.training.symmetry_augmentation and not system.supports_symmetry_images():
-        raise SpecError("training.symmetry_augmentation", True, f"system '{system.kind}' has "
+        yield SpecError("training.symmetry_augmentation", True, f"system '{system.kind}' has "
                         "no known symmetry operations; allowed only for crystals (ice_xi)")
     if base.kind == "thermodynamic" and config.reference.ladder_size < 2:
-        raise SpecError("reference.ladder_size", config.reference.ladder_size,
+        yield SpecError("reference.ladder_size", config.reference.ladder_size,
                         "an MBAR ladder between the base and target temperatures needs >= 2")
 
 
-def _check_md(config: JobConfig, system: Any) -> None:
+def _md_complaints(config: JobConfig, system: System) -> Iterator[SpecError]:
     """MD needs an OpenMM system with a starting structure, a temperature ladder between a
     thermodynamic base and the target, and a protocol with at least one frame."""
     if not (system.supports_openmm() and hasattr(system, "ideal_coordinates")):
-        raise SpecError("reference.sampler", "md", f"system '{system.kind}' has no OpenMM "
+        yield SpecError("reference.sampler", "md", f"system '{system.kind}' has no OpenMM "
                         "form with a starting structure; use 'mcmc' or 'exact'")
     if config.base.kind != "thermodynamic":
-        raise SpecError("base.kind", config.base.kind, "reference.sampler 'md' estimates ΔF "
+        yield SpecError("base.kind", config.base.kind, "reference.sampler 'md' estimates ΔF "
                         "between temperatures; use 'thermodynamic' with a base temperature")
     md = config.reference.md or MDSettings()
     try:  # the protocol checks its own consistency (at least one frame, one step per frame)
         MDProtocol(temperature=config.temperature, **md.model_dump())
     except ValueError as exc:
         field, _, detail = str(exc).partition(": ")
-        raise SpecError(f"reference.md.{field}", detail=detail) from None
+        yield SpecError(f"reference.md.{field}", detail=detail)
     if config.reference.holdout_blocks is not None:
         try:
             held_out_blocks(config.reference.holdout_blocks, config.reference.holdout_fraction)
         except ValueError as exc:
-            raise SpecError("reference.holdout_blocks", config.reference.holdout_blocks,
-                            str(exc).partition(": ")[2]) from None
+            yield SpecError("reference.holdout_blocks", config.reference.holdout_blocks,
+                            str(exc).partition(": ")[2])
+
+
+def _check_top_level(spec: CampaignSpec, blocks: list[GridBlock], checks: ScienceChecks) -> None:
+    """Check the top level's job settings that the grid replaces in every job.
+
+    A top-level value that some job uses is checked by that job, with the values it is really
+    combined with. One that every job replaces (``system`` when each grid block names its own)
+    would be checked by nothing, so the top level is checked as a job of its own: its system by
+    :func:`make_system`, its flow by :func:`build_flow` for its system (or, where that system's
+    coordinates do not suit the flow's kind, for the first job's system that does), and the
+    rules between sections. A complaint refuses the spec only when it names such a never-used
+    value: the top level may be incomplete (no target temperature, a base temperature the grid
+    gives) or hold values that are valid only with what the grid adds, and what it leaves out
+    (a section at its defaults) is no setting of the spec.
+    """
+    written = flatten(spec.model_dump(mode="json", include=set(JOB_SECTIONS), exclude_unset=True))
+    unused = [path for path in written
+              if all(any(path == axis or path.startswith(axis + ".") for axis in block.axes)
+                     for block in blocks)]
+    if not unused:
+        return
+
+    def counts(err: SpecError) -> bool:
+        return any(err.field == path or path.startswith(err.field + ".")
+                   or err.field.startswith(path + ".") for path in unused)
+
+    data = spec.model_dump(mode="python", include=set(JOB_SECTIONS), exclude_none=True)
+    data["seed"] = spec.seed
+    temperature_known = "temperature" in data
+    data.setdefault("temperature", 1.0)  # a stand-in: the rule comparing with it is skipped
+    config = JobConfig.model_validate(data)
+    dump = config.model_dump(mode="json")
+    system_key = canonical_json(dump["system"])
+    system: System | None = None
+    try:
+        system = checks.system(config.system, system_key)
+    except SpecError as err:
+        if counts(err):
+            raise
+    if any(path == "flow" or path.startswith("flow.") for path in unused):
+        kind = config.flow.kind
+        candidates = ([(system_key, system)] if system is not None else [])
+        candidates += [item for item in checks.systems.items() if item[0] != system_key]
+
+        def suits(candidate: System) -> bool:
+            rigid = candidate.rigid_layout() is not None
+            return kind not in FLOW_KINDS or rigid == (kind in RIGID_FLOW_KINDS)
+
+        chosen = next((c for c in candidates if suits(c[1])), candidates[0] if candidates
+                      else None)
+        if chosen is not None:
+            try:
+                checks.flow(chosen[1], chosen[0], config.flow, canonical_json(dump["flow"]))
+            except SpecError as err:
+                if counts(err):
+                    raise
+    if system is not None:
+        for err in rule_complaints(config, system, temperature_known=temperature_known):
+            if counts(err):
+                raise err
 
 
 def _science_error(exc: Exception, section: str) -> SpecError:

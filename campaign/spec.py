@@ -2,7 +2,8 @@
 
 A spec holds the default job settings at its top level (``system``, ``temperature``, ``base``,
 ``reference``, ``flow``, ``training``, ``sampling``), a ``grid`` whose axes override those settings,
-and campaign-wide settings that do not change any result (``resources``, ``tracking``).
+and campaign-wide settings that do not change any result (``resources``, ``tracking``,
+``max_jobs``: the most grid points a plan may have).
 
 Grid semantics: ``grid`` is a mapping of axes, or a list of such mappings (blocks). An axis is a
 dotted path into the job settings (``temperature``, ``training.objective``, ``system``). A list
@@ -37,6 +38,9 @@ from boltzgen.md import MDProtocol
 from campaign.errors import SpecError
 
 SAFE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+# Users' campaigns reach 10^4-10^5 jobs; a grid beyond that is more likely a typo (one axis too
+# many) than a campaign, and a plan of 10^5 jobs takes seconds.
+DEFAULT_MAX_JOBS = 100_000
 
 
 def _finite_positive(value: float) -> float:
@@ -254,6 +258,11 @@ class CampaignSpec(Strict):
     energy: EnergySettings = EnergySettings()
     inject_failure: FailureToInject | None = None
     grid: dict[str, Any] | list[dict[str, Any]] = Field(default_factory=dict)
+    max_jobs: PositiveInt = Field(
+        default=DEFAULT_MAX_JOBS, description="the most grid points a plan may have, counted "
+        "before the grid is expanded (each block's product of axis lengths, summed over the "
+        "blocks): a grid far beyond it would take minutes to plan and more to run. Not part of "
+        "any job's id")
     resources: Resources = Resources()
     fault_tolerance: FaultTolerance = FaultTolerance()
     tracking: Tracking = Tracking()
@@ -306,7 +315,8 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
 
 
 def parse_spec(data: dict[str, Any]) -> CampaignSpec:
-    """Validate the top level of a spec mapping (job settings are checked per job in the plan)."""
+    """Validate the top level of a spec mapping against the models; the science checks its job
+    settings in the plan (:func:`campaign.plan.make_plan`), per job and at the top level."""
     try:
         spec = CampaignSpec.model_validate(data)
     except ValidationError as exc:

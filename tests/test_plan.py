@@ -9,7 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from campaign.cli import app
-from campaign.plan import make_plan
+from campaign.plan import content_hash, make_plan
 from campaign.spec import parse_spec
 from tests.conftest import TINY_SPEC, write_spec
 
@@ -117,3 +117,117 @@ def test_gpu_openmm_platform_needs_gpu_actors(workdir: Path) -> None:
         data["resources"][role]["gpus"] = 0.5
     result = CliRunner().invoke(app, ["validate", str(write_spec(workdir, data))])
     assert result.exit_code == 0, result.output
+
+
+def _spec_file(name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((Path(__file__).parent.parent / "specs" / name).read_text())
+
+
+def test_top_level_settings_that_the_grid_replaces_are_checked(workdir: Path) -> None:
+    # specs/ice-paper.yaml: every grid block names its own system, so no job uses the top-level
+    # one; an unknown kind there is refused all the same.
+    data = _spec_file("ice-paper.yaml")
+    result = CliRunner().invoke(app, ["validate", str(write_spec(workdir, data))])
+    assert result.exit_code == 0, result.output
+    data["system"] = {"kind": "nonsense"}
+    result = CliRunner().invoke(app, ["validate", str(write_spec(workdir, data))])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == ("error: system.kind: 'nonsense' is not a known system; "
+                                     "choose one of double_well, dw4, tetrahedron_field, ice_xi")
+
+
+def test_top_level_needs_to_be_valid_only_with_what_the_grid_adds() -> None:
+    # No target temperature and a thermodynamic base without its temperature: the grid gives both.
+    incomplete = copy.deepcopy(TINY_SPEC)
+    del incomplete["temperature"]
+    incomplete["base"] = {"kind": "thermodynamic"}
+    incomplete["grid"] = {"temperature": [1.0, 2.0], "base.temperature": [1.5]}
+    assert len(_plan(incomplete).jobs) == 2
+    # A base, reference and flow that suit only the rigid-body system every block gives, beside a
+    # top-level system (valid by itself) that no job uses.
+    rigid = copy.deepcopy(TINY_SPEC)
+    rigid.update(base={"kind": "uniform"}, reference={"sampler": "exact"},
+                 flow={"kind": "rigid_body", "n_blocks": 1, "channels": 8},
+                 grid={"system": [{"kind": "tetrahedron_field"}], "temperature": [300.0]})
+    assert [job.config.system.kind for job in _plan(rigid).jobs] == ["tetrahedron_field"]
+    # A cutoff that the default 16 molecules' box cannot hold, used only with 128 molecules.
+    ice = {"name": "ice", "system": {"kind": "ice_xi", "cutoff": 0.5}, "temperature": 100.0,
+           "base": {"kind": "thermodynamic", "temperature": 250.0},
+           "reference": {"sampler": "md", "ladder_size": 3},
+           "flow": {"kind": "rigid_body", "n_blocks": 1, "channels": 8},
+           "energy": {"backend": "openmm"}, "grid": {"system.molecules": [128]}}
+    assert [job.molecules for job in _plan(ice).jobs] == [128]
+    # A section left at its defaults is no setting of the spec: the tetrahedron spec has no
+    # top-level flow (the default affine_coupling does not suit its system); its blocks do.
+    assert len(_plan(_spec_file("tetrahedron.yaml")).jobs) == 6
+
+
+def test_grid_is_counted_before_it_is_expanded(workdir: Path) -> None:
+    import time
+
+    from campaign.plan import count_jobs
+
+    huge = copy.deepcopy(TINY_SPEC)  # 10 values on each of 7 axes: 10^7 points
+    huge["grid"] = {path: [base * (i + 1) for i in range(10)] for path, base in [
+        ("temperature", 0.5), ("training.learning_rate", 0.001), ("training.steps", 10),
+        ("training.batch_size", 16), ("sampling.n_samples", 100),
+        ("sampling.energy_batch_size", 10), ("reference.n_chains", 8)]}
+    assert count_jobs(parse_spec(copy.deepcopy(huge))) == 10**7
+    path = write_spec(workdir, huge)
+    for command in ("validate", "launch"):
+        start = time.perf_counter()
+        result = CliRunner().invoke(app, [command, str(path)])
+        assert time.perf_counter() - start < 5.0
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith("error: grid: 10000000 jobs"), result.stderr
+        assert "at most max_jobs = 100000" in result.stderr
+    # The limit is a campaign setting, not part of any job: a spec within it keeps its ids.
+    data = copy.deepcopy(TINY_SPEC)
+    data["grid"] = {"temperature": [1.0, 2.0, 3.0]}
+    ids = [job.job_id for job in _plan(data).jobs]
+    assert [job.job_id for job in _plan({**data, "max_jobs": 3}).jobs] == ids
+    result = CliRunner().invoke(app, ["validate", str(write_spec(workdir, {**data,
+                                                                           "max_jobs": 2}))])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: grid: 3 jobs (each block's product of axis lengths")
+    # Points are counted before two blocks' shared points are merged into one job.
+    twice = {**data, "grid": [{"temperature": [1.0, 2.0]}, {"temperature": [1.0, 2.0]}]}
+    assert count_jobs(parse_spec(copy.deepcopy(twice))) == 4
+    assert len(_plan(twice).jobs) == 2
+
+
+def test_ids_hash_each_jobs_whole_configuration() -> None:
+    # Planning assembles a job's canonical JSON from its sections' (each encoded once); the id
+    # must stay the hash of the whole resolved configuration, for every spec that ships.
+    for path in sorted((Path(__file__).parent.parent / "specs").glob("*.yaml")):
+        for job in _plan(_spec_file(path.name)).jobs:
+            assert job.job_id == content_hash(job.config.model_dump(mode="json")), path.name
+
+
+def test_cached_planning_gives_the_plan_of_planning_each_job_whole() -> None:
+    from campaign.errors import SpecError
+
+    data = copy.deepcopy(TINY_SPEC)
+    data["grid"] = [
+        {"temperature": [1.0, 2.0], "flow": [{"kind": "spline_coupling", "hidden": 8},
+                                             {"kind": "affine_coupling", "n_layers": 2}]},
+        {"system": {"kind": "dw4"}, "base": {"kind": "thermodynamic", "temperature": 1.5},
+         "temperature": [1.0, 2.0], "flow.hidden": [8, 16]},
+    ]
+    cached = make_plan(parse_spec(copy.deepcopy(data)))
+    uncached = make_plan(parse_spec(copy.deepcopy(data)), cache=False)
+    assert len(cached.jobs) == 8
+    assert [(j.job_id, j.grid_values, j.molecules) for j in cached.jobs] == [
+        (j.job_id, j.grid_values, j.molecules) for j in uncached.jobs]
+    assert cached.spec_hash == uncached.spec_hash
+    # A bad flow after good ones of the same system: the same complaint either way.
+    data["grid"][0]["flow"].append({"kind": "spline_coupling", "n_layers": 0})
+    messages = []
+    for cache in (True, False):
+        try:
+            make_plan(parse_spec(copy.deepcopy(data)), cache=cache)
+        except SpecError as err:
+            messages.append(str(err))
+    assert messages == ["grid[0].flow.n_layers: 0 is not allowed; must be an integer >= 1"] * 2

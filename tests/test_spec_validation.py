@@ -112,6 +112,30 @@ BAD_SPECS = {
     "warm start for a maximum-likelihood job": (
         {**ICE, "training": {"objective": "maximum_likelihood", "warm_start_steps": 10}},
         ["training.warm_start_steps", "10", "reverse_kl"]),
+    # Top-level settings that the grid replaces in every job are checked all the same.
+    "top-level system kind that every grid block replaces": (
+        _with("system", {"kind": "argon"}) | {"grid": [{"system": {"kind": "double_well"}},
+                                                      {"system": {"kind": "dw4"}}]},
+        ["system.kind", "argon", "double_well"]),
+    "top-level system parameter that a grid axis replaces": (
+        _with("system", {"kind": "double_well", "a": -1.0}) | {"grid": {"system.a": [0.5, 1]}},
+        ["system.a", "-1.0", "> 0"]),
+    "top-level flow kind that a grid axis replaces": (
+        _with("flow", {"kind": "glow", "n_layers": 4, "hidden": 32})
+        | {"grid": {"flow.kind": ["spline_coupling", "affine_coupling"]}},
+        ["flow.kind", "glow", "spline_coupling"]),
+    "top-level flow parameter of a flow the grid replaces": (
+        _with("flow", {"kind": "spline_coupling", "n_layers": 0, "hidden": 32})
+        | {"grid": {"flow": [{"kind": "affine_coupling"}]}},
+        ["flow.n_layers", "0", ">= 1"]),
+    "top-level base that every grid block replaces": (
+        _with("base", {"kind": "uniform"}) | {"grid": {"base": [{"kind": "normal"}]}},
+        ["base.kind", "uniform", "Euclidean"]),
+    "zero max_jobs": (_with("max_jobs", 0), ["max_jobs", "0"]),
+    "fractional max_jobs": (_with("max_jobs", 2.5), ["max_jobs", "2.5"]),
+    "grid beyond max_jobs": (_with("max_jobs", 5) | {"grid": {"temperature": [1.0, 2.0, 3.0],
+                                                               "training.steps": [10, 20]}},
+                             ["grid", "6 jobs", "max_jobs = 5"]),
     "md on a system without a structure": (
         _with("reference", {"sampler": "md"}) | {"base": {"kind": "thermodynamic",
                                                           "temperature": 2.0}},
