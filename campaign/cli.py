@@ -16,12 +16,15 @@ import sys
 from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from campaign.errors import SpecError
+
+if TYPE_CHECKING:
+    from campaign.claim import DriverClaim
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distributed campaign manager for Boltzmann generators.")
@@ -113,8 +116,9 @@ def launch(
         configure_ray_auth(ray_address(address))  # before Ray is imported (docs/architecture)
     from campaign.launcher import launch_plan
 
+    claim = _claim(plan)  # one driver per campaign: a second launch stops here (exit 2)
     try:
-        with _stdout_to_stderr():
+        with claim, _stdout_to_stderr():  # the claim is released however the launch ends
             summary = launch_plan(plan, spec, address=address, tracking_uri=tracking_uri,
                                   show_progress=fmt == LaunchFormat.table,
                                   backend=backend.value)
@@ -134,6 +138,21 @@ def _refuse_process_exit(plan: Any) -> None:
         if job.config.inject_failure == "trainer_process_exit":
             _fail_input(SpecError("inject_failure", "trainer_process_exit", f"(job {job.job_id}) "
                                   "ends a trainer's process; allowed only with --backend ray"))
+
+
+def _claim(plan: Any) -> DriverClaim:
+    """Claim the campaign for this process before Ray starts or anything is written, so that
+    a second launch of a campaign whose driver is alive (on any host sharing the work
+    directory) is refused at once with one line; a dead driver's claim is taken over."""
+    from campaign.claim import CampaignClaimed, claim_campaign
+
+    try:
+        return claim_campaign(plan.spec.work_path(), plan.spec.name)
+    except CampaignClaimed as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    except SpecError as error:
+        _fail_input(error)
 
 
 @app.command()
