@@ -73,7 +73,7 @@ def test_fan_in_fan_out_shared_once_cached_across_launches(
         assert first.count("piece") == 2 * 3
         values = {run.job.config.temperature: run for run in summary.finished}
         records = tracker.job_records(run.job.job_id for run in summary.finished)
-        for temperature, run in values.items():
+        for run in values.values():
             assert run.progress_text().startswith("tasks 6/6")
             assert records[run.job.job_id].status == "FINISHED"
         client = tracker.client
