@@ -175,7 +175,9 @@ def status(spec: SpecPath, tracking_uri: TrackingUri = None,
     for row in rows:
         print(f"{row['job_id']}  {row['state']:<8}  {row['status'] or '-':<9}  "
               f"{row['stage'] or '-':<9}  {(row['node'] or '-')[:12]:<12}  {row['retries']:>7}  "
-              f"{row['label']}" + (f"  error: {row['error']}" if row.get("error") else ""))
+              f"{row['label']}" + (f"  error: {row['error']}" if row.get("error") else "")
+              + (f"  [{row['progress']}]" if row.get("progress") and row["state"] == "running"
+                 else ""))
 
 
 @app.command()

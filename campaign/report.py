@@ -42,8 +42,9 @@ def _records(plan: Plan, tracking_uri: str | None) -> dict[str, JobRecord]:
 
 def job_rows(plan: Plan, tracking_uri: str | None) -> list[dict[str, Any]]:
     """A line per planned job: state (finished/running/failed/pending), MLflow status, the
-    stage it is in (or ended in), the Ray node id its latest task was given to, and how many
-    of its tasks were run again after an actor or node died."""
+    stage it is in (or ended in), the Ray node id its latest task was given to, how many
+    of its tasks were run again after an actor or node died, and its progress (tasks done of
+    total, a running training's step and loss, the time left)."""
     records = _records(plan, tracking_uri)
     rows = []
     for job in plan.jobs:
@@ -57,12 +58,17 @@ def job_rows(plan: Plan, tracking_uri: str | None) -> list[dict[str, Any]]:
             "node": record.tags.get("node") if record else None,
             "retries": int(record.tags.get("retries", 0)) if record else 0,
             "error": record.tags.get("error") if record else None,
+            "progress": record.tags.get("progress") if record else None,
         })
     return rows
 
 
 def comparison_records(plan: Plan, tracking_uri: str | None) -> list[dict[str, Any]]:
-    """One object per job: job_id, status (MLflow's, or PENDING), params, metrics, grid."""
+    """One object per job: job_id, status (MLflow's, or PENDING), params, metrics, grid.
+
+    Params are typed: the job's resolved settings as the plan holds them (numbers as numbers,
+    booleans as booleans, null for unset), plus the strings the job recorded beside them
+    (estimand, reference method, ...). MLflow keeps every param as a string."""
     records = _records(plan, tracking_uri)
     out = []
     for job in plan.jobs:
@@ -72,7 +78,7 @@ def comparison_records(plan: Plan, tracking_uri: str | None) -> list[dict[str, A
             "status": record.status if record else "PENDING",
             "run_id": record.run_id if record else None,
             "grid": job.grid_values,
-            "params": record.params if record else job.params,
+            "params": {**(record.params if record else {}), **job.params},
             "metrics": record.metrics if record else {},
         })
     return out

@@ -466,8 +466,9 @@ class Scheduler:
             if run is first:
                 self._fail_job(run, message, trace)
             elif first is not None:
-                self._fail_job(run, f"a shared task ({state.spec.label or state.spec.stage}) "
-                               f"failed in job {first.job.job_id}: {message}", trace)
+                self._fail_job(run, f"a shared {state.spec.description} failed in job "
+                               f"{first.job.job_id} ({state.spec.label or state.spec.stage}): "
+                               f"{message}", trace)
 
     def _fail_job(self, run: JobRun, message: str, trace: str) -> None:
         if run.stage in ("failed", "finished"):

@@ -1,4 +1,5 @@
-"""`campaign launch` / `compare` on a tiny ice XI spec, end to end (real Ray, OpenMM, MLflow).
+"""`campaign launch` / `compare` on a tiny ice XI spec, end to end (real OpenMM and MLflow; the
+local backend: the task graphs in the test's process, as on Ray, without Ray's start-up).
 
 Two targets share one base MD run; MD lengths, ladder and training are tiny, so only the
 plumbing and the bookkeeping are checked here (the numbers are checked by specs/ice.yaml):
@@ -46,7 +47,7 @@ def tiny_ice_spec() -> dict:
 
 def test_tiny_ice_campaign_reports_what_the_issue_names(workdir: Path) -> None:
     spec = write_spec(workdir, tiny_ice_spec())
-    launch = runner.invoke(app, ["launch", str(spec), "--format", "json"])
+    launch = runner.invoke(app, ["launch", str(spec), "--format", "json", "--backend", "local"])
     assert launch.exit_code == 0, launch.output
     assert len(json.loads(launch.stdout)["finished"]) == 2
 
@@ -65,7 +66,7 @@ def test_tiny_ice_campaign_reports_what_the_issue_names(workdir: Path) -> None:
     assert sorted(float(r["params"]["target_temperature_k"]) for r in rows) == [50.0, 100.0]
     for row in rows:
         assert row["status"] == "FINISHED"
-        assert row["params"]["molecules"] == "16"
+        assert row["params"]["molecules"] == 16  # typed, not MLflow's string
         assert float(row["params"]["base_temperature_k"]) == 250.0
         m = row["metrics"]
         for method in ("lfep", "lbar", "mbar"):
@@ -103,7 +104,7 @@ def test_tiny_ice_campaign_reports_what_the_issue_names(workdir: Path) -> None:
     table = runner.invoke(app, ["compare", str(spec)])
     assert table.exit_code == 0 and "lfep/mol" in table.stdout and "mbar" in table.stdout
 
-    again = runner.invoke(app, ["launch", str(spec), "--format", "json"])
+    again = runner.invoke(app, ["launch", str(spec), "--format", "json", "--backend", "local"])
     assert again.exit_code == 0, again.output
     assert len(json.loads(again.stdout)["skipped"]) == 2
 
@@ -119,7 +120,7 @@ def test_md_that_blows_up_fails_every_job_that_needs_it(workdir: Path) -> None:
     data["grid"] = {"temperature": 100.0, "reference.ladder_size": 2,
                     "training.steps": [4, 5]}
     spec = write_spec(workdir, data)
-    launch = runner.invoke(app, ["launch", str(spec), "--format", "json"])
+    launch = runner.invoke(app, ["launch", str(spec), "--format", "json", "--backend", "local"])
     assert launch.exit_code == 1, launch.output
     errors = sorted(job["error"] for job in json.loads(launch.stdout)["failed"])
     assert len(errors) == 2 and all("blew up" in e for e in errors), errors

@@ -1,8 +1,8 @@
 """`campaign launch` and `campaign compare` on a tiny tetrahedron spec, end to end.
 
-Three jobs, one per flow type (double Möbius, convex gradient, the Rodrigues baseline), on a
-local Ray instance with a temporary SQLite MLflow store; each must report the metrics the
-rigid-body issue names and log the axis-direction figure.
+Three jobs, one per flow type (double Möbius, convex gradient, the Rodrigues baseline), with
+the local backend (the test's process) and a temporary SQLite MLflow store; each must report
+the metrics the rigid-body issue names and log the axis-direction figure.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ SPEC = {
 
 def test_tetrahedron_campaign_reports_every_metric(workdir: Path) -> None:
     spec = write_spec(workdir, SPEC)
-    launch = runner.invoke(app, ["launch", str(spec), "--format", "json"])
+    launch = runner.invoke(app, ["launch", str(spec), "--format", "json", "--backend", "local"])
     assert launch.exit_code == 0, launch.output
     assert len(json.loads(launch.stdout)["finished"]) == 3
 

@@ -58,6 +58,7 @@ class TaskSpec:
     energy_pool: bool = False  # the task's energies go to the energy-evaluator role's actors
     priority: int = 0  # higher runs first among queued tasks of its role
     label: str = ""  # e.g. "MD 150.0 K", for progress displays
+    description: str = "task"  # what it is, in messages ("a shared MD run failed in job ...")
 
     def input_keys(self) -> list[str]:
         keys: list[str] = []

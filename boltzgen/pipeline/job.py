@@ -41,6 +41,7 @@ def job_graph(config: Mapping[str, Any], job_id: str, work_dir: str | None,
     config = dict(config)
     md = [TaskSpec(key=f"md-{key}", role="mcmc", stage="reference",
                    function=f"{MODULE}:md_run_task", label=f"MD {temperature:.1f} K",
+                   description="MD run",
                    args={"config": config, "temperature": temperature, "work_dir": work_dir})
           for key, temperature in md_runs(config)]
     reference = TaskSpec(

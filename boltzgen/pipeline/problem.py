@@ -65,9 +65,6 @@ class Problem:
         """k_B T of the target in the system's energy units."""
         return self.system.boltzmann_constant * self.temperature
 
-    def target_reduced_energy(self, y: torch.Tensor) -> torch.Tensor:
-        return self.system.reduced_energy(y, self.temperature)
-
     def ladder(self, reference: Mapping[str, Any]) -> np.ndarray:
         """Temperatures of the replica-exchange ladder, ascending."""
         k = int(reference["ladder_size"])

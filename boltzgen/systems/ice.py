@@ -115,7 +115,6 @@ class IceXI(System):
         "(position, Haar) volumes differ by a constant that cancels)"
     )
     boltzmann_constant: float = KB_KJ_PER_MOL_K
-    manifold: ClassVar[str] = "rigid bodies in a periodic box"
 
     def __init__(self, *, molecules: int = 16, lattice: str = "XI", cutoff: float | None = None,
                  ewald_error_tolerance: float = 1e-4) -> None:

@@ -85,8 +85,6 @@ class TetrahedronInField(System):
     )
     dim: int = 4
     boltzmann_constant: float = KB_KJ_PER_MOL_K
-    manifold: ClassVar[str] = "S3"
-    n_modes: ClassVar[int] = 24
 
     def __init__(self, *, site_distance: float = 0.109, well_width: float = 0.04,
                  well_depth_even: float = 5.0, well_depth_odd: float = 4.5,
@@ -113,10 +111,6 @@ class TetrahedronInField(System):
         """U(q) in kJ/mol; (..., 4) -> (...). Flip-invariant: U(q) = U(−q)."""
         self._check_coordinates(x)
         return self.site_energy(self.site_directions(x)).sum(-1)
-
-    def site_positions(self, x: torch.Tensor) -> torch.Tensor:
-        """Cartesian site positions (nm), (..., 4) -> (..., 4, 3)."""
-        return self.site_distance * self.site_directions(x)
 
     def energy_floor(self) -> float:
         """A lower bound of U (kJ/mol): 4 × min over unit directions of one site's energy.
