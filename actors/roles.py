@@ -58,7 +58,7 @@ class TaskWorker:
 
         # Inputs arrive as object refs in the driver's store (a fan-in as a list of them).
         inputs = {name: _fetched(value) for name, value in inputs.items()}
-        energy = PooledEnergy(args["config"], evaluators) if evaluators else None
+        energy = PooledEnergy(args["job"], evaluators) if evaluators else None
         ctx = TaskContext(threads=self.threads, device=self._device(), energy=energy,
                           memo=self.memo, end_process=_end_process,
                           progress=ProgressFile(progress_file) if progress_file else None)
@@ -68,7 +68,7 @@ class TaskWorker:
         value = call_task(ctx, function, {**args, **inputs})
         return value, {"start": start, "end": time.time(), **_where()}
 
-    def energies_and_forces(self, config: Mapping[str, Any], x: np.ndarray
+    def energies_and_forces(self, job: Any, x: np.ndarray
                             ) -> tuple[tuple[np.ndarray, np.ndarray], Timing]:
         """(U (B,), ∇U (B, dim)) in the system's energy units per flow coordinate: a chunk of
         a trainer's batch (:class:`PooledEnergy`)."""
@@ -77,7 +77,7 @@ class TaskWorker:
 
         ctx = TaskContext(threads=self.threads, memo=self.memo)
         start = time.time()
-        value = energy_function(ctx, config)(x)
+        value = energy_function(ctx, job)(x)
         return value, {"start": start, "end": time.time(), **_where()}
 
     def _device(self) -> str:
@@ -120,8 +120,8 @@ class PooledEnergy:
     call fail.
     """
 
-    def __init__(self, config: Mapping[str, Any], evaluators: list[Any]) -> None:
-        self.config = config
+    def __init__(self, job: Any, evaluators: list[Any]) -> None:
+        self.job = job  # the science's job settings, from which each evaluator builds U
         self.evaluators = evaluators
         self.dead: set[int] = set()
         self.resent = 0
@@ -135,7 +135,7 @@ class PooledEnergy:
             raise RuntimeError("every EnergyEvaluator this trainer was given has died")
         chunks = [c for c in np.array_split(x, min(len(live), len(x))) if len(c)]
         owners = live[:len(chunks)]
-        refs = [self.evaluators[i].energies_and_forces.remote(self.config, c)
+        refs = [self.evaluators[i].energies_and_forces.remote(self.job, c)
                 for i, c in zip(owners, chunks, strict=True)]
         parts: list[tuple[np.ndarray, np.ndarray]] = []
         for index, chunk in enumerate(chunks):
@@ -150,7 +150,7 @@ class PooledEnergy:
                         raise
                     owners[index] = live[index % len(live)]
                     refs[index] = self.evaluators[owners[index]].energies_and_forces.remote(
-                        self.config, chunk)
+                        self.job, chunk)
                     self.resent += 1
             parts.append(value)
         return (np.concatenate([u for u, _ in parts]), np.concatenate([g for _, g in parts]))

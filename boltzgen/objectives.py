@@ -19,10 +19,18 @@ that does not require grad; :func:`boltzgen.training.train_flow` skips such step
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+from boltzgen.registry import Registry
+from boltzgen.settings import SettingError
+
+if TYPE_CHECKING:
+    from boltzgen.settings import JobSettings, TrainingSettings
+    from boltzgen.systems.base import System
 
 EnergyFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -67,3 +75,101 @@ def maximum_likelihood_loss(flow: nn.Module, y_b: torch.Tensor, u_a: EnergyFn) -
         return u_a(x) - logdet_inv
 
     return _finite_mean(per_sample, y_b)
+
+
+class Objective:
+    """A training objective, registered in :data:`OBJECTIVES` under ``training.objective``.
+
+    One instance per phase of a training run: :meth:`validate` checks the inputs before the
+    first step and :meth:`loss` makes step ``step``'s loss. An objective that changes during
+    training (an annealed temperature) keeps what changes in the instance and returns it from
+    :meth:`state_dict`, which training checkpoints save and restore. ``phases`` says which
+    objectives a job's training runs, in order, for how many steps (a warm start is a phase).
+    """
+
+    name: ClassVar[str]
+
+    @classmethod
+    def phases(cls, training: TrainingSettings) -> list[tuple[str, int]]:
+        """(objective name, steps) of each training phase; by default this objective alone."""
+        return [(cls.name, training.steps)]
+
+    @classmethod
+    def complaints(cls, job: JobSettings, system: System) -> Iterator[SettingError]:
+        """How this objective goes with the job's other settings (nothing to say by default)."""
+        return iter(())
+
+    def validate(self, sample_a: Callable[[int], torch.Tensor] | None,
+                 data_b: torch.Tensor | Any | None) -> None:
+        """Refuse inputs the objective cannot train from (ValueError naming the argument)."""
+
+    def loss(self, flow: nn.Module, step: int, batch_size: int, generator: torch.Generator,
+             u_a: EnergyFn, u_b: EnergyFn, sample_a: Callable[[int], torch.Tensor] | None,
+             data_b: torch.Tensor | Any | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (stateless objectives have nothing)."""
+
+
+OBJECTIVES: Registry[Objective] = Registry("objective", field="training.objective")
+
+
+@OBJECTIVES.register("reverse_kl")
+class ReverseKL(Objective):
+    """The LFEP / reverse-KL loss on batches x ~ A (:func:`reverse_kl_loss`), after
+    ``warm_start_steps`` maximum-likelihood steps where the settings ask for them."""
+
+    @classmethod
+    def phases(cls, training: TrainingSettings) -> list[tuple[str, int]]:
+        warm = [("maximum_likelihood", training.warm_start_steps)] if (
+            training.warm_start_steps) else []
+        return [*warm, (cls.name, training.steps)]
+
+    def validate(self, sample_a: Callable[[int], torch.Tensor] | None,
+                 data_b: torch.Tensor | Any | None) -> None:
+        if sample_a is None:
+            raise ValueError("sample_a: None is not allowed for objective 'reverse_kl'; pass a "
+                             "sampler of A")
+
+    def loss(self, flow: nn.Module, step: int, batch_size: int, generator: torch.Generator,
+             u_a: EnergyFn, u_b: EnergyFn, sample_a: Callable[[int], torch.Tensor] | None,
+             data_b: torch.Tensor | Any | None) -> torch.Tensor:
+        assert sample_a is not None  # validate() refused a missing sampler
+        return reverse_kl_loss(flow, sample_a(batch_size), u_a, u_b)
+
+
+@OBJECTIVES.register("maximum_likelihood")
+class MaximumLikelihood(Objective):
+    """The negative log-likelihood of B's data (:func:`maximum_likelihood_loss`) on
+    minibatches at random indices drawn from the training generator."""
+
+    @classmethod
+    def complaints(cls, job: JobSettings, system: System) -> Iterator[SettingError]:
+        if job.training.warm_start_steps is not None:
+            yield SettingError("training.warm_start_steps", job.training.warm_start_steps,
+                               "a maximum-likelihood warm start precedes reverse_kl training; "
+                               "leave it out for maximum_likelihood")
+
+    def validate(self, sample_a: Callable[[int], torch.Tensor] | None,
+                 data_b: torch.Tensor | Any | None) -> None:
+        if data_b is None:
+            raise ValueError(
+                "data_b: None is not allowed for objective 'maximum_likelihood'; pass samples of B"
+            )
+        # A tensor, or a set indexed like one (pipeline.SymmetryImages computes its rows).
+        if getattr(data_b, "ndim", None) != 2 or data_b.shape[0] == 0:
+            raise ValueError(
+                f"data_b: {type(data_b).__name__} of shape {tuple(getattr(data_b, 'shape', ()))} "
+                "is not allowed; need a non-empty (M, dim) tensor"
+            )
+
+    def loss(self, flow: nn.Module, step: int, batch_size: int, generator: torch.Generator,
+             u_a: EnergyFn, u_b: EnergyFn, sample_a: Callable[[int], torch.Tensor] | None,
+             data_b: torch.Tensor | Any | None) -> torch.Tensor:
+        assert data_b is not None  # validate() refused missing data
+        idx = torch.randint(0, data_b.shape[0], (batch_size,), generator=generator)
+        return maximum_likelihood_loss(flow, data_b[idx.to(data_b.device)], u_a)

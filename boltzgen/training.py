@@ -21,9 +21,7 @@ import torch
 from torch import nn
 
 from boltzgen._checks import check_float, check_int
-from boltzgen.objectives import maximum_likelihood_loss, reverse_kl_loss
-
-OBJECTIVES: tuple[str, ...] = ("reverse_kl", "maximum_likelihood")
+from boltzgen.objectives import OBJECTIVES, Objective
 
 
 @dataclass
@@ -46,6 +44,9 @@ class TrainingState:
     generator: torch.Tensor
     losses: list[float] = field(default_factory=list)
     n_skipped: int = 0
+    # What a changing objective (an annealed temperature) needs to go on (a state saved
+    # before objectives had one lacks it: read with getattr).
+    objective: dict[str, Any] = field(default_factory=dict)
 
 
 def _cosine_lr(step: int, steps: int, lr0: float, lr_end: float) -> float:
@@ -54,7 +55,7 @@ def _cosine_lr(step: int, steps: int, lr0: float, lr_end: float) -> float:
 
 def train_flow(
     flow: nn.Module,
-    objective: str,
+    objective: str | Objective,
     steps: int,
     batch_size: int,
     learning_rate: float,
@@ -74,9 +75,10 @@ def train_flow(
     """Train ``flow`` in place.
 
     Args:
-        objective: "reverse_kl" (batches x ~ A from ``sample_a(batch_size)``; the sampler owns
-            its randomness) or "maximum_likelihood" (minibatches of ``data_b`` (M, dim) at
-            random indices drawn from a torch.Generator seeded with ``seed``).
+        objective: a registered objective (:data:`boltzgen.objectives.OBJECTIVES`) by name,
+            or an instance: "reverse_kl" (batches x ~ A from ``sample_a(batch_size)``; the
+            sampler owns its randomness) or "maximum_likelihood" (minibatches of ``data_b``
+            (M, dim) at random indices drawn from a torch.Generator seeded with ``seed``).
         steps, batch_size: number of optimizer steps and samples per step.
         learning_rate: initial Adam learning rate; decays by a cosine to
             ``final_learning_rate`` (default learning_rate / 10).
@@ -88,11 +90,7 @@ def train_flow(
             ``checkpoint_every`` steps and after the last one (0: never).
         on_step: called with (steps done, loss) after every step (progress displays).
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(
-            f"objective: {objective!r} is not a known objective; "
-            f"choose one of {', '.join(OBJECTIVES)}"
-        )
+    chosen = OBJECTIVES.get(objective)() if isinstance(objective, str) else objective
     steps = check_int("steps", steps, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1)
     lr0 = check_float("learning_rate", learning_rate, positive=True)
@@ -100,21 +98,7 @@ def train_flow(
     lr_end = check_float("final_learning_rate", lr_end, positive=True)
     grad_clip = check_float("grad_clip", grad_clip, positive=True)
     seed = check_int("seed", seed)
-    if objective == "reverse_kl" and sample_a is None:
-        raise ValueError(
-            "sample_a: None is not allowed for objective 'reverse_kl'; pass a sampler of A"
-        )
-    if objective == "maximum_likelihood":
-        if data_b is None:
-            raise ValueError(
-                "data_b: None is not allowed for objective 'maximum_likelihood'; pass samples of B"
-            )
-        # A tensor, or a set indexed like one (pipeline.SymmetryImages computes its rows).
-        if getattr(data_b, "ndim", None) != 2 or data_b.shape[0] == 0:
-            raise ValueError(
-                f"data_b: {type(data_b).__name__} of shape {tuple(getattr(data_b, 'shape', ()))} "
-                "is not allowed; need a non-empty (M, dim) tensor"
-            )
+    chosen.validate(sample_a, data_b)
 
     params = [p for p in flow.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr0)
@@ -126,6 +110,7 @@ def train_flow(
         optimizer.load_state_dict(resume.optimizer)
         gen.set_state(resume.generator)
         losses, n_skipped, first = list(resume.losses), resume.n_skipped, resume.step
+        chosen.load_state_dict(getattr(resume, "objective", {}))
     start = time.perf_counter()
     was_training = flow.training
     flow.train()
@@ -134,16 +119,12 @@ def train_flow(
         if on_checkpoint is not None and checkpoint_every > 0 and (
                 done % checkpoint_every == 0 or done == steps):
             on_checkpoint(TrainingState(done, optimizer.state_dict(), gen.get_state(),
-                                        list(losses), n_skipped))
+                                        list(losses), n_skipped, chosen.state_dict()))
 
     for step in range(first, steps):
         for group in optimizer.param_groups:
             group["lr"] = _cosine_lr(step, steps, lr0, lr_end)
-        if objective == "reverse_kl":
-            loss = reverse_kl_loss(flow, sample_a(batch_size), u_a, u_b)
-        else:
-            idx = torch.randint(0, data_b.shape[0], (batch_size,), generator=gen)
-            loss = maximum_likelihood_loss(flow, data_b[idx.to(data_b.device)], u_a)
+        loss = chosen.loss(flow, step, batch_size, gen, u_a, u_b, sample_a, data_b)
         value = float(loss.detach())
         losses.append(value)
         if on_step is not None:

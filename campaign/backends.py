@@ -75,7 +75,7 @@ class LocalBackend:
                           else None)
         if call.energy_pool:
             ctx.energy = energy_function(TaskContext(threads=_threads(
-                self.plan, "energy_evaluator"), memo=self.memo), call.args["config"])
+                self.plan, "energy_evaluator"), memo=self.memo), call.args["job"])
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         start = time.time()

@@ -20,16 +20,13 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from boltzgen.flows import FLOW_KINDS, RIGID_FLOW_KINDS, build_flow
-from boltzgen.md import MDProtocol, held_out_blocks
+from boltzgen.settings import FlowSettings, SystemSettings, registry
 from boltzgen.systems import System, make_system
 from campaign.errors import SpecError
 from campaign.spec import (
     JOB_SECTIONS,
     CampaignSpec,
-    FlowSettings,
     JobConfig,
-    MDSettings,
-    SystemSettings,
     spec_error_from_validation,
 )
 
@@ -332,10 +329,12 @@ GPU_PLATFORMS = ("CUDA", "OpenCL")
 
 def openmm_roles(config: JobConfig) -> set[str]:
     """The actor roles that run OpenMM for a job: the EnergyEvaluators (also for training,
-    which sends its energies to them) with the OpenMM backend, and the MCMC actors when the
-    reference is MD."""
-    roles = {"energy_evaluator"} if config.energy.backend == "openmm" else set()
-    return roles | ({"mcmc"} if config.reference.sampler == "md" else set())
+    which sends its energies to them) with an energy backend that uses OpenMM, and the
+    reference-sampler actors when the reference sampler does (MD)."""
+    backend = registry("energy_backend").get(config.energy.backend)
+    sampler = registry("reference_sampler").get(config.reference.sampler)
+    return ({"energy_evaluator"} if backend.uses_openmm else set()) | (
+        {"mcmc"} if sampler.uses_openmm else set())
 
 
 def _check_gpu_platforms(jobs: list[Job], resources: dict[str, dict[str, Any]]) -> None:
@@ -476,79 +475,12 @@ class ScienceChecks:
 
 def rule_complaints(config: JobConfig, system: System, *,
                     temperature_known: bool = True) -> Iterator[SpecError]:
-    """The rules between a job's sections and its system, as complaints in the order a job is
-    refused by them (the first one). ``temperature_known=False`` (the top level without a
-    target temperature) skips the rule that compares with the target temperature."""
-    rigid = system.rigid_layout() is not None
-    if rigid and config.base.kind == "normal":
-        yield SpecError("base.kind", config.base.kind, f"system '{system.kind}' has rigid-body "
-                        "coordinates (torus × S³); use 'uniform' or 'thermodynamic'")
-    if not rigid and config.base.kind == "uniform":
-        yield SpecError("base.kind", "uniform", f"system '{system.kind}' has Euclidean "
-                        "coordinates; use 'normal' or 'thermodynamic'")
-    if config.reference.sampler == "exact" and not system.supports_exact_sampling():
-        yield SpecError("reference.sampler", "exact", f"system '{system.kind}' has no exact "
-                        "sampler; use 'mcmc'")
-    if rigid and config.reference.sampler == "mcmc":
-        yield SpecError("reference.sampler", "mcmc", "MCMC on rigid-body coordinates is not "
-                        "implemented; use 'exact' or 'md'")
-    if config.reference.sampler == "md":
-        yield from _md_complaints(config, system)
-    elif config.reference.holdout_blocks is not None:
-        yield SpecError("reference.holdout_blocks", config.reference.holdout_blocks,
-                        "interleaved held-out blocks split MD runs; leave it out for "
-                        f"sampler '{config.reference.sampler}'")
-    if config.energy.backend == "openmm" and not system.supports_openmm():
-        yield SpecError("energy.backend", "openmm", f"system '{system.kind}' has no OpenMM "
-                        "form; use torch")
-    base = config.base
-    if base.kind == "thermodynamic" and base.temperature is None:
-        yield SpecError("base.temperature", detail="required: a thermodynamic base needs a "
-                        "temperature > 0")
-    if base.kind in ("normal", "uniform") and base.temperature is not None:
-        yield SpecError("base.temperature", base.temperature,
-                        f"a {base.kind} base has no temperature")
-    if (temperature_known and base.kind == "thermodynamic"
-            and base.temperature == config.temperature):
-        yield SpecError("base.temperature", base.temperature,
-                        "it equals the target temperature (ΔF = 0); choose another")
-    if (config.flow.model_extra or {}).get("thermal_scaling") and base.kind != "thermodynamic":
-        yield SpecError("flow.thermal_scaling", True, "it scales displacements by "
-                        "sqrt(T / T_base); it needs base.kind 'thermodynamic'")
-    if (config.training.warm_start_steps is not None
-            and config.training.objective != "reverse_kl"):
-        yield SpecError("training.warm_start_steps", config.training.warm_start_steps,
-                        "a maximum-likelihood warm start precedes reverse_kl training; "
-                        "leave it out for maximum_likelihood")
-    if config.training.symmetry_augmentation and not system.supports_symmetry_images():
-        yield SpecError("training.symmetry_augmentation", True, f"system '{system.kind}' has "
-                        "no known symmetry operations; allowed only for crystals (ice_xi)")
-    if base.kind == "thermodynamic" and config.reference.ladder_size < 2:
-        yield SpecError("reference.ladder_size", config.reference.ladder_size,
-                        "an MBAR ladder between the base and target temperatures needs >= 2")
-
-
-def _md_complaints(config: JobConfig, system: System) -> Iterator[SpecError]:
-    """MD needs an OpenMM system with a starting structure, a temperature ladder between a
-    thermodynamic base and the target, and a protocol with at least one frame."""
-    if not (system.supports_openmm() and hasattr(system, "ideal_coordinates")):
-        yield SpecError("reference.sampler", "md", f"system '{system.kind}' has no OpenMM "
-                        "form with a starting structure; use 'mcmc' or 'exact'")
-    if config.base.kind != "thermodynamic":
-        yield SpecError("base.kind", config.base.kind, "reference.sampler 'md' estimates ΔF "
-                        "between temperatures; use 'thermodynamic' with a base temperature")
-    md = config.reference.md or MDSettings()
-    try:  # the protocol checks its own consistency (at least one frame, one step per frame)
-        MDProtocol(temperature=config.temperature, **md.model_dump())
-    except ValueError as exc:
-        field, _, detail = str(exc).partition(": ")
-        yield SpecError(f"reference.md.{field}", detail=detail)
-    if config.reference.holdout_blocks is not None:
-        try:
-            held_out_blocks(config.reference.holdout_blocks, config.reference.holdout_fraction)
-        except ValueError as exc:
-            yield SpecError("reference.holdout_blocks", config.reference.holdout_blocks,
-                            str(exc).partition(": ")[2])
+    """The science's complaints about how a job's sections go with its system
+    (:meth:`boltzgen.settings.JobSettings.complaints`: each registered base, reference
+    sampler, energy backend and objective checks its own), in the order a job is refused by
+    them (the first one)."""
+    for complaint in config.complaints(system, temperature_known=temperature_known):
+        yield SpecError.of(complaint)
 
 
 def _check_top_level(spec: CampaignSpec, blocks: list[GridBlock], checks: ScienceChecks) -> None:

@@ -1,5 +1,9 @@
 """Typed models of a campaign spec (YAML) and their validation.
 
+The job sections (system, base, reference, flow, training, sampling, energy) are the science's
+typed settings (:mod:`boltzgen.settings`); this module composes them with the campaign-only
+sections (grid, resources, fault tolerance, tracking, work directory, max_jobs).
+
 A spec holds the default job settings at its top level (``system``, ``temperature``, ``base``,
 ``reference``, ``flow``, ``training``, ``sampling``), a ``grid`` whose axes override those settings,
 and campaign-wide settings that do not change any result (``resources``, ``tracking``,
@@ -17,196 +21,28 @@ and what is allowed.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any
 
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictFloat,
-    StrictInt,
-    ValidationError,
-    model_serializer,
-)
+from pydantic import Field, ValidationError
 
-from boltzgen.md import MDProtocol
+from boltzgen.settings import (
+    JobSections,
+    JobSettings,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Strict,
+)
 from campaign.errors import SpecError
 
 SAFE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 # Users' campaigns reach 10^4-10^5 jobs; a grid beyond that is more likely a typo (one axis too
 # many) than a campaign, and a plan of 10^5 jobs takes seconds.
 DEFAULT_MAX_JOBS = 100_000
-
-
-def _finite_positive(value: float) -> float:
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError("must be a finite number > 0")
-    return value
-
-
-def _finite_non_negative(value: float) -> float:
-    if not math.isfinite(value) or value < 0:
-        raise ValueError("must be a finite number >= 0")
-    return value
-
-
-def _fraction(value: float) -> float:
-    if not math.isfinite(value) or not 0 < value < 1:
-        raise ValueError("must be a number strictly between 0 and 1")
-    return value
-
-
-# Ints are strict: 2.5, "3" and true are refused rather than coerced.
-PositiveInt = Annotated[StrictInt, Field(ge=1)]
-NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
-Number = StrictFloat | StrictInt
-PositiveFloat = Annotated[Number, AfterValidator(_finite_positive)]
-NonNegativeFloat = Annotated[Number, AfterValidator(_finite_non_negative)]
-Fraction = Annotated[Number, AfterValidator(_fraction)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    # Optional fields added after jobs existed: left out of the dump while None, so that adding
-    # them did not change the ids (hashes of the dump) of jobs that do not use them.
-    _left_out_when_unset: ClassVar[tuple[str, ...]] = ()
-
-    @model_serializer(mode="wrap")
-    def _leave_out_unset(self, handler: Any) -> dict[str, Any]:
-        data = handler(self)
-        for name in self._left_out_when_unset:
-            if data.get(name) is None:
-                data.pop(name, None)
-        return data
-
-
-class SystemSettings(BaseModel):
-    """``kind`` plus the system's own keyword parameters (checked by the science registry)."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-    kind: str
-
-
-class BaseSettings(Strict):
-    """State A of the free-energy difference ΔF = f_target − f_A.
-
-    ``normal``: a normalized Gaussian N(0, scale²) in flow coordinates (f_A = 0 exactly), so
-    ``delta_f`` is the absolute reduced free energy −ln Z of the target.
-    ``thermodynamic``: the same system at ``temperature``; ``delta_f`` is f(T) − f(T_A).
-    ``uniform``: for rigid-body systems, the normalized uniform distribution on their
-    coordinates (box × Haar), f_A = 0, so ``delta_f`` is the absolute −ln Z (normalized measure).
-    """
-
-    kind: Literal["normal", "thermodynamic", "uniform"] = "normal"
-    scale: PositiveFloat = 1.0
-    temperature: PositiveFloat | None = None
-
-
-class MDSettings(Strict):
-    """OpenMM NVT MD per ladder temperature: LangevinMiddle with ``timestep_fs`` and
-    ``friction_per_ps``, minimisation, ``equilibration_ps``, then ``production_ps`` with a frame
-    every ``frame_interval_ps``."""
-
-    equilibration_ps: NonNegativeFloat = MDProtocol.equilibration_ps
-    production_ps: PositiveFloat = MDProtocol.production_ps
-    frame_interval_ps: PositiveFloat = MDProtocol.frame_interval_ps
-    timestep_fs: PositiveFloat = MDProtocol.timestep_fs
-    friction_per_ps: PositiveFloat = MDProtocol.friction_per_ps
-
-
-class ReferenceSettings(Strict):
-    """Reference data and ΔF: replica-exchange MCMC (and the MBAR ladder), or exact sampling.
-
-    ``sampler: exact`` uses the system's own exact sampler (e.g. rejection sampling) for
-    ``n_exact_samples`` independent samples; the MCMC settings are then unused.
-    ``sampler: md`` runs OpenMM Langevin MD (protocol ``md``, defaults if left out) at each of
-    the ``ladder_size`` temperatures geomspace(T, T_base, K), cached in the campaign's work
-    directory, and MBAR over them gives the reference ΔF.
-    """
-
-    _left_out_when_unset = ("md", "holdout_blocks")
-
-    sampler: Literal["mcmc", "exact", "md"] = "mcmc"
-    n_exact_samples: PositiveInt = 20000
-    md: MDSettings | None = None
-    ladder_size: PositiveInt = 4
-    hot_temperature_factor: PositiveFloat = 4.0
-    n_chains: PositiveInt = 32
-    n_steps: PositiveInt = 3000
-    burn_in: NonNegativeInt = 1000
-    thin: PositiveInt = 5
-    step_size: PositiveFloat = 0.3
-    exchange_every: PositiveInt = 10
-    n_bootstraps: NonNegativeInt = 50
-    mbar_max_samples_per_state: PositiveInt = 2000
-    holdout_fraction: Fraction = 0.5
-    holdout_blocks: PositiveInt | None = Field(
-        default=None, description="md only: cut each run into this many blocks and hold out "
-        "every block i with floor((i+1) h) > floor(i h), h = holdout_fraction (interleaved); "
-        "unset or 1: the last h of the run")
-
-
-class FlowSettings(BaseModel):
-    """``kind`` plus the flow's keyword parameters (checked by the science registry)."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-    kind: str = "affine_coupling"
-
-
-class TrainingSettings(Strict):
-    objective: Literal["maximum_likelihood", "reverse_kl"] = "maximum_likelihood"
-    steps: PositiveInt = 500
-    batch_size: PositiveInt = 256
-    learning_rate: PositiveFloat = 1e-3
-    final_learning_rate: PositiveFloat | None = None
-    warm_start_steps: PositiveInt | None = Field(
-        default=None, description="reverse_kl only: this many maximum-likelihood steps on the "
-        "reference's target samples first (its own cosine schedule), then ``steps`` of reverse KL")
-    symmetry_augmentation: bool | None = Field(
-        default=None, description="train on every MD training frame moved by each space-group "
-        "operation of the crystal (ice_xi: 8), as well as on the frame itself")
-    _left_out_when_unset = ("warm_start_steps", "symmetry_augmentation")
-
-
-class SamplingSettings(Strict):
-    n_samples: PositiveInt = 10000
-    energy_batch_size: PositiveInt = 5000
-
-
-class EnergySettings(Strict):
-    """How the energy evaluators compute U: the system's torch potential or its OpenMM form."""
-
-    backend: Literal["torch", "openmm"] = "torch"
-    platform: Literal["CPU", "Reference", "CUDA", "OpenCL"] = "CPU"
-
-
-FailureToInject = Literal["reference", "train", "sample", "energy", "estimate",
-                          "trainer_process_exit"]
-"""Stages that can raise on purpose, and the trainer process that can exit on purpose."""
-
-
-class JobConfig(Strict):
-    """The resolved settings of one job; its canonical JSON is hashed into the job id."""
-
-    seed: NonNegativeInt
-    system: SystemSettings
-    temperature: PositiveFloat
-    base: BaseSettings = BaseSettings()
-    reference: ReferenceSettings = ReferenceSettings()
-    flow: FlowSettings = FlowSettings()
-    training: TrainingSettings = TrainingSettings()
-    sampling: SamplingSettings = SamplingSettings()
-    energy: EnergySettings = EnergySettings()
-    inject_failure: FailureToInject | None = Field(
-        default=None, description="raise on purpose in this stage, or (trainer_process_exit) "
-        "end the trainer's process at the start of training as a kill would (tests failure "
-        "handling)"
-    )
 
 
 class RoleResources(Strict):
@@ -245,18 +81,14 @@ class Tracking(Strict):
     artifact_location: str | None = None
 
 
-class CampaignSpec(Strict):
+class CampaignSpec(JobSections):
+    """A spec: the job sections' defaults (:class:`boltzgen.settings.JobSections`), the seed
+    and target temperature (which a grid may give instead), the grid, and the campaign-only
+    sections."""
+
     name: str
     seed: NonNegativeInt = 0
-    system: SystemSettings
     temperature: PositiveFloat | None = None
-    base: BaseSettings = BaseSettings()
-    reference: ReferenceSettings = ReferenceSettings()
-    flow: FlowSettings = FlowSettings()
-    training: TrainingSettings = TrainingSettings()
-    sampling: SamplingSettings = SamplingSettings()
-    energy: EnergySettings = EnergySettings()
-    inject_failure: FailureToInject | None = None
     grid: dict[str, Any] | list[dict[str, Any]] = Field(default_factory=dict)
     max_jobs: PositiveInt = Field(
         default=DEFAULT_MAX_JOBS, description="the most grid points a plan may have, counted "
@@ -279,6 +111,9 @@ class CampaignSpec(Strict):
         """The work directory, absolute (relative paths are taken from the current one)."""
         return Path(self.work_dir or f"campaign-work/{self.name}").resolve()
 
+
+JobConfig = JobSettings
+"""The resolved settings of one job: the science's :class:`boltzgen.settings.JobSettings`."""
 
 JOB_SECTIONS = tuple(name for name in JobConfig.model_fields if name != "seed")
 

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from boltzgen.openmm_bridge import OpenMMEvaluator
-from boltzgen.pipeline.problem import EnergyFunction, check_injected_failure, float64_tensor
+from boltzgen.pipeline.problem import EnergyFunction, check_injected_failure
+from boltzgen.settings import EnergySettings, JobSettings
 from boltzgen.systems import make_system
 
 
@@ -35,38 +35,28 @@ class BatchEnergy(torch.autograd.Function):
         return grad_output[:, None] * grad, None
 
 
-def make_energy_function(config: Mapping[str, Any], threads: int = 1) -> EnergyFunction:
-    """x (B, dim) flow coordinates -> (U (B,) energy units, ∇U (B, dim)) by the job's backend.
+def make_energy_function(settings: JobSettings | Mapping[str, Any], threads: int = 1
+                         ) -> EnergyFunction:
+    """x (B, dim) flow coordinates -> (U (B,) energy units, ∇U (B, dim)) by the job's
+    registered energy backend (:data:`boltzgen.pipeline.energy_backends.ENERGY_BACKENDS`):
+    ``torch``, the system's own potential with autograd; ``openmm``, the system's OpenMM form
+    on ``energy.platform`` with ``threads`` CPU threads (the Context is built on first use, in
+    the calling process)."""
+    from boltzgen.pipeline.energy_backends import ENERGY_BACKENDS
 
-    ``energy.backend = torch``: the system's own potential, gradient by autograd.
-    ``energy.backend = openmm``: the system's OpenMM form on ``energy.platform`` with
-    ``threads`` CPU threads; the Context is built on first use, in the calling process.
-    """
-    system = make_system(config["system"])
-    energy = config.get("energy") or {"backend": "torch"}
-    if energy["backend"] == "openmm":
-        import openmm
-
-        evaluator = OpenMMEvaluator(openmm.XmlSerializer.serialize(system.openmm_system()),
-                                    platform=energy.get("platform", "CPU"), threads=threads)
-
-        def openmm_energy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            u, forces = evaluator.energies_and_forces(system.openmm_positions(x))
-            return u, system.flow_gradient(forces, x)
-
-        return openmm_energy
-
-    def torch_energy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        xt = float64_tensor(x).requires_grad_(True)
-        u = system.potential(xt)
-        (grad,) = torch.autograd.grad(u.sum(), xt)
-        return u.detach().numpy(), grad.numpy()
-
-    return torch_energy
+    # Only the system and energy sections matter: a mapping may hold just those two.
+    if isinstance(settings, JobSettings):
+        system_settings, energy = settings.dump["system"], settings.energy
+    else:
+        system_settings = settings["system"]
+        energy = EnergySettings.model_validate(settings.get("energy") or {})
+    system = make_system(system_settings)
+    return ENERGY_BACKENDS.get(energy.backend).make(system, energy, threads)
 
 
-def potential_energy(config: Mapping[str, Any], x: np.ndarray,
+def potential_energy(settings: JobSettings | Mapping[str, Any], x: np.ndarray,
                      energy_function: EnergyFunction | None = None) -> np.ndarray:
     """U(x) in the system's energy units for a batch of flow coordinates (energy stage)."""
-    check_injected_failure(config, "energy")
-    return (energy_function or make_energy_function(config))(x)[0]
+    job = JobSettings.of(settings)
+    check_injected_failure(job, "energy")
+    return (energy_function or make_energy_function(job))(x)[0]

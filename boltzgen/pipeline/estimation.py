@@ -24,6 +24,7 @@ from boltzgen.pipeline.problem import Problem, stage_seed
 from boltzgen.pipeline.reference import ReferenceData
 from boltzgen.pipeline.sampling import SampleSet
 from boltzgen.pipeline.structure import Curve, structure_curves
+from boltzgen.settings import JobSettings
 
 
 @dataclass
@@ -41,13 +42,14 @@ class Estimates:
 
 
 def estimate(
-    config: Mapping[str, Any],
+    settings: JobSettings | Mapping[str, Any],
     reference: ReferenceData,
     samples: SampleSet,
     potentials: Mapping[str, np.ndarray],
 ) -> Estimates:
     """LFEP and LBAR ΔF (kT) with 1-sigma errors, Kish ESS fraction, NLL where defined."""
-    problem = Problem.from_config(config)
+    job = JobSettings.of(settings)
+    problem = Problem.from_settings(job)
     if "mapped" not in potentials and samples.heldout_rows is not None:
         potentials = {**potentials,
                       "mapped": np.asarray(potentials["mapped_heldout"])[samples.heldout_rows]}
@@ -109,7 +111,7 @@ def estimate(
         every_log_w = lfep_log_weights(samples.u_a_heldout, samples.logdet_heldout,
                                        np.asarray(every_potential) / problem.kt)
     structure, structure_metrics = structure_curves(problem, reference, samples, log_w, every_log_w,
-                                              stage_seed(config, "observables"))
+                                              stage_seed(job, "observables"))
     metrics.update(structure_metrics)
     metrics.update(reference.diagnostics)
     metrics = {k: float(v) for k, v in metrics.items()}

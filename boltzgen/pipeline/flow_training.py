@@ -16,6 +16,7 @@ import torch
 
 from boltzgen._files import write_atomically
 from boltzgen.flows import build_flow
+from boltzgen.objectives import OBJECTIVES
 from boltzgen.pipeline.energies import BatchEnergy
 from boltzgen.pipeline.problem import (
     EnergyFunction,
@@ -25,7 +26,7 @@ from boltzgen.pipeline.problem import (
     stage_seed,
 )
 from boltzgen.pipeline.reference import ReferenceData
-from boltzgen.states import AnalyticBase, ThermodynamicBase
+from boltzgen.settings import JobSettings
 from boltzgen.systems import make_system
 from boltzgen.training import TrainingState, train_flow
 
@@ -49,7 +50,8 @@ class TrainedFlow:
 PROGRESS_FILE = "progress.pt"
 
 
-def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cpu",
+def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData,
+          device: str = "cpu",
           checkpoint_dir: str | None = None, energy: EnergyFunction | None = None,
           checkpoint_every: int = 0,
           on_step: Callable[[int, int, float], None] | None = None) -> TrainedFlow:
@@ -71,18 +73,19 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
     ``on_step(step, steps, loss)``: called after every optimizer step with the steps done and
     due over all phases (a progress display).
     """
-    check_injected_failure(config, "train")
+    job = JobSettings.of(settings)
+    check_injected_failure(job, "train")
     start = time.perf_counter()
-    problem = Problem.from_config(config)
-    seed = stage_seed(config, "train")
+    problem = Problem.from_settings(job)
+    seed = stage_seed(job, "train")
     torch.manual_seed(seed)
-    flow = problem.build_flow(config["flow"]).to(device)
+    flow = problem.build_flow(job.flow).to(device)
     generator = torch.Generator().manual_seed(seed)
-    training = config["training"]
-    augment = bool(training.get("symmetry_augmentation"))
+    training = job.training
+    augment = bool(training.symmetry_augmentation)
     evaluations = [0]  # rows sent to the system's energy (OpenMM for molecular systems)
     last: dict[str, torch.Tensor] = {}  # the latest base batch and its known u_A (MD pools)
-    if isinstance(problem.base, AnalyticBase):
+    if problem.base.samples_directly:
 
         def sample_a(n: int) -> torch.Tensor:
             return problem.base.sample(n, generator).to(device)
@@ -102,7 +105,7 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
                 last["x"], last["u"] = x, pool_u[index % len(frames)].to(device)
             return x
 
-    if (config["flow"].get("thermal_scaling") and isinstance(problem.base, ThermodynamicBase)
+    if (job.flow.parameters().get("thermal_scaling") and problem.base.temperature_ladder
             and len(reference.base_train)):
         # A harmonic crystal's ensembles at T_A and T map onto each other by scaling every
         # displacement from the mean structure by sqrt(T / T_A) (ThermalScalingLayer).
@@ -116,7 +119,7 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
     def u_a(x: torch.Tensor) -> torch.Tensor:
         if last.get("x") is x:
             return last["u"]
-        if isinstance(problem.base, AnalyticBase):
+        if problem.base.samples_directly:
             return problem.base.reduced_energy(x)
         return potential(x) / (problem.system.boltzmann_constant * problem.base.temperature)
 
@@ -126,11 +129,8 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
     target_train = float64_tensor(reference.target_train).to(device)
     if augment and len(target_train):
         target_train = SymmetryImages(problem.system, target_train)
-    phases = [(training["objective"], training["steps"])]
-    warm = int(training.get("warm_start_steps") or 0)
-    if warm and training["objective"] == "reverse_kl":
-        phases.insert(0, ("maximum_likelihood", warm))
-    progress = _Progress(config, checkpoint_dir if checkpoint_every > 0 else None)
+    phases = OBJECTIVES.get(training.objective).phases(training)
+    progress = _Progress(job, checkpoint_dir if checkpoint_every > 0 else None)
     saved = progress.load()
     checkpoint_every = checkpoint_every if progress.path is not None else 0
     losses: list[float] = []
@@ -158,10 +158,10 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
                            "skipped": done_before[1], "evaluations": evaluations[0]})
 
         result = train_flow(
-            flow, objective, steps, training["batch_size"], training["learning_rate"],
+            flow, objective, steps, training.batch_size, training.learning_rate,
             u_a=u_a, u_b=u_b, sample_a=sample_a,
             data_b=target_train, seed=seed + index,
-            final_learning_rate=training.get("final_learning_rate"),
+            final_learning_rate=training.final_learning_rate,
             resume=saved["state"] if saved is not None and index == first_phase else None,
             checkpoint_every=checkpoint_every, on_checkpoint=save, on_step=step_done,
         )
@@ -171,9 +171,9 @@ def train(config: Mapping[str, Any], reference: ReferenceData, device: str = "cp
     torch.save(
         {
             "state_dict": {k: v.cpu() for k, v in flow.state_dict().items()},
-            "flow_config": dict(config["flow"]),
+            "flow_config": dict(job.dump["flow"]),
             "dim": problem.system.dim,
-            "system": dict(config["system"]),
+            "system": dict(job.dump["system"]),
         },
         buffer,
     )
@@ -211,9 +211,9 @@ class _Progress:
     written for another configuration is ignored). Written atomically, so a process killed
     while writing leaves the previous state."""
 
-    def __init__(self, config: Mapping[str, Any], directory: str | None) -> None:
+    def __init__(self, job: JobSettings, directory: str | None) -> None:
         self.path = Path(directory) / PROGRESS_FILE if directory else None
-        self.key = json.dumps(config, sort_keys=True, default=str)
+        self.key = json.dumps(job.dump, sort_keys=True, default=str)
 
     def load(self) -> dict[str, Any] | None:
         if self.path is None or not self.path.is_file():

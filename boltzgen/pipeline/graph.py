@@ -55,7 +55,9 @@ class TaskSpec:
     inputs: Mapping[str, str | tuple[str, ...]] = field(default_factory=dict)
     cache: bool = False
     chunked: Chunking | None = None
-    energy_pool: bool = False  # the task's energies go to the energy-evaluator role's actors
+    # The task's energies go to the energy-evaluator role's actors, which build the energy
+    # function from the task's argument ``job`` (:func:`boltzgen.pipeline.job.energy_function`).
+    energy_pool: bool = False
     priority: int = 0  # higher runs first among queued tasks of its role
     label: str = ""  # e.g. "MD 150.0 K", for progress displays
     description: str = "task"  # what it is, in messages ("a shared MD run failed in job ...")

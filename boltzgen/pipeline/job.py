@@ -20,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from boltzgen.md import MDProtocol
 from boltzgen.pipeline.graph import Chunking, JobGraph, JobOutcome, TaskContext, TaskSpec
 from boltzgen.pipeline.problem import InjectedFailure
+from boltzgen.settings import JobSettings
 
 MODULE = __name__
 
@@ -32,21 +34,26 @@ def stage_key(stage: str, config: Mapping[str, Any]) -> str:
     return f"{stage}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
-def job_graph(config: Mapping[str, Any], job_id: str, work_dir: str | None,
+def job_graph(settings: JobSettings | Mapping[str, Any], job_id: str, work_dir: str | None,
               checkpoint_every: int = 0) -> JobGraph:
-    """The tasks of one job. ``work_dir`` holds MD frames, task outputs, checkpoints and
-    figures (None: no caches, figures in a temporary directory per estimate)."""
-    from boltzgen.pipeline.reference import md_runs
+    """The tasks of one job (``settings``: typed, or a mapping such as a plan's JSON).
+    ``work_dir`` holds MD frames, task outputs, checkpoints and figures (None: no caches,
+    figures in a temporary directory per estimate)."""
+    from boltzgen.pipeline.energy_backends import ENERGY_BACKENDS
+    from boltzgen.pipeline.reference import md_protocol, md_runs
 
-    config = dict(config)
+    job = JobSettings.of(settings)
+    config = job.dump
+    # An MD task gets only what its run depends on (and no torch-laden settings classes).
     md = [TaskSpec(key=f"md-{key}", role="mcmc", stage="reference",
                    function=f"{MODULE}:md_run_task", label=f"MD {temperature:.1f} K",
                    description="MD run",
-                   args={"config": config, "temperature": temperature, "work_dir": work_dir})
-          for key, temperature in md_runs(config)]
+                   args={"system": config["system"], "protocol": md_protocol(job, temperature),
+                         "platform": job.energy.platform, "work_dir": work_dir})
+          for key, temperature in md_runs(job)]
     reference = TaskSpec(
         key=stage_key("reference", config), role="mcmc", stage="reference",
-        function=f"{MODULE}:reference_task", args={"config": config, "work_dir": work_dir},
+        function=f"{MODULE}:reference_task", args={"job": job, "work_dir": work_dir},
         inputs={"md_runs": tuple(task.key for task in md)} if md else {}, cache=True,
         # A job whose MD is done goes ahead of queued MD runs: it can train while other
         # jobs' MD goes on (behind them it would wait for every MD run of the plan).
@@ -55,24 +62,23 @@ def job_graph(config: Mapping[str, Any], job_id: str, work_dir: str | None,
     train = TaskSpec(
         key=stage_key("train", config), role="trainer", stage="train",
         function=f"{MODULE}:train_task", inputs={"reference": reference.key}, cache=True,
-        args={"config": config, "checkpoint_dir": checkpoints,
+        args={"job": job, "checkpoint_dir": checkpoints,
               "checkpoint_every": checkpoint_every},
-        # OpenMM energies in training go to the EnergyEvaluator pool (each actor keeps its
-        # Context); torch potentials are cheaper in the trainer's own process.
-        energy_pool=config["energy"]["backend"] == "openmm", label="train")
+        energy_pool=ENERGY_BACKENDS.get(job.energy.backend).pooled_in_training,
+        label="train")
     sample = TaskSpec(
         key=stage_key("sample", config), role="sampler", stage="sample",
-        function=f"{MODULE}:sample_task", args={"config": config},
+        function=f"{MODULE}:sample_task", args={"job": job},
         inputs={"trained": train.key, "reference": reference.key}, label="sample")
     energy = TaskSpec(
         key=stage_key("energy", config), role="energy_evaluator", stage="energy",
-        function=f"{MODULE}:energy_piece_task", args={"config": config},
+        function=f"{MODULE}:energy_piece_task", args={"job": job},
         inputs={"samples": sample.key}, label="energy",
         chunked=Chunking(split=f"{MODULE}:energy_pieces", gather=f"{MODULE}:gather_energies"))
     plots = None if work_dir is None else str(Path(work_dir) / "plots" / job_id)
     estimate = TaskSpec(
         key=stage_key("estimate", config), role="sampler", stage="estimate",
-        function=f"{MODULE}:estimate_task", args={"config": config, "plot_dir": plots},
+        function=f"{MODULE}:estimate_task", args={"job": job, "plot_dir": plots},
         inputs={"reference": reference.key, "samples": sample.key, "potentials": energy.key},
         label="estimate")
     return JobGraph(
@@ -84,8 +90,8 @@ def job_graph(config: Mapping[str, Any], job_id: str, work_dir: str | None,
 
 # -- task functions: (ctx, **args, **inputs) ----------------------------------------------------
 
-def md_run_task(ctx: TaskContext, config: Mapping[str, Any], temperature: float,
-                work_dir: str | None) -> float:
+def md_run_task(ctx: TaskContext, system: Mapping[str, Any], protocol: MDProtocol,
+                platform: str, work_dir: str | None) -> float:
     """One MD run of a ladder into the work directory's MD cache; seconds it took (0 if it
     was there)."""
     from boltzgen.pipeline.reference import run_md_rung
@@ -93,23 +99,23 @@ def md_run_task(ctx: TaskContext, config: Mapping[str, Any], temperature: float,
     if work_dir is None:
         raise ValueError("work_dir: None is not allowed for reference.sampler 'md'; MD frames "
                          "are cached in the campaign's work directory")
-    return run_md_rung(config, temperature, work_dir, ctx.threads)
+    return run_md_rung(system, protocol, work_dir, ctx.threads, platform)
 
 
-def reference_task(ctx: TaskContext, config: Mapping[str, Any], work_dir: str | None,
+def reference_task(ctx: TaskContext, job: JobSettings, work_dir: str | None,
                    md_runs: Sequence[float] = ()) -> Any:
     """Reference data and ΔF (its MD runs, if any, are in the cache by now)."""
     from boltzgen.pipeline.reference import run_reference
 
-    return run_reference(config, work_dir, ctx.threads)
+    return run_reference(job, work_dir, ctx.threads)
 
 
-def train_task(ctx: TaskContext, config: Mapping[str, Any], reference: Any,
+def train_task(ctx: TaskContext, job: JobSettings, reference: Any,
                checkpoint_dir: str | None, checkpoint_every: int) -> Any:
     """Fit the flow; energies by ``ctx.energy`` where the executor gave the energy pool."""
     from boltzgen.pipeline.flow_training import train
 
-    if config.get("inject_failure") == "trainer_process_exit":
+    if job.inject_failure == "trainer_process_exit":
         # Die as a killed process would: only an executor whose tasks run in processes of
         # their own (Ray actors) can show how the campaign survives it.
         if ctx.end_process is None:
@@ -120,7 +126,7 @@ def train_task(ctx: TaskContext, config: Mapping[str, Any], reference: Any,
     def report(step: int, steps: int, loss: float) -> None:
         ctx.report(step=step, steps=steps, loss=loss)
 
-    trained = train(config, reference, ctx.device, checkpoint_dir, ctx.energy,
+    trained = train(job, reference, ctx.device, checkpoint_dir, ctx.energy,
                     checkpoint_every, on_step=report)
     # An energy function over a pool of workers counts the chunks it sent again after a
     # worker died (``resent``); energies computed here have none.
@@ -128,41 +134,41 @@ def train_task(ctx: TaskContext, config: Mapping[str, Any], reference: Any,
     return trained
 
 
-def sample_task(ctx: TaskContext, config: Mapping[str, Any], trained: Any,
-                reference: Any) -> Any:
+def sample_task(ctx: TaskContext, job: JobSettings, trained: Any, reference: Any) -> Any:
     from boltzgen.pipeline.sampling import sample
 
-    return sample(config, trained, reference, device=ctx.device)
+    return sample(job, trained, reference, device=ctx.device)
 
 
-def energy_function(ctx: TaskContext, config: Mapping[str, Any]) -> Any:
+def energy_function(ctx: TaskContext, settings: JobSettings | Mapping[str, Any]) -> Any:
     """The job's batch energy function, built once per process and system/backend (an
     OpenMM Context per actor)."""
     from boltzgen.pipeline.energies import make_energy_function
 
-    key = json.dumps(["energy", config["system"], config.get("energy")], sort_keys=True)
-    return ctx.remember(key, lambda: make_energy_function(config, ctx.threads))
+    job = JobSettings.of(settings)
+    key = json.dumps(["energy", job.dump["system"], job.dump["energy"]], sort_keys=True)
+    return ctx.remember(key, lambda: make_energy_function(job, ctx.threads))
 
 
-def energy_pieces(config: Mapping[str, Any], samples: Any) -> list[dict[str, Any]]:
+def energy_pieces(job: JobSettings, samples: Any) -> list[dict[str, Any]]:
     """The energy stage's pieces: every requested set of coordinates in chunks of
     ``sampling.energy_batch_size`` rows."""
     from boltzgen.pipeline.sampling import energy_requests
 
-    batch = int(config["sampling"]["energy_batch_size"])
+    batch = job.sampling.energy_batch_size
     pieces = []
     for name, coords in energy_requests(samples).items():
         chunks = [coords[i:i + batch] for i in range(0, len(coords), batch)] or [coords]
-        pieces += [{"config": config, "name": name, "x": chunk} for chunk in chunks]
+        pieces += [{"job": job, "name": name, "x": chunk} for chunk in chunks]
     return pieces
 
 
-def energy_piece_task(ctx: TaskContext, config: Mapping[str, Any], name: str,
+def energy_piece_task(ctx: TaskContext, job: JobSettings, name: str,
                       x: np.ndarray) -> tuple[str, np.ndarray]:
     """U (energy units) of one chunk of the coordinates called ``name``."""
     from boltzgen.pipeline.energies import potential_energy
 
-    return name, potential_energy(config, x, energy_function(ctx, config))
+    return name, potential_energy(job, x, energy_function(ctx, job))
 
 
 def gather_energies(pieces: Sequence[tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -172,7 +178,7 @@ def gather_energies(pieces: Sequence[tuple[str, np.ndarray]]) -> dict[str, np.nd
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
-def estimate_task(ctx: TaskContext, config: Mapping[str, Any], reference: Any, samples: Any,
+def estimate_task(ctx: TaskContext, job: JobSettings, reference: Any, samples: Any,
                   potentials: Mapping[str, np.ndarray], plot_dir: str | None) -> Any:
     """Estimates and figures (PNG files in ``plot_dir``, for the driver to log)."""
     import tempfile
@@ -180,7 +186,7 @@ def estimate_task(ctx: TaskContext, config: Mapping[str, Any], reference: Any, s
     from boltzgen.pipeline.report import estimate_and_plot
 
     plot_dir = plot_dir or tempfile.mkdtemp(prefix="boltzgen-plots-")
-    return estimate_and_plot(config, reference, samples, potentials, plot_dir)
+    return estimate_and_plot(job, reference, samples, potentials, plot_dir)
 
 
 # -- the outcome ----------------------------------------------------------------------------------

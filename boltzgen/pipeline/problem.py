@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from boltzgen.flows import build_flow
-from boltzgen.states import NormalBase, ThermodynamicBase, UniformBase
+from boltzgen.settings import FlowSettings, JobSettings, ReferenceSettings
+from boltzgen.states import BASES, Base
 from boltzgen.systems import System, make_system
 
 EnergyFunction = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -24,14 +25,14 @@ class InjectedFailure(RuntimeError):
     """Raised on purpose when a job's ``inject_failure`` names the running stage."""
 
 
-def check_injected_failure(config: Mapping[str, Any], stage: str) -> None:
-    if config.get("inject_failure") == stage:
+def check_injected_failure(job: JobSettings, stage: str) -> None:
+    if job.inject_failure == stage:
         raise InjectedFailure(f"failure injected on purpose in stage '{stage}' (inject_failure)")
 
 
-def stage_seed(config: Mapping[str, Any], stage: str) -> int:
-    """A seed per (job configuration, stage): reproducible, independent across jobs and stages."""
-    return seed_of(f"{json.dumps(config, sort_keys=True, default=str)}|{stage}")
+def stage_seed(job: JobSettings, stage: str) -> int:
+    """A seed per (job settings, stage): reproducible, independent across jobs and stages."""
+    return seed_of(f"{json.dumps(job.dump, sort_keys=True, default=str)}|{stage}")
 
 
 def seed_of(text: str) -> int:
@@ -45,49 +46,46 @@ class Problem:
 
     system: System
     temperature: float
-    base: NormalBase | UniformBase | ThermodynamicBase
+    base: Base
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> Problem:
-        system = make_system(config["system"])
-        base_cfg = config["base"]
-        if base_cfg["kind"] == "normal":
-            base: NormalBase | UniformBase | ThermodynamicBase = NormalBase(system.dim,
-                                                                            base_cfg["scale"])
-        elif base_cfg["kind"] == "uniform":
-            base = UniformBase(system)
-        else:
-            base = ThermodynamicBase(system, base_cfg["temperature"])
-        return cls(system=system, temperature=float(config["temperature"]), base=base)
+    def from_settings(cls, settings: JobSettings | Mapping[str, Any]) -> Problem:
+        """The job's system, its target temperature and its registered base
+        (:data:`boltzgen.states.BASES`)."""
+        job = JobSettings.of(settings)
+        system = make_system(job.dump["system"])
+        base = BASES.get(job.base.kind).from_settings(job, system)
+        return cls(system=system, temperature=float(job.temperature), base=base)
 
     @property
     def kt(self) -> float:
         """k_B T of the target in the system's energy units."""
         return self.system.boltzmann_constant * self.temperature
 
-    def ladder(self, reference: Mapping[str, Any]) -> np.ndarray:
-        """Temperatures of the replica-exchange ladder, ascending."""
-        k = int(reference["ladder_size"])
-        if isinstance(self.base, ThermodynamicBase):
+    def ladder(self, reference: ReferenceSettings) -> np.ndarray:
+        """Temperatures of the replica-exchange ladder, ascending: between the target and a
+        base at another temperature, else from the target up by ``hot_temperature_factor``."""
+        k = reference.ladder_size
+        if self.base.temperature_ladder:
             ends = (self.temperature, self.base.temperature)
         else:
-            ends = (self.temperature, self.temperature * reference["hot_temperature_factor"])
+            ends = (self.temperature, self.temperature * reference.hot_temperature_factor)
         return np.sort(np.geomspace(ends[0], ends[1], k)) if k > 1 else np.array([ends[0]])
 
     def estimand(self) -> str:
-        if isinstance(self.base, ThermodynamicBase):
+        if self.base.temperature_ladder:
             return (
                 f"f(T={self.temperature:g}) - f(T_A={self.base.temperature:g}) in kT, "
                 f"f = -ln Z; {self.system.estimand_note}"
             )
-        base = "Gaussian" if isinstance(self.base, NormalBase) else "uniform"
         return (
-            f"-ln Z at T={self.temperature:g} in kT (f of the normalized {base} base is 0); "
+            f"-ln Z at T={self.temperature:g} in kT (f of the normalized "
+            f"{self.base.description} base is 0); "
             f"{self.system.estimand_note}"
         )
 
-    def build_flow(self, flow_config: Mapping[str, Any]) -> torch.nn.Module:
-        return build_flow(self.system.dim, flow_config, layout=self.system.rigid_layout())
+    def build_flow(self, flow: FlowSettings) -> torch.nn.Module:
+        return build_flow(self.system.dim, flow.model_dump(), layout=self.system.rigid_layout())
 
 
 def float64_tensor(array: np.ndarray) -> torch.Tensor:

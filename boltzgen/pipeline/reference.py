@@ -16,7 +16,7 @@ import torch
 
 from boltzgen.estimators import mbar_ladder
 from boltzgen.mcmc import decorrelated, replica_exchange
-from boltzgen.md import MDProtocol, cache_key, cached_md, held_out_blocks
+from boltzgen.md import MDProtocol, cached_md, held_out_blocks
 from boltzgen.pipeline.problem import (
     Problem,
     check_injected_failure,
@@ -24,7 +24,7 @@ from boltzgen.pipeline.problem import (
     seed_of,
     stage_seed,
 )
-from boltzgen.states import ThermodynamicBase
+from boltzgen.settings import JobSettings, ReferenceSettings
 from boltzgen.systems import make_system
 
 
@@ -76,38 +76,45 @@ class ReferenceData:
     target_heldout: HeldOutFrames | None = None
 
 
-def run_reference(config: Mapping[str, Any], work_dir: str | None = None, threads: int = 1
-                  ) -> ReferenceData:
-    """Reference data and ΔF (kT): replica-exchange MCMC over the ladder with an exact or MBAR
-    reference, (``reference.sampler = exact``) the system's exact sampler and exact f, or
-    (``md``) OpenMM MD over the ladder, cached under ``work_dir``, with MBAR."""
-    check_injected_failure(config, "reference")
+def run_reference(settings: JobSettings | Mapping[str, Any], work_dir: str | None = None,
+                  threads: int = 1) -> ReferenceData:
+    """Reference data and ΔF (kT) by the job's registered reference sampler
+    (:data:`boltzgen.pipeline.samplers.REFERENCE_SAMPLERS`): replica-exchange MCMC over the
+    ladder with an exact or MBAR reference, the system's exact sampler and exact f, or OpenMM
+    MD over the ladder, cached under ``work_dir``, with MBAR."""
+    from boltzgen.pipeline.samplers import REFERENCE_SAMPLERS
+
+    job = JobSettings.of(settings)
+    check_injected_failure(job, "reference")
     start = time.perf_counter()
-    problem = Problem.from_config(config)
-    ref = config["reference"]
-    if ref.get("sampler", "mcmc") == "exact":
-        return _exact_reference(config, problem, start)
-    if ref.get("sampler") == "md":
-        if work_dir is None:
-            raise ValueError("work_dir: None is not allowed for reference.sampler 'md'; MD "
-                             "frames are cached in the campaign's work directory")
-        return _md_reference(config, problem, start, work_dir, threads)
+    problem = Problem.from_settings(job)
+    reference = REFERENCE_SAMPLERS.get(job.reference.sampler).run(job, problem, work_dir,
+                                                                  threads)
+    reference.seconds = time.perf_counter() - start
+    return reference
+
+
+def mcmc_reference(job: JobSettings, problem: Problem) -> ReferenceData:
+    """Replica-exchange MCMC over the ladder from chains started at N(0, base.scale²);
+    decorrelated per temperature, split train/test; ΔF exact or by MBAR
+    (:func:`_ladder_free_energy`)."""
+    ref = job.reference
     ladder = problem.ladder(ref)
-    seed = stage_seed(config, "reference")
+    seed = stage_seed(job, "reference")
     generator = torch.Generator().manual_seed(seed)
     x0 = torch.randn(
-        ref["n_chains"], problem.system.dim, generator=generator, dtype=torch.float64
-    ) * config["base"].get("scale", 1.0)
+        ref.n_chains, problem.system.dim, generator=generator, dtype=torch.float64
+    ) * job.base.scale
     result = replica_exchange(
         problem.system.potential,
         ladder.tolist(),
         x0,
-        n_steps=ref["n_steps"],
-        burn_in=ref["burn_in"],
-        n_chains=ref["n_chains"],
-        thin=ref["thin"],
-        step_size=ref["step_size"],
-        exchange_every=ref["exchange_every"],
+        n_steps=ref.n_steps,
+        burn_in=ref.burn_in,
+        n_chains=ref.n_chains,
+        thin=ref.thin,
+        step_size=ref.step_size,
+        exchange_every=ref.exchange_every,
         boltzmann_constant=problem.system.boltzmann_constant,
         seed=seed,
     )
@@ -124,31 +131,13 @@ def run_reference(config: Mapping[str, Any], work_dir: str | None = None, thread
         "mcmc_target_decorrelated_samples": float(len(per_state[target_k][0])),
     }
     base_train = base_test = base_pot = None
-    exact_target = problem.system.exact_free_energy(problem.temperature)
-    if isinstance(problem.base, ThermodynamicBase):
+    if problem.base.temperature_ladder:
         base_k = int(np.argmin(np.abs(ladder - problem.base.temperature)))
         base_train, base_test, _, base_pot = _split(per_state[base_k], ref, rng)
-        exact_base = problem.system.exact_free_energy(problem.base.temperature)
-        if exact_target is not None and exact_base is not None:
-            ref_f, ref_err, method = exact_target - exact_base, 0.0, "exact"
-        else:
-            # MBAR's bootstrap costs n_bootstraps solves over all pooled samples; an evenly
-            # strided subset of the (already decorrelated) samples keeps it to seconds, and the
-            # bootstrap error describes the subset actually used.
-            cap = int(ref.get("mbar_max_samples_per_state", 2000))
-            f_k, df_k = mbar_ladder(
-                [p[:: max(1, -(-len(p) // cap))] for _, p, _ in per_state],
-                ladder.tolist(),
-                problem.system.boltzmann_constant,
-                n_bootstraps=ref["n_bootstraps"],
-                seed=seed,
-            )
-            # f_k are relative to state 0; ΔF = f(target) − f(base). The bootstrap error of the
-            # difference is reported for the non-zero end (state 0 is one of the two ends).
-            ref_f = float(f_k[target_k] - f_k[base_k])
-            ref_err = float(df_k[target_k] if target_k else df_k[base_k])
-            method = f"MBAR over {len(ladder)} temperatures"
+        ref_f, ref_err, method = _ladder_free_energy(problem, ladder, per_state, target_k,
+                                                     base_k, ref, seed)
     else:
+        exact_target = problem.system.exact_free_energy(problem.temperature)
         ref_f, ref_err = (exact_target, 0.0) if exact_target is not None else (None, None)
         method = "exact" if exact_target is not None else "none"
     return ReferenceData(
@@ -163,22 +152,46 @@ def run_reference(config: Mapping[str, Any], work_dir: str | None = None, thread
         method=method,
         ladder=ladder.tolist(),
         diagnostics=diagnostics,
-        seconds=time.perf_counter() - start,
     )
 
 
-def _exact_reference(config: Mapping[str, Any], problem: Problem, start: float
-                     ) -> ReferenceData:
+def _ladder_free_energy(problem: Problem, ladder: np.ndarray, per_state: list[Any],
+                        target_k: int, base_k: int, ref: ReferenceSettings, seed: int
+                        ) -> tuple[float, float, str]:
+    """ΔF = f(target) − f(base) in kT and its error: exact where the system knows f(T) at
+    both ends, else MBAR over the ladder's decorrelated MCMC samples."""
+    exact_target = problem.system.exact_free_energy(problem.temperature)
+    exact_base = problem.system.exact_free_energy(problem.base.temperature)
+    if exact_target is not None and exact_base is not None:
+        return exact_target - exact_base, 0.0, "exact"
+    # MBAR's bootstrap costs n_bootstraps solves over all pooled samples; an evenly strided
+    # subset of the (already decorrelated) samples keeps it to seconds, and the bootstrap error
+    # describes the subset actually used.
+    cap = ref.mbar_max_samples_per_state
+    f_k, df_k = mbar_ladder(
+        [p[:: max(1, -(-len(p) // cap))] for _, p, _ in per_state],
+        ladder.tolist(),
+        problem.system.boltzmann_constant,
+        n_bootstraps=ref.n_bootstraps,
+        seed=seed,
+    )
+    # f_k are relative to state 0; ΔF = f(target) − f(base). The bootstrap error of the
+    # difference is reported for the non-zero end (state 0 is one of the two ends).
+    return (float(f_k[target_k] - f_k[base_k]), float(df_k[target_k] if target_k
+            else df_k[base_k]), f"MBAR over {len(ladder)} temperatures")
+
+
+def exact_reference(job: JobSettings, problem: Problem) -> ReferenceData:
     """Independent samples from the system's exact sampler at the target (and a thermodynamic
     base's) temperature; exact f from the system (quadrature)."""
-    ref = config["reference"]
-    seed = stage_seed(config, "reference")
+    ref = job.reference
+    seed = stage_seed(job, "reference")
     rng = np.random.default_rng(seed)
     system = problem.system
 
     def draw(temperature: float, offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                        np.ndarray, float]:
-        samples, proposals = system.exact_samples(ref["n_exact_samples"], temperature,
+        samples, proposals = system.exact_samples(ref.n_exact_samples, temperature,
                                                   seed + offset)
         potentials = system.potential(float64_tensor(samples)).detach().numpy()
         train_x, test_x, _, test_u = _split((samples, potentials, 1.0), ref, rng)
@@ -188,7 +201,7 @@ def _exact_reference(config: Mapping[str, Any], problem: Problem, start: float
     diagnostics = {"exact_sampler_acceptance": acceptance}
     base_train = base_test = base_pot = None
     f_target = system.exact_free_energy(problem.temperature)
-    if isinstance(problem.base, ThermodynamicBase):
+    if problem.base.temperature_ladder:
         base_train, base_test, base_pot, _, _ = draw(problem.base.temperature, 1)
         f_base = system.exact_free_energy(problem.base.temperature)
         ref_f = None if f_target is None or f_base is None else f_target - f_base
@@ -201,63 +214,58 @@ def _exact_reference(config: Mapping[str, Any], problem: Problem, start: float
         method="exact (system quadrature); samples by the system's exact sampler"
         if ref_f is not None else "none; samples by the system's exact sampler",
         ladder=[problem.temperature], diagnostics=diagnostics,
-        seconds=time.perf_counter() - start,
     )
 
 
-def md_protocol(config: Mapping[str, Any], temperature: float) -> MDProtocol:
+def md_protocol(job: JobSettings, temperature: float) -> MDProtocol:
     """The MD protocol of one ladder temperature. Its seed depends on the campaign seed, the
     system and the temperature only, so every job that needs this run shares one cache entry."""
-    md = config["reference"].get("md") or {}
-    seed = seed_of(json.dumps([config["seed"], config["system"], round(float(temperature), 6)],
-                               sort_keys=True))
+    seed = seed_of(json.dumps([job.seed, job.dump["system"], round(float(temperature), 6)],
+                              sort_keys=True))
     return MDProtocol(temperature=round(float(temperature), 6), seed=seed,
-                      **{k: float(v) for k, v in md.items()})
+                      **{k: float(v) for k, v in job.reference.md_protocol.model_dump().items()})
 
 
-def md_runs(config: Mapping[str, Any]) -> list[tuple[str, float]]:
-    """(cache key, temperature K) of every MD run a job's reference needs (none unless
-    ``reference.sampler`` is ``md``); jobs that need the same run get the same key."""
-    if config["reference"].get("sampler") != "md":
-        return []
-    problem = Problem.from_config(config)
-    return [(cache_key(problem.system, md_protocol(config, t)), float(t))
-            for t in problem.ladder(config["reference"])]
+def md_runs(settings: JobSettings | Mapping[str, Any]) -> list[tuple[str, float]]:
+    """(cache key, temperature K) of every MD run a job's reference needs (none unless its
+    reference sampler runs MD); jobs that need the same run get the same key."""
+    from boltzgen.pipeline.samplers import REFERENCE_SAMPLERS
+
+    job = JobSettings.of(settings)
+    return REFERENCE_SAMPLERS.get(job.reference.sampler).md_runs(job, Problem.from_settings(job))
 
 
-def run_md_rung(config: Mapping[str, Any], temperature: float, work_dir: str,
-                threads: int = 1) -> float:
-    """Run (or find in the cache) one MD run of the job's ladder; wall seconds it took.
+def run_md_rung(system_settings: Mapping[str, Any], protocol: MDProtocol, work_dir: str,
+                threads: int = 1, platform: str = "CPU") -> float:
+    """Run (or find in the cache) one MD run of a job's ladder; wall seconds it took.
     (``inject_failure: reference`` acts in :func:`run_reference`: an MD run can be shared by
     jobs that do not inject anything.)"""
-    system = make_system(config["system"])
-    platform = (config.get("energy") or {}).get("platform", "CPU")
-    run = cached_md(system, md_protocol(config, temperature), work_dir, threads, platform)
+    system = make_system(system_settings)
+    run = cached_md(system, protocol, work_dir, threads, platform)
     return 0.0 if run.reused else run.seconds
 
 
-def _md_reference(config: Mapping[str, Any], problem: Problem, start: float, work_dir: str,
-                  threads: int) -> ReferenceData:
+def md_reference(job: JobSettings, problem: Problem, work_dir: str, threads: int
+                 ) -> ReferenceData:
     """MD at every ladder temperature (ascending, so jobs sharing the base temperature reach
     it at different times), decorrelated with pymbar's statistical inefficiency, MBAR ΔF."""
-    ref = config["reference"]
+    ref = job.reference
     system = problem.system
     ladder = problem.ladder(ref)
-    platform = (config.get("energy") or {}).get("platform", "CPU")
-    runs = [cached_md(system, md_protocol(config, t), work_dir, threads, platform)
+    runs = [cached_md(system, md_protocol(job, t), work_dir, threads, job.energy.platform)
             for t in ladder]
     per_state = [decorrelated(run.flow_coordinates[None], run.potential_kj_per_mol[None])
                  for run in runs]
-    seed = stage_seed(config, "reference")
+    seed = stage_seed(job, "reference")
     target_k = int(np.argmin(np.abs(ladder - problem.temperature)))
     base_k = int(np.argmin(np.abs(ladder - problem.base.temperature)))
-    blocks = ref.get("holdout_blocks") or 1
+    blocks = ref.holdout_blocks or 1
     target_train, target_test, _, target_pot, target_heldout = _time_split(
-        runs[target_k], ref["holdout_fraction"], blocks)
+        runs[target_k], ref.holdout_fraction, blocks)
     base_train, base_test, base_train_pot, base_pot, base_heldout = _time_split(
-        runs[base_k], ref["holdout_fraction"], blocks)
+        runs[base_k], ref.holdout_fraction, blocks)
     f_k, df_k = mbar_ladder([p for _, p, _ in per_state], ladder.tolist(),
-                            system.boltzmann_constant, n_bootstraps=ref["n_bootstraps"], seed=seed)
+                            system.boltzmann_constant, n_bootstraps=ref.n_bootstraps, seed=seed)
     diagnostics = {
         "md_statistical_inefficiency_max": float(max(g for _, _, g in per_state)),
         "md_target_decorrelated_frames": float(len(per_state[target_k][0])),
@@ -274,8 +282,7 @@ def _md_reference(config: Mapping[str, Any], problem: Problem, start: float, wor
         reference_delta_f_err=float(df_k[target_k] if target_k else df_k[base_k]),
         method=f"MBAR over {len(ladder)} MD temperatures "
         f"({', '.join(f'{t:.1f}' for t in ladder)} K)",
-        ladder=ladder.tolist(), diagnostics=diagnostics,
-        seconds=time.perf_counter() - start, base_train_potential=base_train_pot,
+        ladder=ladder.tolist(), diagnostics=diagnostics, base_train_potential=base_train_pot,
         base_heldout=base_heldout, target_heldout=target_heldout,
     )
 
@@ -337,11 +344,12 @@ def _time_split(run: Any, holdout_fraction: float, blocks: int = 1
 
 
 def _split(
-    state: tuple[np.ndarray, np.ndarray, float], ref: Mapping[str, Any], rng: np.random.Generator
+    state: tuple[np.ndarray, np.ndarray, float], ref: ReferenceSettings,
+    rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     samples, potentials, _ = state
     order = rng.permutation(len(samples))
-    n_test = max(1, int(round(len(samples) * ref["holdout_fraction"])))
+    n_test = max(1, int(round(len(samples) * ref.holdout_fraction)))
     test, train = order[:n_test], order[n_test:]
     return samples[train], samples[test], potentials[train], potentials[test]
 

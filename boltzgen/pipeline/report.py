@@ -15,6 +15,7 @@ from boltzgen.pipeline.estimation import Estimates, estimate
 from boltzgen.pipeline.problem import Problem, check_injected_failure
 from boltzgen.pipeline.reference import ReferenceData
 from boltzgen.pipeline.sampling import SampleSet
+from boltzgen.settings import JobSettings
 
 
 @dataclass
@@ -32,16 +33,17 @@ class EstimateReport:
 
 
 def estimate_and_plot(
-    config: Mapping[str, Any], reference: ReferenceData, samples: SampleSet,
+    settings: JobSettings | Mapping[str, Any], reference: ReferenceData, samples: SampleSet,
     potentials: Mapping[str, np.ndarray], plot_dir: str
 ) -> EstimateReport:
     """:func:`estimate`, then :func:`figures` written as PNG files to ``plot_dir`` (runs in an
     actor, so that the driver, the single MLflow writer, only logs the files)."""
     from boltzgen.plots import save_figures
 
-    check_injected_failure(config, "estimate")
-    estimates = estimate(config, reference, samples, potentials)
-    plots = save_figures(figures(config, reference, samples, estimates), plot_dir)
+    job = JobSettings.of(settings)
+    check_injected_failure(job, "estimate")
+    estimates = estimate(job, reference, samples, potentials)
+    plots = save_figures(figures(job, reference, samples, estimates), plot_dir)
     works = {"forward_work": -estimates.log_weights}
     if estimates.reverse_work is not None:
         works["reverse_work"] = estimates.reverse_work
@@ -50,13 +52,13 @@ def estimate_and_plot(
 
 
 def figures(
-    config: Mapping[str, Any], reference: ReferenceData, samples: SampleSet, estimates: Estimates
+    job: JobSettings, reference: ReferenceData, samples: SampleSet, estimates: Estimates
 ) -> dict[str, Any]:
     """Matplotlib figures: log-weight distribution, sampled vs reference marginals, and for
     molecular systems radial distribution functions and potential-energy histograms."""
     from boltzgen.plots import log_weight_histogram, marginals
 
-    problem = Problem.from_config(config)
+    problem = Problem.from_settings(job)
     title = f"{problem.system.kind} T={problem.temperature:g}"
     sampled = problem.system.observables(samples.mapped)
     ref_obs = problem.system.observables(reference.target_test)

@@ -14,7 +14,7 @@ import torch
 from boltzgen.pipeline.flow_training import TrainedFlow, load_flow
 from boltzgen.pipeline.problem import Problem, check_injected_failure, float64_tensor, stage_seed
 from boltzgen.pipeline.reference import ReferenceData
-from boltzgen.states import AnalyticBase
+from boltzgen.settings import JobSettings
 
 
 @dataclass
@@ -37,7 +37,7 @@ class SampleSet:
 
 
 def sample(
-    config: Mapping[str, Any],
+    settings: JobSettings | Mapping[str, Any],
     trained: TrainedFlow,
     reference: ReferenceData,
     batch_size: int = 8192,
@@ -45,13 +45,14 @@ def sample(
 ) -> SampleSet:
     """Draw x ~ A (fresh for a normal base, held-out MCMC for a thermodynamic one) and map
     them through the flow on ``device`` (the arrays returned are on the CPU)."""
-    check_injected_failure(config, "sample")
+    job = JobSettings.of(settings)
+    check_injected_failure(job, "sample")
     start = time.perf_counter()
-    problem = Problem.from_config(config)
+    problem = Problem.from_settings(job)
     flow = load_flow(trained.checkpoint).to(device)
-    n = int(config["sampling"]["n_samples"])
-    if isinstance(problem.base, AnalyticBase):
-        generator = torch.Generator().manual_seed(stage_seed(config, "sample"))
+    n = job.sampling.n_samples
+    if problem.base.samples_directly:
+        generator = torch.Generator().manual_seed(stage_seed(job, "sample"))
         x = problem.base.sample(n, generator)
         u_a = problem.base.reduced_energy(x)
     else:
@@ -60,7 +61,7 @@ def sample(
             problem.system.boltzmann_constant * problem.base.temperature
         )
     y_b = float64_tensor(reference.target_test)
-    every = None if isinstance(problem.base, AnalyticBase) else reference.base_heldout
+    every = None if problem.base.samples_directly else reference.base_heldout
     heldout: dict[str, Any] = {}
     with torch.no_grad():
         if every is not None:
@@ -79,7 +80,7 @@ def sample(
         back, logdet_inv = _batched(flow.inverse, y_b, batch_size, device)
         u_a_back = (
             problem.base.reduced_energy(back).numpy()
-            if isinstance(problem.base, AnalyticBase)
+            if problem.base.samples_directly
             else None
         )
     return SampleSet(

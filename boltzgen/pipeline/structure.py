@@ -42,7 +42,7 @@ def structure_curves(problem: Problem, reference: ReferenceData, samples: Sample
     base frames gave O–H max_z 2.5 and 1.7 against noise95 3.4 and 3.1.) Otherwise: the
     decorrelated held-out frames, with the ordinary bootstrap.
     """
-    if (not hasattr(problem.system, "pair_histograms") or len(samples.mapped) == 0
+    if (not problem.system.supports_pair_histograms() or len(samples.mapped) == 0
             or len(reference.target_test) == 0):
         return {}, {}
     every_base, every_target = reference.base_heldout, reference.target_heldout

@@ -83,6 +83,24 @@ class System(ABC):
     def supports_openmm(cls) -> bool:
         return cls.openmm_system is not System.openmm_system
 
+    def ideal_coordinates(self) -> np.ndarray:
+        """A starting structure in flow coordinates (dim,), for MD (e.g. the ideal crystal)."""
+        raise NotImplementedError(f"system '{self.kind}' has no starting structure")
+
+    @classmethod
+    def supports_md(cls) -> bool:
+        """MD needs the OpenMM form and a starting structure."""
+        return cls.supports_openmm() and cls.ideal_coordinates is not System.ideal_coordinates
+
+    def pair_histograms(self, x: np.ndarray, n_bins: int = 60) -> dict[str, Any]:
+        """Pair-distance histograms of molecular samples by element pair (radial distribution
+        functions), for the structural comparison of a job's report."""
+        raise NotImplementedError(f"system '{self.kind}' has no pair structure")
+
+    @classmethod
+    def supports_pair_histograms(cls) -> bool:
+        return cls.pair_histograms is not System.pair_histograms
+
     def exact_free_energy(self, temperature: float) -> float | None:
         """Exact f(T) = -ln Z(T) in kT (Z as in the module docstring), or None if unknown."""
         check_float("temperature", temperature, positive=True)

@@ -1,0 +1,87 @@
+"""Energy backends, registered in :data:`ENERGY_BACKENDS` under the spec's ``energy.backend``:
+how a job's batch energy function x -> (U, ∇U) is computed.
+
+A backend class has ``complaints(job, system)`` and ``make(system, energy, threads)``, which
+returns the function (flow coordinates (B, dim) -> U (B,) in energy units and ∇U (B, dim)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+
+from boltzgen.pipeline.problem import EnergyFunction, float64_tensor
+from boltzgen.registry import Registry
+from boltzgen.settings import EnergySettings, SettingError
+
+if TYPE_CHECKING:
+    from boltzgen.settings import JobSettings
+    from boltzgen.systems.base import System
+
+
+class EnergyBackend:
+    name: ClassVar[str]
+    # Whether training sends its energies to the energy-evaluator pool (whose actors keep
+    # what is costly to build, such as an OpenMM Context) rather than computing them in the
+    # trainer's own process.
+    pooled_in_training: ClassVar[bool] = False
+    uses_openmm: ClassVar[bool] = False  # where it runs, OpenMM needs the platform's devices
+
+    @classmethod
+    def complaints(cls, job: JobSettings, system: System) -> Iterator[SettingError]:
+        return iter(())
+
+    @classmethod
+    def make(cls, system: System, energy: EnergySettings, threads: int = 1) -> EnergyFunction:
+        raise NotImplementedError
+
+
+ENERGY_BACKENDS: Registry[EnergyBackend] = Registry("energy backend", field="energy.backend")
+
+
+@ENERGY_BACKENDS.register("torch")
+class TorchEnergy(EnergyBackend):
+    """The system's own torch potential in the calling process; ∇U by autograd."""
+
+    @classmethod
+    def make(cls, system: System, energy: EnergySettings, threads: int = 1) -> EnergyFunction:
+        def torch_energy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            xt = float64_tensor(x).requires_grad_(True)
+            u = system.potential(xt)
+            (grad,) = torch.autograd.grad(u.sum(), xt)
+            return u.detach().numpy(), grad.numpy()
+
+        return torch_energy
+
+
+@ENERGY_BACKENDS.register("openmm")
+class OpenMMEnergy(EnergyBackend):
+    """The system's OpenMM form on ``energy.platform`` with ``threads`` CPU threads; the
+    Context is built on first use, in the calling process."""
+
+    pooled_in_training = True
+    uses_openmm = True
+
+    @classmethod
+    def complaints(cls, job: JobSettings, system: System) -> Iterator[SettingError]:
+        if not system.supports_openmm():
+            yield SettingError("energy.backend", "openmm", f"system '{system.kind}' has no "
+                               "OpenMM form; use torch")
+
+    @classmethod
+    def make(cls, system: System, energy: EnergySettings, threads: int = 1) -> EnergyFunction:
+        import openmm
+
+        from boltzgen.openmm_bridge import OpenMMEvaluator
+
+        evaluator = OpenMMEvaluator(openmm.XmlSerializer.serialize(system.openmm_system()),
+                                    platform=energy.platform, threads=threads)
+
+        def openmm_energy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            u, forces = evaluator.energies_and_forces(system.openmm_positions(x))
+            return u, system.flow_gradient(forces, x)
+
+        return openmm_energy
