@@ -99,6 +99,14 @@ class Objective:
         """How this objective goes with the job's other settings (nothing to say by default)."""
         return iter(())
 
+    @classmethod
+    def needs_target_data(cls, training: TrainingSettings) -> bool:
+        """Whether any phase trains on samples of the target (a data-free job has none)."""
+        return any(OBJECTIVES.get(name).trains_on_target_data
+                   for name, _ in cls.phases(training))
+
+    trains_on_target_data: ClassVar[bool] = False
+
     def validate(self, sample_a: Callable[[int], torch.Tensor] | None,
                  data_b: torch.Tensor | Any | None) -> None:
         """Refuse inputs the objective cannot train from (ValueError naming the argument)."""
@@ -146,6 +154,8 @@ class ReverseKL(Objective):
 class MaximumLikelihood(Objective):
     """The negative log-likelihood of B's data (:func:`maximum_likelihood_loss`) on
     minibatches at random indices drawn from the training generator."""
+
+    trains_on_target_data = True
 
     @classmethod
     def complaints(cls, job: JobSettings, system: System) -> Iterator[SettingError]:

@@ -185,6 +185,8 @@ class ReferenceSettings(Strict):
     ``md``: OpenMM Langevin MD (protocol ``md``, defaults if left out) at each of the
     ``ladder_size`` temperatures geomspace(T, T_base, K), cached in the campaign's work
     directory, and MBAR over them gives the reference ΔF.
+    ``none``: no samples of the target (a data-free job, trained by reverse KL from a base
+    it draws from); the reference ΔF is the system's exact one where it knows f(T).
     """
 
     _left_out_when_unset = ("md", "holdout_blocks")

@@ -74,8 +74,9 @@ def estimate(
         metrics["reference_delta_f_err"] = float(reference.reference_delta_f_err or 0.0)
     if samples.u_a_pulled_back is not None:
         u_a_back = samples.u_a_pulled_back
-        # −log q(y) = u_A(T⁻¹ y) − log|det J_T⁻¹(y)| for a normalized base.
-        metrics["nll"] = float(np.mean(u_a_back - samples.logdet_inverse))
+        if len(u_a_back):  # none in a data-free job
+            # −log q(y) = u_A(T⁻¹ y) − log|det J_T⁻¹(y)| for a normalized base.
+            metrics["nll"] = float(np.mean(u_a_back - samples.logdet_inverse))
     else:
         u_a_back = potentials["pulled_back"] / (
             problem.system.boltzmann_constant * problem.base.temperature

@@ -217,6 +217,18 @@ def exact_reference(job: JobSettings, problem: Problem) -> ReferenceData:
     )
 
 
+def data_free_reference(problem: Problem) -> ReferenceData:
+    """No target samples (a data-free job); the system's exact ΔF where it knows f(T)."""
+    empty = np.zeros((0, problem.system.dim))
+    f_target = problem.system.exact_free_energy(problem.temperature)
+    return ReferenceData(
+        target_train=empty, target_test=empty, target_test_potential=np.zeros(0),
+        base_train=None, base_test=None, base_test_potential=None,
+        reference_delta_f=f_target, reference_delta_f_err=None if f_target is None else 0.0,
+        method="exact (system quadrature); no samples (data-free)" if f_target is not None
+        else "none; no samples (data-free)", ladder=[problem.temperature])
+
+
 def md_protocol(job: JobSettings, temperature: float) -> MDProtocol:
     """The MD protocol of one ladder temperature. Its seed depends on the campaign seed, the
     system and the temperature only, so every job that needs this run shares one cache entry."""

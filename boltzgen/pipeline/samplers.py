@@ -139,3 +139,36 @@ class MolecularDynamics(ReferenceSampler):
             raise ValueError("work_dir: None is not allowed for reference.sampler 'md'; MD "
                              "frames are cached in the campaign's work directory")
         return md_reference(job, problem, work_dir, threads)
+
+
+@REFERENCE_SAMPLERS.register("none")
+class NoReference(ReferenceSampler):
+    """No samples of the target: a data-free job, trained from the energy alone (reverse KL
+    from a base it can draw from). ΔF is still checked against the system's exact f(T) where
+    it knows one (:func:`reference.data_free_reference`); the estimates that need target
+    samples (NLL, LBAR, backward ESS) are left out."""
+
+    @classmethod
+    def complaints(cls, job: JobSettings, system: System) -> Iterator[SettingError]:
+        from boltzgen.objectives import OBJECTIVES
+        from boltzgen.states import BASES
+
+        if not BASES.get(job.base.kind).samples_directly:
+            yield SettingError("reference.sampler", "none", f"a data-free job draws its "
+                               f"training batches from the base; base '{job.base.kind}' is "
+                               "sampled by the reference (use 'normal' or 'uniform')")
+        objective = OBJECTIVES.get(job.training.objective)
+        if objective.needs_target_data(job.training):
+            yield SettingError("reference.sampler", "none", "it gives no samples of the "
+                               f"target, and training.objective '{job.training.objective}'"
+                               + (" with warm_start_steps" if job.training.warm_start_steps
+                                  else "") + " trains on them; use an objective that needs "
+                               "only the energy (reverse_kl without warm_start_steps)")
+        yield from super().complaints(job, system)
+
+    @classmethod
+    def run(cls, job: JobSettings, problem: Problem, work_dir: str | None, threads: int
+            ) -> ReferenceData:
+        from boltzgen.pipeline.reference import data_free_reference
+
+        return data_free_reference(problem)

@@ -98,6 +98,8 @@ def sample(
 def _batched(fn: Any, x: torch.Tensor, batch_size: int, device: str = "cpu"
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """``fn`` over ``x`` in batches on ``device``; the results back on the CPU."""
+    if len(x) == 0:  # nothing to map (a data-free job has no target samples to pull back)
+        return x.new_zeros(x.shape), x.new_zeros(x.shape[:1])
     outs, logdets = [], []
     for chunk in torch.split(x, batch_size):
         out, logdet = fn(chunk.to(device))
