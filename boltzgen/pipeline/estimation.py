@@ -55,8 +55,38 @@ def estimate(
                       "mapped": np.asarray(potentials["mapped_heldout"])[samples.heldout_rows]}
     u_b_mapped = potentials["mapped"] / problem.kt
     log_w = lfep_log_weights(samples.u_a, samples.logdet, u_b_mapped)
+    metrics = _forward_metrics(log_w)
+    if reference.reference_delta_f is not None:
+        metrics["reference_delta_f"] = reference.reference_delta_f
+        metrics["reference_delta_f_err"] = float(reference.reference_delta_f_err or 0.0)
+    reverse_work = _backward_metrics(problem, reference, samples, potentials, metrics)
+    metrics.update(_mode_metrics(problem, samples.mapped, log_w))
+    forward_work = u_b_mapped - samples.logdet - samples.u_a
+    metrics.update(_lbar_metrics(forward_work, reverse_work))
+    metrics.update(_named_free_energies(problem, reference, metrics))
+    every_potential = potentials.get("mapped_heldout")  # present where samples has those
+    every_log_w = None
+    if every_potential is not None:
+        every_log_w = lfep_log_weights(samples.u_a_heldout, samples.logdet_heldout,
+                                       np.asarray(every_potential) / problem.kt)
+    structure, structure_metrics = structure_curves(problem, reference, samples, log_w, every_log_w,
+                                              stage_seed(job, "observables"))
+    metrics.update(structure_metrics)
+    metrics.update(reference.diagnostics)
+    metrics = {k: float(v) for k, v in metrics.items()}
+    return Estimates(metrics=metrics, log_weights=log_w, notes=_notes(problem, reference, metrics),
+                     mapped_potential=np.asarray(potentials["mapped"]), structure=structure,
+                     reverse_work=reverse_work,
+                     mapped_heldout_potential=None if every_potential is None
+                     else np.asarray(every_potential),
+                     heldout_log_weights=every_log_w)
+
+
+def _forward_metrics(log_w: np.ndarray) -> dict[str, float]:
+    """LFEP ΔF = ln N − logsumexp(log w) (kT) with its delta-method and bootstrap errors, the
+    Kish ESS fraction and the training-loss bound E[−log w] >= ΔF."""
     lfep = importance_free_energy(log_w)
-    metrics: dict[str, float] = {
+    return {
         "delta_f": lfep.delta_f,
         "delta_f_err": lfep.delta_f_err,
         "ess": lfep.ess,
@@ -69,9 +99,14 @@ def estimate(
         if np.isfinite(log_w).any()
         else float("nan"),
     }
-    if reference.reference_delta_f is not None:
-        metrics["reference_delta_f"] = reference.reference_delta_f
-        metrics["reference_delta_f_err"] = float(reference.reference_delta_f_err or 0.0)
+
+
+def _backward_metrics(problem: Problem, reference: ReferenceData, samples: SampleSet,
+                      potentials: Mapping[str, np.ndarray], metrics: dict[str, float]
+                      ) -> np.ndarray:
+    """Add what held-out target samples y ~ B pulled back by T⁻¹ give (NLL in nats and the
+    forward KL for a normalized base, the backward Kish ESS) to ``metrics``; return their
+    reverse works u_A(T⁻¹ y) − log|det J_T⁻¹(y)| − u_B(y) (kT)."""
     if samples.u_a_pulled_back is not None:
         u_a_back = samples.u_a_pulled_back
         if len(u_a_back):  # none in a data-free job
@@ -91,32 +126,31 @@ def estimate(
             metrics["forward_kl"] = float(np.mean(kl_terms[finite]))
             metrics["forward_kl_err"] = float(np.std(kl_terms[finite], ddof=1)
                                               / np.sqrt(finite.sum()))
-    metrics.update(_mode_metrics(problem, samples.mapped, log_w))
-    forward_work = u_b_mapped - samples.logdet - samples.u_a
     reverse_work = u_a_back - samples.logdet_inverse - u_b_test
-    if len(reverse_work) >= 2 and np.isfinite(forward_work).sum() >= 2:
-        lbar_f, lbar_err = lbar(forward_work, reverse_work)
-        metrics["delta_f_lbar"], metrics["delta_f_lbar_err"] = lbar_f, lbar_err
-        if np.isfinite(lbar_f):
-            metrics["delta_f_lbar_err_bootstrap"] = lbar_err_bootstrap(forward_work,
-                                                                       reverse_work)
     if np.isfinite(reverse_work).any():
         # Backward weights w(y) ∝ p_A(T⁻¹ y)|det J_T⁻¹(y)| / p_B(y) = exp(−reverse work), y ~ B.
         metrics["ess_backward"] = kish_ess_fraction(-reverse_work)
         if len(reverse_work) >= 2:
             metrics["ess_backward_err"] = kish_ess_fraction_err(-reverse_work)
-    metrics.update(_named_free_energies(problem, reference, metrics))
-    every_potential = potentials.get("mapped_heldout")  # present where samples has those
-    every_log_w = None
-    if every_potential is not None:
-        every_log_w = lfep_log_weights(samples.u_a_heldout, samples.logdet_heldout,
-                                       np.asarray(every_potential) / problem.kt)
-    structure, structure_metrics = structure_curves(problem, reference, samples, log_w, every_log_w,
-                                              stage_seed(job, "observables"))
-    metrics.update(structure_metrics)
-    metrics.update(reference.diagnostics)
-    metrics = {k: float(v) for k, v in metrics.items()}
-    notes = {
+    return reverse_work
+
+
+def _lbar_metrics(forward_work: np.ndarray, reverse_work: np.ndarray) -> dict[str, float]:
+    """LBAR ΔF (kT) from both directions' works, with its error and bootstrap error."""
+    if len(reverse_work) < 2 or np.isfinite(forward_work).sum() < 2:
+        return {}
+    lbar_f, lbar_err = lbar(forward_work, reverse_work)
+    metrics = {"delta_f_lbar": lbar_f, "delta_f_lbar_err": lbar_err}
+    if np.isfinite(lbar_f):
+        metrics["delta_f_lbar_err_bootstrap"] = lbar_err_bootstrap(forward_work, reverse_work)
+    return metrics
+
+
+def _notes(problem: Problem, reference: ReferenceData, metrics: Mapping[str, float]
+           ) -> dict[str, str]:
+    """What the numbers mean: the estimand, the reference's method, the estimator and the
+    NLL's convention."""
+    return {
         "estimand": problem.estimand(),
         "reference_method": reference.method,
         "estimator": "LFEP: ln N - logsumexp(u_A + log|det J| - u_B); error by the delta "
@@ -127,12 +161,6 @@ def estimate(
         if "nll" in metrics
         else "not defined",
     }
-    return Estimates(metrics=metrics, log_weights=log_w, notes=notes,
-                     mapped_potential=np.asarray(potentials["mapped"]), structure=structure,
-                     reverse_work=reverse_work,
-                     mapped_heldout_potential=None if every_potential is None
-                     else np.asarray(every_potential),
-                     heldout_log_weights=every_log_w)
 
 
 def _named_free_energies(problem: Problem, reference: ReferenceData, metrics: dict[str, float]
