@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from boltzgen.flows import build_flow
+from boltzgen.flows import Flow, build_flow
 from boltzgen.states import NormalBase, ThermodynamicBase, UniformBase
 from boltzgen.systems import System, make_system
 
@@ -86,8 +86,13 @@ class Problem:
             f"{self.system.estimand_note}"
         )
 
-    def build_flow(self, flow_config: Mapping[str, Any]) -> torch.nn.Module:
-        return build_flow(self.system.dim, flow_config, layout=self.system.rigid_layout())
+    def build_flow(self, flow_config: Mapping[str, Any]) -> Flow:
+        """The flow for the system's layout; with an analytic base (normal, uniform) its prior
+        is that base's density, so that the flow samples and scores A itself."""
+        flow = build_flow(self.system.layout(), flow_config)
+        if not isinstance(self.base, ThermodynamicBase):
+            flow.prior = self.base.prior
+        return flow
 
 
 def float64_tensor(array: np.ndarray) -> torch.Tensor:
