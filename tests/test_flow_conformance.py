@@ -454,3 +454,29 @@ def test_checkpoints_store_layout_and_prior_and_older_ones_load(key: str) -> Non
         assert torch.equal(oldest(x)[0], y)
     with pytest.raises(ValueError, match="checkpoint: it holds neither a layout nor a system"):
         load_flow(saved())
+
+
+def test_a_flow_that_needs_autograd_is_sampled_with_gradients_on() -> None:
+    """``sampling_context`` is ``no_grad`` for today's flows and a null context for a flow that
+    declares ``needs_autograd_for_sampling``; the sampling stage's batches come back detached."""
+    from boltzgen.flows import AffineCouplingFlow
+    from boltzgen.pipeline.sampling import _batched
+
+    class AutogradFlow(AffineCouplingFlow):
+        needs_autograd_for_sampling = True
+
+        def _run(self, x, name, inverse):
+            assert torch.is_grad_enabled()
+            x = x.detach().requires_grad_(True)  # e.g. an exact divergence by autograd
+            y, log_det = super()._run(x, name, inverse)
+            torch.autograd.grad(y.sum(), x, retain_graph=True)
+            return y, log_det
+
+    flow = AutogradFlow(2, n_layers=2, hidden=4)
+    with flow.sampling_context():
+        y, log_det = _batched(flow.forward, torch.zeros(5, 2, dtype=torch.float64), 2)
+        y_q, log_q = flow.sample_and_log_prob(3)
+    assert not y.requires_grad and not log_det.requires_grad and y.shape == (5, 2)
+    assert y_q.requires_grad and log_q.shape == (3,)
+    with CASES["affine_coupling-vector2"].flow().sampling_context():
+        assert not torch.is_grad_enabled()
