@@ -119,7 +119,7 @@ def bench_training(args: argparse.Namespace) -> dict:
     rows = []
     for molecules in args.sizes:
         system = make_system({"kind": "ice_xi", "molecules": molecules})
-        flow = build_flow(system.dim, spec["flow"], layout=system.rigid_layout())
+        flow = build_flow(system.layout(), spec["flow"])
         x = torch.as_tensor(perturbed_crystals(system, 256, seed=molecules))
         flow.fit_thermal_scaling(x, (100.0 / 250.0) ** 0.5)
         optimizer = torch.optim.Adam(flow.parameters(), lr=1e-4)

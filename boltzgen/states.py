@@ -13,13 +13,13 @@ an MBAR ladder between them).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from boltzgen._checks import check_float, check_int
+from boltzgen.priors import GaussianPrior, UniformRigidPrior
 from boltzgen.registry import Registry
 from boltzgen.settings import SettingError
 from boltzgen.systems.base import System
@@ -50,7 +50,8 @@ class NormalBase:
 
     u_A(x) = -log N(x; 0, scale^2 I) = |x|^2 / (2 scale^2) + dim ln(scale) + (dim/2) ln(2 pi),
     so exp(-u_A) integrates to 1 and f_A = -ln 1 = 0. For systems with Euclidean flow
-    coordinates.
+    coordinates. ``prior`` is the same density as the module a flow owns
+    (:class:`boltzgen.priors.GaussianPrior`); sampling and u_A go through it.
     """
 
     free_energy: float = 0.0
@@ -71,27 +72,21 @@ class NormalBase:
 
     def __init__(self, dim: int, scale: float = 1.0) -> None:
         self.dim = check_int("dim", dim, minimum=1)
-        self.scale = check_float("scale", scale, positive=True)
-        self._log_norm = self.dim * math.log(self.scale) + 0.5 * self.dim * math.log(2.0 * math.pi)
+        self.prior = GaussianPrior(self.dim, scale)
+        self.scale = self.prior.scale
 
     def __repr__(self) -> str:
         return f"NormalBase(dim={self.dim}, scale={self.scale})"
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """``n`` samples, shape (n, dim), float64, on the generator's device."""
-        n = check_int("n", n, minimum=1)
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator, got {type(generator)}")
-        eps = torch.randn(
-            (n, self.dim), generator=generator, dtype=torch.float64, device=generator.device
-        )
-        return self.scale * eps
+        return self.prior.sample(n, generator)
 
     def reduced_energy(self, x: torch.Tensor) -> torch.Tensor:
         """u_A(x) = -log N(x; 0, scale^2 I), shape (..., dim) -> (...), dimensionless."""
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: shape {tuple(x.shape)} is not allowed; need (..., {self.dim})")
-        return 0.5 * (x**2).sum(dim=-1) / self.scale**2 + self._log_norm
+        return self.prior.reduced_energy(x)
 
 
 @BASES.register("thermodynamic")
@@ -146,7 +141,8 @@ class UniformBase:
 
     Positions uniform in the periodic box, orientations uniform on S³ (Haar on SO(3)), both
     with normalized measures (:mod:`boltzgen.flows.rigid`), so the density is 1 and
-    u_A(x) = −log 1 = 0 everywhere. Pinned coordinates take the system's pinned values.
+    u_A(x) = −log 1 = 0 everywhere. Pinned positions are at the origin. ``prior`` is the same
+    density as the module a flow owns (:class:`boltzgen.priors.UniformRigidPrior`).
     """
 
     free_energy: float = 0.0
@@ -175,19 +171,18 @@ class UniformBase:
                              "has Euclidean coordinates (use 'normal')")
         self.system = system
         self.dim = system.dim
+        self.prior = UniformRigidPrior(system.layout())
 
     def __repr__(self) -> str:
         return f"UniformBase({self.system!r})"
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """``n`` samples, shape (n, dim), float64."""
-        return self.system.sample_uniform(check_int("n", n, minimum=1), generator)
+        return self.prior.sample(n, generator)
 
     def reduced_energy(self, x: torch.Tensor) -> torch.Tensor:
         """u_A(x) = 0 (the normalized uniform density is 1), shape (..., dim) -> (...)."""
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: shape {tuple(x.shape)} is not allowed; need (..., {self.dim})")
-        return x.new_zeros(x.shape[:-1])
+        return self.prior.reduced_energy(x)
 
 
 Base = NormalBase | UniformBase | ThermodynamicBase

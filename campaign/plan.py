@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from boltzgen.flows import FLOW_KINDS, RIGID_FLOW_KINDS, build_flow
+from boltzgen.flows import FLOWS, build_flow
 from boltzgen.settings import FlowSettings, SystemSettings, registry
 from boltzgen.systems import System, make_system
 from campaign.errors import SpecError
@@ -457,7 +457,7 @@ class ScienceChecks:
         if self.cache and (system_key, key) in self._flows:
             return
         try:
-            build_flow(system.dim, settings.model_dump(), layout=system.rigid_layout())
+            build_flow(system.layout(), settings.model_dump())
         except (ValueError, TypeError) as exc:
             raise _science_error(exc, "flow") from None
         self._flows.add((system_key, key))
@@ -526,8 +526,7 @@ def _check_top_level(spec: CampaignSpec, blocks: list[GridBlock], checks: Scienc
         candidates += [item for item in checks.systems.items() if item[0] != system_key]
 
         def suits(candidate: System) -> bool:
-            rigid = candidate.rigid_layout() is not None
-            return kind not in FLOW_KINDS or rigid == (kind in RIGID_FLOW_KINDS)
+            return kind not in FLOWS or FLOWS[kind].accepts_layout(candidate.layout())
 
         chosen = next((c for c in candidates if suits(c[1])), candidates[0] if candidates
                       else None)

@@ -1,13 +1,14 @@
-"""One conformance suite for every rigid-body layer and for the composite flows, in float64.
+"""One conformance suite for every rigid-body layer, in float64 (the composite flows are in
+tests/test_flow_conformance.py with every other flow).
 
-Each case is built from the registry (:data:`boltzgen.flows.rigid.LAYERS`) or is a composite
-flow; a new layer gets every test here by being registered. Parameters are perturbed away from
-their (near-)identity initialisation so that no test passes trivially.
+Each case is built from the registry (:data:`boltzgen.flows.rigid.LAYERS`); a new layer gets
+every test here by being registered. Parameters are perturbed away from their (near-)identity
+initialisation so that no test passes trivially.
 
 Checks: round trip (<= 1e-8), log-det against the autograd Jacobian projected to the tangent
 spaces (<= 1e-6), inverse log-det = −forward log-det, flip-equivariance of every S³ map,
 flip-invariance of every conditioner, gradients reaching every parameter (both directions),
-save/load reproducing log-densities, pinned coordinates never moved, near-identity start.
+pinned coordinates never moved, near-identity start.
 """
 
 from __future__ import annotations
@@ -17,15 +18,12 @@ import math
 import pytest
 import torch
 
-from boltzgen.flows.rigid import LAYERS, RigidBodyFlow
-from boltzgen.flows.rotation_baseline import RotationVectorSplineFlow
+from boltzgen.flows.rigid import LAYERS
 from boltzgen.flows.sphere import axial_circle_mixture, axial_mixture
-from boltzgen.rigid.bodies import PeriodicBox, RigidLayout
+from boltzgen.rigid.bodies import RigidLayout
 from boltzgen.rigid.quaternions import random_unit_quaternions, tangent_basis
+from tests.flow_helpers import NO_BOX, WITH_BOX, perturb, random_state
 
-BOX = PeriodicBox((0.9, 0.78, 0.73))
-WITH_BOX = RigidLayout(3, BOX, pinned_positions=(0,), pinned_orientations=(0,))
-NO_BOX = RigidLayout(2)
 SMALL = {"channels": 8, "heads": 2, "blocks": 1}
 
 LAYER_CASES = [
@@ -46,24 +44,6 @@ def make_layer(name: str, layout: RigidLayout, seed: int = 0) -> torch.nn.Module
     if name == "convex_gradient":
         kwargs["terms"] = 6
     return LAYERS[name](layout, **kwargs)
-
-
-def perturb(module: torch.nn.Module, scale: float = 0.3, seed: int = 1) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return module
-
-
-def random_state(layout: RigidLayout, batch: int, seed: int = 2
-                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    q = random_unit_quaternions((batch, layout.n_bodies), g)
-    if not layout.has_positions:
-        return None, q
-    angles = 2 * math.pi * torch.rand(batch, layout.n_bodies, 3, generator=g, dtype=torch.float64)
-    return angles, q
 
 
 def circular_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -230,127 +210,3 @@ def test_complex_centre_mixture_extends_the_axial_double_mobius_mixture() -> Non
     density = torch.exp(log_det_inverse)
     error = float(density.std() / math.sqrt(len(density)))
     assert abs(float(density.mean()) - 1.0) <= 5 * error
-
-
-# -- composite flows ------------------------------------------------------------------------
-
-FLOW_CASES = {
-    "rigid_double_mobius_box": lambda: RigidBodyFlow(WITH_BOX, "double_mobius", "circle_mobius",
-                                                     n_blocks=2, channels=8, heads=2,
-                                                     attention_blocks=1, mixture_components=3),
-    "rigid_convex_gradient_box": lambda: RigidBodyFlow(WITH_BOX, "convex_gradient",
-                                                       "circular_spline", n_blocks=1, channels=8,
-                                                       heads=2, attention_blocks=1,
-                                                       convex_terms=6),
-    "rigid_double_mobius_single_body": lambda: RigidBodyFlow(RigidLayout(1), "double_mobius",
-                                                             n_blocks=2, channels=8, heads=2,
-                                                             rotation_layers_per_block=2),
-    # The tetrahedron spec's convex-gradient flow: one body, a near-polyhedral potential (m = 8).
-    "rigid_convex_gradient_exponent_8": lambda: RigidBodyFlow(
-        RigidLayout(1), "convex_gradient", n_blocks=2, channels=8, heads=2, convex_terms=6,
-        convex_exponent=8),
-    "rigid_double_mobius_complex_centres": lambda: RigidBodyFlow(
-        RigidLayout(1), "double_mobius", n_blocks=2, channels=8, heads=2, mixture_components=3,
-        axial_layer="axial_circle_mobius"),
-    "rigid_thermal_scaling_box": lambda: RigidBodyFlow(WITH_BOX, "double_mobius", n_blocks=1,
-                                                       channels=8, heads=2, attention_blocks=1,
-                                                       thermal_scaling=True),
-    "rotation_vector_spline": lambda: RotationVectorSplineFlow(NO_BOX, n_layers=2, hidden=8),
-}
-
-
-def flow_input(layout: RigidLayout, batch: int, seed: int = 3) -> torch.Tensor:
-    angles, q = random_state(layout, batch, seed)
-    positions = None if angles is None else BOX.from_angles(angles)
-    if positions is not None:
-        positions[:, list(layout.pinned_positions)] = 0.0
-    return layout.join(positions, q)
-
-
-def make_flow(key: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return perturb(FLOW_CASES[key](), scale=0.2)
-
-
-def flow_log_det_reference(flow: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    layout = flow.layout
-    out = []
-    for b in range(len(x)):
-        jac = torch.autograd.functional.jacobian(lambda v: flow(v[None])[0][0], x[b])
-        y = flow(x[b : b + 1])[0][0]
-        frames = []
-        for point in (x[b], y):
-            positions, q = layout.split(point)
-            blocks = [] if positions is None else [torch.eye(positions.numel(), dtype=x.dtype)]
-            frames.append(torch.block_diag(*blocks, *[tangent_basis(qi) for qi in q]))
-        out.append(torch.linalg.slogdet(frames[1].T @ jac @ frames[0])[1])
-    return torch.stack(out)
-
-
-def same_rotations(a: torch.Tensor, b: torch.Tensor, layout: RigidLayout) -> float:
-    _, qa = layout.split(a.detach())
-    _, qb = layout.split(b.detach())
-    return float(torch.minimum((qa - qb).abs().amax(-1), (qa + qb).abs().amax(-1)).max())
-
-
-@pytest.mark.parametrize("key", list(FLOW_CASES))
-def test_flow_round_trip_log_det_and_save_load(key: str, tmp_path) -> None:
-    flow = make_flow(key)
-    layout = flow.layout
-    x = flow_input(layout, 8)
-    y, ld = flow(x)
-    x2, ld_inv = flow.inverse(y)
-    assert same_rotations(x2, x, layout) <= 1e-8  # the baseline returns canonical signs
-    positions, _ = layout.split(x)
-    if positions is not None:
-        p2, _ = layout.split(x2)
-        edges = BOX.tensor(positions)
-        wrapped = torch.remainder(p2 - positions + edges / 2, edges) - edges / 2
-        assert wrapped.abs().max() <= 1e-8
-        assert torch.equal(p2[:, 0], positions[:, 0])  # pinned body 0 untouched
-    assert (ld + ld_inv).abs().max() <= 1e-8
-    reference = flow_log_det_reference(flow, x[:3])
-    assert (ld[:3] - reference).abs().max() <= 1e-6
-
-    torch.save(flow.state_dict(), tmp_path / "flow.pt")
-    torch.manual_seed(123)
-    fresh = FLOW_CASES[key]()
-    fresh.load_state_dict(torch.load(tmp_path / "flow.pt", weights_only=True))
-    _, ld_loaded = fresh.inverse(y)
-    assert torch.equal(ld_loaded, ld_inv)
-
-
-@pytest.mark.parametrize("key", [k for k in FLOW_CASES if k != "rotation_vector_spline"])
-def test_flow_is_flip_equivariant(key: str) -> None:
-    """Baseline exempt: it ignores the double cover by design (it returns canonical signs)."""
-    flow = make_flow(key)
-    layout = flow.layout
-    x = flow_input(layout, 6)
-    positions, q = layout.split(x)
-    signs = torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0, 1.0], dtype=torch.float64)
-    signs = signs[:, None].expand(6, layout.n_bodies).clone()
-    signs[:, -1] *= -1
-    y, ld = flow(x)
-    y_flip, ld_flip = flow(layout.join(positions, q * signs[..., None]))
-    p_out, q_out = layout.split(y)
-    p_flip, q_flip = layout.split(y_flip)
-    assert (q_flip - q_out * signs[..., None]).abs().max() <= 1e-10
-    assert (ld_flip - ld).abs().max() <= 1e-9
-    if p_out is not None:
-        assert (p_flip - p_out).abs().max() <= 1e-10
-
-
-@pytest.mark.parametrize("key", list(FLOW_CASES))
-def test_flow_refuses_bad_input(key: str) -> None:
-    flow = make_flow(key)
-    layout = flow.layout
-    x = flow_input(layout, 2)
-    positions, q = layout.split(x)
-    with pytest.raises(ValueError, match=r"x \(quaternions\): a quaternion has norm 1\.1"):
-        flow(layout.join(positions, q * 1.1))
-    bad = x.clone()
-    bad[0, -1] = float("nan")
-    with pytest.raises(ValueError, match="non-finite"):
-        flow.inverse(bad)
-    with pytest.raises(TypeError, match="float64"):
-        flow(x.float())

@@ -1,8 +1,10 @@
-"""Flow contract tests (float64): round trip, log-det vs autograd Jacobian, gradients, config.
+"""Euclidean flows beyond the contract (float64): the spline math, the affine clamp, config
+errors, and learning a bimodal marginal.
 
-The contract tests run for every flow kind; the spline math has its own 1-D tests, and a short
-maximum-likelihood fit checks that the spline flow learns a bimodal marginal that the affine
-flow, at the same budget, does not.
+The contract (round trip, log-det vs autograd Jacobian, gradients, save/load, context, prior)
+is tested for every flow kind in tests/test_flow_conformance.py; the spline math has its own
+1-D tests here, and a short maximum-likelihood fit checks that the spline flow learns a bimodal
+marginal that the affine flow, at the same budget, does not.
 """
 
 from __future__ import annotations
@@ -28,146 +30,17 @@ from boltzgen.flows.spline import (
 )
 from boltzgen.systems.double_well import DoubleWell2D
 from boltzgen.training import train_flow
-
-DIMS = [2, 3, 6]
-FLOW_CLASSES = {"affine_coupling": AffineCouplingFlow, "spline_coupling": SplineCouplingFlow}
-# Small test flows. The spline's tail bound (3) is close to the scale of the test points
-# (1.5 N(0, 1)) so that a few per cent of them lie in the linear tails of every coupling.
-SMALL = {
-    "affine_coupling": {"n_layers": 4, "hidden": 16, "n_hidden_layers": 2, "scale_clamp": 2.0},
-    "spline_coupling": {
-        "n_layers": 4,
-        "hidden": 16,
-        "n_hidden_layers": 2,
-        "n_bins": 6,
-        "tail_bound": 3.0,
-    },
-}
-# The affine flow at initialisation is the identity bit for bit; the spline evaluates
-# y_k + h_k ξ with ξ = (x - x_k) / w_k and h_k = w_k, exact only up to a few ulps.
-IDENTITY_ATOL = {"affine_coupling": 0.0, "spline_coupling": 1e-13}
-
-
-def _small_flow(kind: str, dim: int) -> torch.nn.Module:
-    return FLOW_CLASSES[kind](dim, **SMALL[kind])
-
-
-# Standard deviation of the random parameters. The spline's conditioner outputs go through a
-# softmax: at 0.4 some bins get slopes h/w ~ 1e-3 and a 6-D flow log|det| down to -55, whose
-# inverse then loses ~5 digits to conditioning alone (not a bug: |dx/dy| ~ 1e5). 0.25 still gives
-# bins of very unequal size, knot derivatives well away from 1 and log|det| of O(±10) (checked
-# in test_randomized_splines_use_bins_and_tails).
-RANDOM_SCALE = {"affine_coupling": 0.4, "spline_coupling": 0.25}
+from tests.flow_helpers import RANDOM_SCALE, SMALL, randomize
 
 
 def _randomized_flow(kind: str, dim: int, seed: int = 0) -> torch.nn.Module:
     """A small flow with every parameter drawn at random (so it is far from the identity)."""
-    flow = _small_flow(kind, dim)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in flow.parameters():
-            p.copy_(RANDOM_SCALE[kind] * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return flow
+    return randomize(build_flow(dim, {"kind": kind, **SMALL[kind]}), RANDOM_SCALE[kind], seed)
 
 
 def _points(dim: int, n: int, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return 1.5 * torch.randn((n, dim), generator=gen, dtype=torch.float64)
-
-
-# -- contract, every kind ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kind", EUCLIDEAN_FLOW_KINDS)
-@pytest.mark.parametrize("dim", DIMS)
-def test_identity_at_initialisation(kind: str, dim: int) -> None:
-    flow = FLOW_CLASSES[kind](dim, n_layers=3, hidden=8)
-    x = _points(dim, 10)
-    x[0] = 10.0  # in the spline's tails (default bound 5)
-    y, logdet = flow(x)
-    assert y.dtype == torch.float64 and logdet.shape == (10,)
-    atol = IDENTITY_ATOL[kind]
-    torch.testing.assert_close(y, x, rtol=0, atol=atol)
-    torch.testing.assert_close(logdet, x.new_zeros(10), rtol=0, atol=atol)
-    x_back, logdet_inv = flow.inverse(x)
-    torch.testing.assert_close(x_back, x, rtol=0, atol=atol)
-    torch.testing.assert_close(logdet_inv, x.new_zeros(10), rtol=0, atol=atol)
-
-
-@pytest.mark.parametrize("kind", EUCLIDEAN_FLOW_KINDS)
-@pytest.mark.parametrize("dim", DIMS)
-def test_round_trip_and_inverse_logdet(kind: str, dim: int) -> None:
-    flow = _randomized_flow(kind, dim)
-    x = _points(dim, 64)
-    y, logdet = flow(x)
-    x_back, logdet_inv = flow.inverse(y)
-    assert not torch.allclose(y, x)  # the randomized flow is not the identity
-    torch.testing.assert_close(x_back, x, rtol=0, atol=1e-10)
-    torch.testing.assert_close(logdet_inv, -logdet, rtol=0, atol=1e-10)
-    # and the other way round
-    y2, ld2 = flow(flow.inverse(x)[0])
-    torch.testing.assert_close(y2, x, rtol=0, atol=1e-10)
-    torch.testing.assert_close(ld2, -flow.inverse(x)[1], rtol=0, atol=1e-10)
-
-
-@pytest.mark.parametrize("kind", EUCLIDEAN_FLOW_KINDS)
-@pytest.mark.parametrize("dim", DIMS)
-def test_logdet_matches_autograd_jacobian(kind: str, dim: int) -> None:
-    flow = _randomized_flow(kind, dim, seed=3)
-    points = torch.cat([_points(dim, 3, seed=4), 2.5 * _points(dim, 2, seed=7)])
-    for x in points:
-        jac = torch.autograd.functional.jacobian(lambda v: flow(v[None])[0][0], x)
-        sign, logabsdet = torch.linalg.slogdet(jac)
-        assert sign != 0
-        torch.testing.assert_close(flow(x[None])[1][0], logabsdet, rtol=0, atol=1e-10)
-        y = flow(x[None])[0][0]
-        jac_inv = torch.autograd.functional.jacobian(lambda v: flow.inverse(v[None])[0][0], y)
-        torch.testing.assert_close(
-            flow.inverse(y[None])[1][0], torch.linalg.slogdet(jac_inv)[1], rtol=0, atol=1e-10
-        )
-
-
-@pytest.mark.parametrize("kind", EUCLIDEAN_FLOW_KINDS)
-@pytest.mark.parametrize("dim", DIMS)
-def test_gradients_reach_every_parameter(kind: str, dim: int) -> None:
-    flow = _randomized_flow(kind, dim, seed=5)
-    x = _points(dim, 32)
-    y, logdet = flow(x)
-    x_back, logdet_inv = flow.inverse(x)
-    ((y**2).sum() + logdet.sum() + (x_back**3).sum() + logdet_inv.sum()).backward()
-    for name, p in flow.named_parameters():
-        assert p.grad is not None, name
-        assert torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().max() > 0, name
-
-
-@pytest.mark.parametrize("kind", EUCLIDEAN_FLOW_KINDS)
-def test_batch_shapes_and_state_dict_round_trip(kind: str) -> None:
-    flow = _randomized_flow(kind, 3, seed=6)
-    x = _points(3, 12).reshape(3, 4, 3)
-    y, logdet = flow(x)
-    assert y.shape == (3, 4, 3) and logdet.shape == (3, 4)
-    x_back, logdet_inv = flow.inverse(y)
-    assert x_back.shape == (3, 4, 3) and logdet_inv.shape == (3, 4)
-    clone = _small_flow(kind, 3)
-    clone.load_state_dict(flow.state_dict())
-    y2, logdet2 = clone(x)
-    torch.testing.assert_close(y2, y, rtol=0, atol=0)
-    torch.testing.assert_close(logdet2, logdet, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("kind", EUCLIDEAN_FLOW_KINDS)
-def test_input_checks(kind: str) -> None:
-    cls = FLOW_CLASSES[kind]
-    flow = cls(2, n_layers=2, hidden=4)
-    with pytest.raises(TypeError, match="float64"):
-        flow(torch.zeros(3, 2, dtype=torch.float32))
-    with pytest.raises(ValueError, match=r"x: shape \(3, 5\)"):
-        flow(torch.zeros(3, 5, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"y: shape \(3, 5\)"):
-        flow.inverse(torch.zeros(3, 5, dtype=torch.float64))
-    with pytest.raises(TypeError, match="n_layers"):
-        cls(2, n_layers=2.5)
 
 
 # -- affine specifics ----------------------------------------------------------------------

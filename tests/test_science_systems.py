@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from boltzgen.registry import Registry
 from boltzgen.states import NormalBase, ThermodynamicBase
 from boltzgen.systems import (
     DW4,
@@ -135,6 +136,35 @@ def test_registry_and_errors() -> None:
         make_system({"a": 1.0})
     with pytest.raises(TypeError):
         DoubleWell2D(0.25)  # parameters are keyword-only
+
+
+def test_registry_class() -> None:
+    """The generic registry: register (a decorator), get with a message naming the field,
+    names in registration order, a read-only mapping; duplicates and mismatched kinds refused."""
+    things: Registry[object] = Registry("thing")
+
+    @things.register("a")
+    class A:
+        pass
+
+    @things.register("b")
+    class B:
+        kind = "b"
+
+    assert things.get("a", "x.kind") is A and things["b"] is B and things.names() == ["a", "b"]
+    assert list(things) == ["a", "b"] and len(things) == 2 and "a" in things
+    assert dict(things) == {"a": A, "b": B}
+    with pytest.raises(ValueError,
+                       match=r"^x\.kind: 'c' is not a known thing; choose one of a, b$"):
+        things.get("c", "x.kind")
+    with pytest.raises(ValueError, match=r"x\.kind: 3 is not a known thing"):
+        things.get(3, "x.kind")
+    with pytest.raises(ValueError, match="already registered"):
+        things.register("a")(B)
+    with pytest.raises(ValueError, match="B.kind is 'b'"):
+        things.register("c")(B)
+    assert isinstance(SYSTEMS, Registry) and SYSTEMS.names() == [
+        "double_well", "dw4", "tetrahedron_field", "ice_xi"]
 
 
 def test_base_states() -> None:

@@ -15,7 +15,9 @@ log-dets have the batch shape, on the input's device and dtype.
 - :func:`conditioner_mlp`: the conditioner θ, an MLP with SiLU activations whose last linear
   layer is zero-initialised (so a coupling whose τ is the identity at θ = 0 starts as such).
 - :class:`CouplingFlow`: a stack of ``n_layers`` blocks [ElementwiseAffine, coupling] with the
-  input checks and the forward / inverse composition.
+  input checks and the forward / inverse composition; a :class:`boltzgen.flows.contract.Flow`
+  for Euclidean layouts (a plain vector, particles, a molecule: the coordinates as R^dim, e.g.
+  DW4's centre-of-mass-free Helmert coordinates), with a Gaussian prior N(0, I) by default.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import torch
 from torch import nn
 
 from boltzgen._checks import check_int
+from boltzgen.flows.contract import EUCLIDEAN_LAYOUTS, Flow
+from boltzgen.layouts import Layout
 
 
 def conditioning_indices(dim: int, layer: int) -> list[int]:
@@ -107,17 +111,20 @@ class MaskedCoupling(nn.Module):
         return self._couple(y, inverse=True)
 
 
-class CouplingFlow(nn.Module):
+class CouplingFlow(Flow):
     """Stack of ``n_layers`` blocks [ElementwiseAffine, coupling] on R^dim, float64.
 
     ``make_coupling(cond_idx)`` builds the coupling of a block from its conditioning indices.
     """
 
+    accepts = EUCLIDEAN_LAYOUTS
+    layout_requirement = "acts on R^dim"
+
     def __init__(
-        self, dim: int, n_layers: int, make_coupling: Callable[[list[int]], MaskedCoupling]
+        self, layout: Layout, n_layers: int, make_coupling: Callable[[list[int]], MaskedCoupling]
     ) -> None:
-        super().__init__()
-        self.dim = dim
+        super().__init__(layout)
+        dim = self.dim
         self.n_layers = n_layers
         blocks: list[nn.Module] = []
         for layer in range(n_layers):
@@ -135,28 +142,22 @@ class CouplingFlow(nn.Module):
         if x.dtype != torch.float64:
             raise TypeError(f"{name}: dtype {x.dtype} is not allowed; the flow is float64")
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Base side -> target side: (y, log|det dy/dx|), log-det shaped like the batch."""
-        self._check_input("x", x)
+    def _run(self, x: torch.Tensor, name: str, inverse: bool
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward: the blocks in order; inverse: their inverses in reverse order; the log-dets
+        summed (log|det dy/dx| forward, log|det dx/dy| = -log|det J_T(T^-1 y)| inverse)."""
+        self._check_input(name, x)
         logdet = x.new_zeros(x.shape[:-1])
-        for block in self.blocks:
-            x, ld = block(x)
+        for block in (reversed(self.blocks) if inverse else self.blocks):
+            x, ld = block.inverse(x) if inverse else block(x)
             logdet = logdet + ld
         return x, logdet
 
-    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target side -> base side: (x, log|det dx/dy|) = (T^-1(y), -log|det J_T(T^-1 y)|)."""
-        self._check_input("y", y)
-        logdet = y.new_zeros(y.shape[:-1])
-        for block in reversed(self.blocks):
-            y, ld = block.inverse(y)
-            logdet = logdet + ld
-        return y, logdet
 
-
-def check_stack_args(dim: int, n_layers: int, hidden: int, n_hidden_layers: int
+def check_stack_args(layout: Layout, n_layers: int, hidden: int, n_hidden_layers: int
                      ) -> tuple[int, int, int, int]:
-    """Validate the arguments every coupling stack shares (ValueError naming the argument)."""
-    return (check_int("dim", dim, minimum=2), check_int("n_layers", n_layers, minimum=1),
+    """Validate the arguments every coupling stack shares (ValueError naming the argument);
+    returns (dim, n_layers, hidden, n_hidden_layers)."""
+    return (check_int("dim", layout.dim, minimum=2), check_int("n_layers", n_layers, minimum=1),
             check_int("hidden", hidden, minimum=1),
             check_int("n_hidden_layers", n_hidden_layers, minimum=1))

@@ -35,6 +35,7 @@ from boltzgen.flows.base import (
     check_stack_args,
     conditioner_mlp,
 )
+from boltzgen.layouts import Layout, as_layout
 
 __all__ = ["AffineCoupling", "AffineCouplingFlow", "ElementwiseAffine"]
 
@@ -73,7 +74,8 @@ class AffineCouplingFlow(CouplingFlow):
     """Stack of ``n_layers`` blocks [ElementwiseAffine, AffineCoupling] on R^dim, float64.
 
     Args:
-        dim: number of coordinates, >= 2.
+        layout: a Euclidean layout (vector, particles, molecule) or its number of
+            coordinates, >= 2.
         n_layers: number of coupling blocks, >= 1.
         hidden: width of the conditioner MLPs, >= 1.
         n_hidden_layers: hidden layers per conditioner (SiLU activations), >= 1.
@@ -82,17 +84,18 @@ class AffineCouplingFlow(CouplingFlow):
 
     def __init__(
         self,
-        dim: int,
+        layout: Layout | int,
         n_layers: int = 8,
         hidden: int = 64,
         n_hidden_layers: int = 2,
         scale_clamp: float = 3.0,
     ) -> None:
+        layout = as_layout(layout)
         dim, n_layers, hidden, n_hidden_layers = check_stack_args(
-            dim, n_layers, hidden, n_hidden_layers)
+            layout, n_layers, hidden, n_hidden_layers)
         scale_clamp = check_float("scale_clamp", scale_clamp, positive=True)
         super().__init__(
-            dim,
+            layout,
             n_layers,
             lambda cond: AffineCoupling(dim, cond, hidden, n_hidden_layers, scale_clamp),
         )

@@ -54,6 +54,7 @@ from boltzgen.flows.circle import (
     circular_spline,
     circular_spline_parameter_count,
 )
+from boltzgen.flows.contract import Flow
 from boltzgen.flows.sphere import (
     axial_circle_mixture,
     axial_mixture,
@@ -482,7 +483,7 @@ AXIAL_LAYERS = {"axial_mobius": AxialMobiusLayer, "axial_circle_mobius": AxialCi
 POSITION_LAYERS = ("circle_mobius", "circular_spline")
 
 
-class RigidBodyFlow(nn.Module):
+class RigidBodyFlow(Flow):
     """``n_blocks`` × [position layers for x, y, z (if the layout has a box), orientation layers].
 
     Orientation part of a block: for ``rotation_layer = "double_mobius"``
@@ -501,7 +502,8 @@ class RigidBodyFlow(nn.Module):
             :meth:`fit_thermal_scaling`; the pipeline fits it for a thermodynamic base).
     """
 
-    needs_layout = True
+    accepts = ("rigid_bodies",)
+    layout_requirement = "needs a rigid-body system"
 
     def __init__(self, layout: RigidLayout, rotation_layer: str = "double_mobius",
                  position_layer: str = "circle_mobius", n_blocks: int = 4,
@@ -510,9 +512,7 @@ class RigidBodyFlow(nn.Module):
                  convex_terms: int = 16, convex_exponent: int = 2, n_bins: int = 8,
                  channels: int = 32, heads: int = 4, attention_blocks: int = 2,
                  thermal_scaling: bool = False) -> None:
-        super().__init__()
-        if not isinstance(layout, RigidLayout):
-            raise TypeError(f"layout: expected a RigidLayout, got {type(layout)}")
+        super().__init__(layout)
         if rotation_layer not in ROTATION_LAYERS:
             raise ValueError(f"rotation_layer: {rotation_layer!r} is not allowed; choose one of "
                              f"{', '.join(ROTATION_LAYERS)}")
@@ -533,8 +533,6 @@ class RigidBodyFlow(nn.Module):
                              f"heads ({heads})")
         attention = {"channels": channels, "heads": heads,
                      "blocks": check_int("attention_blocks", attention_blocks, minimum=0)}
-        self.layout = layout
-        self.dim = layout.dim
         if not isinstance(thermal_scaling, bool):
             raise ValueError(f"thermal_scaling: {thermal_scaling!r} is not allowed; true or false")
         layers: list[nn.Module] = [ThermalScalingLayer(layout)] if thermal_scaling else []
@@ -597,10 +595,3 @@ class RigidBodyFlow(nn.Module):
             out_positions = None
         return self.layout.join(out_positions, quaternions), log_det
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Base side -> target side: (y, log|det J|) on the manifold, log-det shaped (B,)."""
-        return self._run(x, "x", inverse=False)
-
-    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target side -> base side: (x, log|det J⁻¹|)."""
-        return self._run(y, "y", inverse=True)

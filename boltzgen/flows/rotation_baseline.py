@@ -25,8 +25,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
+from boltzgen.flows.contract import Flow
 from boltzgen.flows.spline import SplineCouplingFlow
 from boltzgen.rigid.bodies import RigidLayout
 from boltzgen.rigid.quaternions import canonical, check_unit_quaternion
@@ -52,21 +52,18 @@ def haar_log_density_z(z: torch.Tensor) -> torch.Tensor:
     return -2.0 * math.log(math.pi) - 2.0 * torch.log1p(r2) + log_cosh
 
 
-class RotationVectorSplineFlow(nn.Module):
+class RotationVectorSplineFlow(Flow):
     """Spline coupling flow on z = asinh(Rodrigues vector) of every body (no positions)."""
 
-    needs_layout = True
+    accepts = ("rigid_bodies",)
+    layout_requirement = "needs a rigid-body system"
 
     def __init__(self, layout: RigidLayout, n_layers: int = 6, hidden: int = 64,
                  n_hidden_layers: int = 2, n_bins: int = 8, tail_bound: float = 6.0) -> None:
-        super().__init__()
-        if not isinstance(layout, RigidLayout):
-            raise TypeError(f"layout: expected a RigidLayout, got {type(layout)}")
+        super().__init__(layout)
         if layout.has_positions or layout.pinned_orientations:
             raise ValueError("layout: the rotation-vector baseline handles free orientations "
                              "only (no box, no pinned orientations)")
-        self.layout = layout
-        self.dim = layout.dim
         self.spline = SplineCouplingFlow(3 * layout.n_bodies, n_layers, hidden, n_hidden_layers,
                                          n_bins, tail_bound)
 
@@ -81,9 +78,3 @@ class RotationVectorSplineFlow(nn.Module):
         z_out = out.reshape(z.shape)
         log_det = log_det + (haar_log_density_z(z_out) - haar_log_density_z(z)).sum(-1)
         return self.layout.join(None, z_to_quaternion(z_out)), log_det
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._run(x, "x", inverse=False)
-
-    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._run(y, "y", inverse=True)

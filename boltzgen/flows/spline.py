@@ -64,6 +64,7 @@ import torch.nn.functional as F
 
 from boltzgen._checks import check_float, check_int
 from boltzgen.flows.base import CouplingFlow, MaskedCoupling, check_stack_args, conditioner_mlp
+from boltzgen.layouts import Layout, as_layout
 
 __all__ = ["SplineCoupling", "SplineCouplingFlow", "rational_quadratic_spline"]
 
@@ -207,7 +208,8 @@ class SplineCouplingFlow(CouplingFlow):
     """Stack of ``n_layers`` blocks [ElementwiseAffine, SplineCoupling] on R^dim, float64.
 
     Args:
-        dim: number of coordinates, >= 2.
+        layout: a Euclidean layout (vector, particles, molecule) or its number of
+            coordinates, >= 2.
         n_layers: number of coupling blocks, >= 1.
         hidden: width of the conditioner MLPs, >= 1.
         n_hidden_layers: hidden layers per conditioner (SiLU activations), >= 1.
@@ -217,15 +219,16 @@ class SplineCouplingFlow(CouplingFlow):
 
     def __init__(
         self,
-        dim: int,
+        layout: Layout | int,
         n_layers: int = 6,
         hidden: int = 64,
         n_hidden_layers: int = 2,
         n_bins: int = 8,
         tail_bound: float = 5.0,
     ) -> None:
+        layout = as_layout(layout)
         dim, n_layers, hidden, n_hidden_layers = check_stack_args(
-            dim, n_layers, hidden, n_hidden_layers)
+            layout, n_layers, hidden, n_hidden_layers)
         n_bins = check_int("n_bins", n_bins, minimum=2)
         if n_bins > MAX_BINS:
             raise ValueError(
@@ -234,7 +237,7 @@ class SplineCouplingFlow(CouplingFlow):
             )
         tail_bound = check_float("tail_bound", tail_bound, positive=True)
         super().__init__(
-            dim,
+            layout,
             n_layers,
             lambda cond: SplineCoupling(dim, cond, hidden, n_hidden_layers, n_bins, tail_bound),
         )

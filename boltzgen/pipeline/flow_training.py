@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from boltzgen._files import write_atomically
-from boltzgen.flows import build_flow
+from boltzgen.flows import Flow, build_flow
+from boltzgen.layouts import layout_from_dict
 from boltzgen.objectives import OBJECTIVES
 from boltzgen.pipeline.energies import BatchEnergy
 from boltzgen.pipeline.problem import (
@@ -26,6 +27,7 @@ from boltzgen.pipeline.problem import (
     stage_seed,
 )
 from boltzgen.pipeline.reference import ReferenceData
+from boltzgen.priors import Prior, prior_from_dict
 from boltzgen.settings import JobSettings
 from boltzgen.systems import make_system
 from boltzgen.training import TrainingState, train_flow
@@ -35,7 +37,8 @@ from boltzgen.training import TrainingState, train_flow
 class TrainedFlow:
     """A trained flow (its checkpoint) and the record of how training went."""
 
-    checkpoint: bytes  # torch.save of {"state_dict", "flow_config", "dim", "system"}
+    # torch.save of {"state_dict", "flow_config", "dim", "system", "layout", "prior"}
+    checkpoint: bytes
     losses: list[float]
     seconds: float
     skipped_steps: int = 0  # steps whose loss or gradient was not finite
@@ -88,7 +91,7 @@ def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData,
     if problem.base.samples_directly:
 
         def sample_a(n: int) -> torch.Tensor:
-            return problem.base.sample(n, generator).to(device)
+            return flow.prior.sample(n, generator).to(device)
     else:
         frames = float64_tensor(reference.base_train)
         # With symmetry_augmentation, images of the frames under the crystal's space group;
@@ -120,7 +123,7 @@ def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData,
         if last.get("x") is x:
             return last["u"]
         if problem.base.samples_directly:
-            return problem.base.reduced_energy(x)
+            return flow.prior.reduced_energy(x)
         return potential(x) / (problem.system.boltzmann_constant * problem.base.temperature)
 
     def u_b(y: torch.Tensor) -> torch.Tensor:
@@ -174,6 +177,8 @@ def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData,
             "flow_config": dict(job.dump["flow"]),
             "dim": problem.system.dim,
             "system": dict(job.dump["system"]),
+            "layout": flow.layout.to_dict(),
+            "prior": flow.prior.to_dict(),
         },
         buffer,
     )
@@ -234,10 +239,26 @@ def _save_checkpoint(data: bytes, directory: str) -> str:
                                 staging.write_bytes(data)))
 
 
-def load_flow(checkpoint: bytes) -> torch.nn.Module:
+def load_flow(checkpoint: bytes, prior: Prior | None = None) -> Flow:
+    """The flow of a :func:`train` checkpoint, in eval mode, with its layout and prior.
+
+    A checkpoint saved before layouts were stored gets its system's layout (or R^dim); one
+    saved before priors were stored gets ``prior`` (the job's base, where the caller knows it)
+    or the layout's default prior.
+    """
     state = torch.load(io.BytesIO(checkpoint), weights_only=True)
-    layout = make_system(state["system"]).rigid_layout() if "system" in state else None
-    flow = build_flow(state["dim"], state["flow_config"], layout=layout)
+    if "layout" in state:
+        layout = layout_from_dict(state["layout"])
+    elif "system" in state or "dim" in state:
+        layout = make_system(state["system"]).layout() if "system" in state else state["dim"]
+    else:
+        raise ValueError("checkpoint: it holds neither a layout nor a system; it is not a flow "
+                         "checkpoint of boltzgen.pipeline.train")
+    flow = build_flow(layout, state["flow_config"])
+    if "prior" in state:
+        flow.prior = prior_from_dict(flow.layout, state["prior"])
+    elif prior is not None:
+        flow.prior = prior
     flow.load_state_dict(state["state_dict"])
     return flow.eval()
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from boltzgen.flows import build_flow
+from boltzgen.flows import Flow, build_flow
 from boltzgen.settings import FlowSettings, JobSettings, ReferenceSettings
 from boltzgen.states import BASES, Base
 from boltzgen.systems import System, make_system
@@ -84,8 +84,14 @@ class Problem:
             f"{self.system.estimand_note}"
         )
 
-    def build_flow(self, flow: FlowSettings) -> torch.nn.Module:
-        return build_flow(self.system.dim, flow.model_dump(), layout=self.system.rigid_layout())
+    def build_flow(self, flow: FlowSettings) -> Flow:
+        """The flow for the system's layout; with a base that has a normalized density it
+        samples directly (normal, uniform), the flow's prior is that base's density, so that
+        the flow samples and scores A itself."""
+        built = build_flow(self.system.layout(), flow.model_dump())
+        if self.base.samples_directly:
+            built.prior = self.base.prior
+        return built
 
 
 def float64_tensor(array: np.ndarray) -> torch.Tensor:

@@ -49,12 +49,13 @@ def sample(
     check_injected_failure(job, "sample")
     start = time.perf_counter()
     problem = Problem.from_settings(job)
-    flow = load_flow(trained.checkpoint).to(device)
+    analytic = problem.base.samples_directly
+    flow = load_flow(trained.checkpoint, problem.base.prior if analytic else None).to(device)
     n = job.sampling.n_samples
-    if problem.base.samples_directly:
+    if analytic:  # x ~ A drawn by the flow's prior, which is A's density
         generator = torch.Generator().manual_seed(stage_seed(job, "sample"))
-        x = problem.base.sample(n, generator)
-        u_a = problem.base.reduced_energy(x)
+        x = flow.prior.sample(n, generator)
+        u_a = flow.prior.reduced_energy(x)
     else:
         x = float64_tensor(reference.base_test[:n])
         u_a = float64_tensor(reference.base_test_potential[:n]) / (
@@ -63,7 +64,7 @@ def sample(
     y_b = float64_tensor(reference.target_test)
     every = None if problem.base.samples_directly else reference.base_heldout
     heldout: dict[str, Any] = {}
-    with torch.no_grad():
+    with flow.sampling_context():  # no_grad unless the flow needs autograd to map
         if every is not None:
             # Every held-out base frame once; the decorrelated ones are rows of it.
             mapped_every, logdet_every = _batched(flow.forward, float64_tensor(every.frames),
@@ -78,11 +79,7 @@ def sample(
         else:
             mapped, logdet = _batched(flow.forward, x, batch_size, device)
         back, logdet_inv = _batched(flow.inverse, y_b, batch_size, device)
-        u_a_back = (
-            problem.base.reduced_energy(back).numpy()
-            if problem.base.samples_directly
-            else None
-        )
+        u_a_back = flow.prior.reduced_energy(back).detach().numpy() if analytic else None
     return SampleSet(
         u_a=u_a.detach().numpy(),
         mapped=mapped.numpy(),
@@ -103,8 +100,8 @@ def _batched(fn: Any, x: torch.Tensor, batch_size: int, device: str = "cpu"
     outs, logdets = [], []
     for chunk in torch.split(x, batch_size):
         out, logdet = fn(chunk.to(device))
-        outs.append(out.cpu())
-        logdets.append(logdet.cpu())
+        outs.append(out.detach().cpu())
+        logdets.append(logdet.detach().cpu())
     return torch.cat(outs), torch.cat(logdets)
 
 

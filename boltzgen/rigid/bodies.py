@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
+from boltzgen.layouts import LAYOUTS, Layout
 from boltzgen.rigid.quaternions import (
     HAAR_SO3_VOLUME_RAD3,
     check_unit_quaternion,
@@ -167,8 +169,9 @@ class PeriodicBox:
         return angles * self.tensor(angles) / (2.0 * math.pi)
 
 
+@LAYOUTS.register("rigid_bodies")
 @dataclass(frozen=True)
-class RigidLayout:
+class RigidLayout(Layout):
     """What a rigid-body flow acts on: N bodies, an optional periodic box, pinned parts.
 
     Flow coordinates, flattened per sample: [positions (N, 3) nm, if ``box``] then
@@ -176,8 +179,11 @@ class RigidLayout:
     in the data, e.g. molecule 0 at the origin); ``pinned_orientations``: bodies whose
     orientation is fixed. The flow never moves a pinned coordinate and its log-det has no term
     for it, so it counts no phantom directions. A body in both sets is never moved at all.
+    Layout kind ``rigid_bodies`` (:mod:`boltzgen.layouts`); not Euclidean.
     """
 
+    kind: ClassVar[str] = "rigid_bodies"
+    euclidean: ClassVar[bool] = False
     n_bodies: int
     box: PeriodicBox | None = None
     pinned_positions: tuple[int, ...] = ()
@@ -201,6 +207,17 @@ class RigidLayout:
     @property
     def dim(self) -> int:
         return self.n_bodies * (7 if self.has_positions else 4)
+
+    @property
+    def description(self) -> str:
+        return "rigid bodies (torus × S³)" if self.has_positions else "rigid bodies (S³)"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RigidLayout:
+        box = data.get("box")
+        return cls(int(data["n_bodies"]), None if box is None else PeriodicBox(tuple(box["edges"])),
+                   tuple(data.get("pinned_positions", ())),
+                   tuple(data.get("pinned_orientations", ())))
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Flat (..., dim) -> (positions (..., N, 3) or None, quaternions (..., N, 4))."""

@@ -2,24 +2,26 @@
 
 ``make_system({"kind": "double_well", "a": 0.25})`` builds a system; every error names the
 config field (``system.kind``, ``system.<param>``), shows the value and lists what is allowed.
+:data:`SYSTEMS` is a :class:`boltzgen.registry.Registry` (a mapping kind -> class); a new
+system is one ``SYSTEMS.register(kind)(cls)`` line here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from boltzgen.registry import Registry
 from boltzgen.systems.base import System
 from boltzgen.systems.double_well import DoubleWell2D
 from boltzgen.systems.dw4 import DW4
 from boltzgen.systems.ice import IceXI
 from boltzgen.systems.tetrahedron import TetrahedronInField
 
-SYSTEMS: dict[str, type[System]] = {
-    "double_well": DoubleWell2D,
-    "dw4": DW4,
-    "tetrahedron_field": TetrahedronInField,
-    "ice_xi": IceXI,
-}
+SYSTEMS: Registry[System] = Registry("system", field="system.kind")
+SYSTEMS.register("double_well")(DoubleWell2D)
+SYSTEMS.register("dw4")(DW4)
+SYSTEMS.register("tetrahedron_field")(TetrahedronInField)
+SYSTEMS.register("ice_xi")(IceXI)
 
 __all__ = [
     "DW4",
@@ -33,17 +35,9 @@ __all__ = [
 ]
 
 
-def _system_class(kind: object) -> type[System]:
-    if not isinstance(kind, str) or kind not in SYSTEMS:
-        raise ValueError(
-            f"system.kind: {kind!r} is not a known system; choose one of {', '.join(SYSTEMS)}"
-        )
-    return SYSTEMS[kind]
-
-
 def system_parameter_names(kind: str) -> list[str]:
     """The keyword parameters accepted by system ``kind`` (ValueError for an unknown kind)."""
-    return _system_class(kind).parameter_names()
+    return SYSTEMS.get(kind, "system.kind").parameter_names()
 
 
 def make_system(config: Mapping) -> System:
@@ -56,7 +50,7 @@ def make_system(config: Mapping) -> System:
         raise TypeError(f"system: expected a mapping with a 'kind' key, got {type(config)}")
     if "kind" not in config:
         raise ValueError(f"system.kind: missing; choose one of {', '.join(SYSTEMS)}")
-    cls = _system_class(config["kind"])
+    cls = SYSTEMS.get(config["kind"], "system.kind")
     params = {k: v for k, v in config.items() if k != "kind"}
     allowed = cls.parameter_names()
     for key in params:

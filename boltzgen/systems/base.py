@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 from boltzgen._checks import check_float
+from boltzgen.layouts import Layout, VectorLayout
+from boltzgen.rigid.bodies import RigidLayout
 
 
 class System(ABC):
@@ -111,17 +113,19 @@ class System(ABC):
         """Molecules of a molecular system (per-molecule free energies divide by it), else None."""
         return None
 
-    def rigid_layout(self) -> Any:
+    def layout(self) -> Layout:
+        """The geometry of the flow coordinates (:mod:`boltzgen.layouts`), which picks the flows
+        that suit this system; default: a plain vector in R^dim. ``layout().dim == dim``."""
+        return VectorLayout(self.dim)
+
+    def rigid_layout(self) -> RigidLayout | None:
         """The :class:`boltzgen.rigid.bodies.RigidLayout` of a rigid-body system, else None.
 
         Rigid-body systems have flow coordinates on a manifold (torus × S³ per body); their base
-        is the uniform distribution (``sample_uniform``) and their flows need the layout.
+        is the uniform distribution (:class:`boltzgen.priors.UniformRigidPrior`).
         """
-        return None
-
-    def sample_uniform(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``n`` samples of the normalized uniform measure of a rigid-body system's coordinates."""
-        raise NotImplementedError(f"system '{self.kind}' has no uniform distribution")
+        layout = self.layout()
+        return layout if isinstance(layout, RigidLayout) else None
 
     @property
     def symmetry_operation_count(self) -> int:

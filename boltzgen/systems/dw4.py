@@ -24,32 +24,19 @@ learning for symmetric densities", ICML 2020 (DW4 benchmark).
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import numpy as np
 import torch
 
-from boltzgen._checks import check_float, check_int
+from boltzgen._checks import check_float
+from boltzgen.layouts import ParticleLayout, helmert_basis
 from boltzgen.systems.base import System
+
+__all__ = ["DW4", "helmert_basis"]
 
 N_PARTICLES = 4
 SPATIAL_DIM = 2
-
-
-def helmert_basis(n: int) -> np.ndarray:
-    """Orthonormal basis of the zero-sum subspace of R^n, shape (n - 1, n), float64.
-
-    Row k - 1 is h_k = (1, ..., 1, -k, 0, ..., 0) / sqrt(k (k + 1)) with k leading ones
-    (the sub-diagonal rows of the Helmert matrix); every row is orthogonal to (1, ..., 1).
-    """
-    n = check_int("n", n, minimum=2)
-    basis = np.zeros((n - 1, n))
-    for k in range(1, n):
-        basis[k - 1, :k] = 1.0
-        basis[k - 1, k] = -float(k)
-        basis[k - 1] /= math.sqrt(k * (k + 1))
-    return basis
 
 
 _PAIRS_I, _PAIRS_J = (torch.as_tensor(a) for a in np.triu_indices(N_PARTICLES, k=1))
@@ -75,22 +62,20 @@ class DW4(System):
         #: Helmert basis H, shape (3, 4), orthonormal rows orthogonal to (1, 1, 1, 1).
         self.basis = torch.as_tensor(helmert_basis(N_PARTICLES), dtype=torch.float64)
 
+    def layout(self) -> ParticleLayout:
+        """4 particles in 2-D, centre of mass removed: the flow coordinates are the Helmert
+        coefficients (the coupling flows act on them as on R^6; an equivariant flow could map
+        them back to particles with :meth:`ParticleLayout.to_cartesian`)."""
+        return ParticleLayout(N_PARTICLES, SPATIAL_DIM, com_free=True)
+
     def to_cartesian(self, z: torch.Tensor) -> torch.Tensor:
         """Flow coordinates (..., 6) -> centre-of-mass-free Cartesian (..., 4, 2)."""
         self._check_coordinates(z)
-        zr = z.reshape(*z.shape[:-1], N_PARTICLES - 1, SPATIAL_DIM)
-        h = self.basis.to(device=z.device, dtype=z.dtype)
-        return torch.einsum("ki,...kd->...id", h, zr)
+        return self.layout().to_cartesian(z)
 
     def from_cartesian(self, x: torch.Tensor) -> torch.Tensor:
         """Cartesian (..., 4, 2) -> flow coordinates (..., 6); the centre of mass is dropped."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x: expected a torch.Tensor of shape (..., 4, 2), got {type(x)}")
-        if x.ndim < 2 or tuple(x.shape[-2:]) != (N_PARTICLES, SPATIAL_DIM):
-            raise ValueError(f"x: shape {tuple(x.shape)} is not allowed; need (..., 4, 2)")
-        h = self.basis.to(device=x.device, dtype=x.dtype)
-        z = torch.einsum("ki,...id->...kd", h, x)
-        return z.reshape(*x.shape[:-2], self.dim)
+        return self.layout().from_cartesian(x)
 
     def pair_distances(self, z: torch.Tensor) -> torch.Tensor:
         """The 6 distances d_ij, i < j (row-major pair order), shape (..., 6)."""

@@ -36,7 +36,6 @@ import torch
 from boltzgen._checks import check_float, check_int
 from boltzgen.observables import PairHistograms, pair_histograms, pairs_between_molecules
 from boltzgen.rigid.bodies import WATER_TIP4P_EW, PeriodicBox, RigidLayout, RigidTemplate
-from boltzgen.rigid.quaternions import random_unit_quaternions
 from boltzgen.rigid.symmetry import CrystalSymmetry, apply_crystal_symmetry, find_crystal_symmetries
 from boltzgen.systems.base import System
 from boltzgen.units import KB_KJ_PER_MOL_K
@@ -153,7 +152,7 @@ class IceXI(System):
     def molecule_count(self) -> int:
         return self.molecules
 
-    def rigid_layout(self) -> RigidLayout:
+    def layout(self) -> RigidLayout:
         return RigidLayout(self.molecules, self.box, pinned_positions=(0,))
 
     def ideal_coordinates(self) -> np.ndarray:
@@ -163,7 +162,7 @@ class IceXI(System):
     def to_cartesian(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Flow coordinates (B, dim) -> O, H1, H2, M positions (B, 4N, 3) nm (differentiable)."""
         x = torch.as_tensor(x)
-        positions, quaternions = self.rigid_layout().split(x)
+        positions, quaternions = self.layout().split(x)
         sites = WATER_TIP4P_EW.to_sites(positions, quaternions)  # (B, N, 4, 3)
         return sites.reshape(*sites.shape[:-3], SITES_PER_MOLECULE * self.molecules, 3)
 
@@ -188,17 +187,7 @@ class IceXI(System):
         # The fitted position is the template origin (the oxygen), not the centroid.
         position = self.box.wrap(position - position[:, :1])
         position[:, 0] = 0.0
-        return self.rigid_layout().join(position, quaternion).numpy()
-
-    def sample_uniform(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """Uniform positions in the box (molecule 0 at the origin) and Haar orientations."""
-        n = check_int("n", n, minimum=1)
-        edges = self.box.tensor(torch.zeros(1, dtype=torch.float64))
-        positions = torch.rand(n, self.molecules, 3, generator=generator,
-                               dtype=torch.float64) * edges
-        positions[:, 0] = 0.0
-        q = random_unit_quaternions((n, self.molecules), generator)
-        return self.rigid_layout().join(positions, q)
+        return self.layout().join(position, quaternion).numpy()
 
     @functools.cached_property
     def crystal_symmetries(self) -> list[CrystalSymmetry]:
@@ -333,7 +322,7 @@ class IceXI(System):
     def observables(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Oxygen displacement from the ideal site (nm) per axis, pooled over molecules."""
         arr = self._as_samples(x)
-        layout = self.rigid_layout()
+        layout = self.layout()
         positions, _ = layout.split(torch.as_tensor(np.array(arr)))
         ideal, _ = layout.split(torch.as_tensor(self._ideal))
         edges = self.box.tensor(positions)

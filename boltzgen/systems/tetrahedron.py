@@ -163,11 +163,7 @@ class TetrahedronInField(System):
             proposals += len(q)
         return canonical(torch.cat(accepted)[:n]).numpy(), proposals
 
-    def sample_uniform(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """Uniform (Haar) orientations, the base of the flows: (n, 4) float64."""
-        return random_unit_quaternions(check_int("n", n, minimum=1), generator)
-
-    def rigid_layout(self) -> RigidLayout:
+    def layout(self) -> RigidLayout:
         """One body, orientation only (its centre is held at the origin)."""
         return RigidLayout(n_bodies=1)
 

@@ -1,0 +1,133 @@
+"""The contract every flow implements, discrete (coupling) or continuous, and the flow registry.
+
+A flow is an ``nn.Module`` built for a layout (:mod:`boltzgen.layouts`) that owns its prior
+(``flow.prior``, :mod:`boltzgen.priors`), as a normalizing flow is a transform with a base
+distribution. With T the flow's map and p its prior (docs/architecture.md, Conventions):
+
+- ``forward(x, context=None) -> (y, log|det J_T(x)|)``: prior / state-A side to target side;
+- ``inverse(y, context=None) -> (x, log|det J_T⁻¹(y)|)`` with x = T⁻¹(y);
+- ``sample_and_log_prob(n, context=None, generator=...) -> (y, log q(y))``: x ~ p pushed
+  forward, log q(y) = log p(x) − log|det J_T(x)| (one pass, no inverse);
+- ``log_prob(y, context=None) = log p(T⁻¹ y) + log|det J_T⁻¹(y)|``.
+
+Log-dets are shaped like the batch, on the input's device and dtype (float64). On a manifold
+(rigid bodies: torus × S³) J is taken between tangent spaces and densities are with respect to
+the layout's normalized measure.
+
+Class attributes a flow declares:
+
+- ``accepts``: the layout kinds it can be built for (:func:`boltzgen.flows.build_flow` refuses
+  the others, naming the flows that do accept the system's layout), and ``layout_requirement``,
+  a phrase for that message ("acts on R^dim");
+- ``takes_context``: whether it is conditional. A flow that takes none raises ValueError when
+  given a context (``context=None`` is always accepted): a context silently ignored would hide
+  a mistake;
+- ``needs_autograd_for_sampling``: True for a flow whose forward map itself differentiates
+  (e.g. a continuous flow with an exact divergence by autograd); sampling code then runs it
+  with gradients enabled (:meth:`Flow.sampling_context`) instead of under ``torch.no_grad()``.
+
+A subclass implements ``_run(x, name, inverse)`` (the map in one direction and its log-det;
+``name`` is "x" or "y" for error messages) and calls ``Flow.__init__(layout)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from boltzgen._checks import check_int
+from boltzgen.layouts import Layout, as_layout
+from boltzgen.priors import Prior, default_prior
+from boltzgen.registry import Registry
+
+__all__ = ["EUCLIDEAN_LAYOUTS", "FLOWS", "Flow"]
+
+EUCLIDEAN_LAYOUTS: tuple[str, ...] = ("vector", "particles", "molecule")
+"""Layout kinds whose flow coordinates are R^dim with the Lebesgue measure."""
+
+
+class Flow(nn.Module):
+    """Base class of the flows: layout, prior, context check and the sampling methods."""
+
+    accepts: ClassVar[tuple[str, ...]] = ()
+    layout_requirement: ClassVar[str] = ""
+    takes_context: ClassVar[bool] = False
+    needs_autograd_for_sampling: ClassVar[bool] = False
+
+    def __init__(self, layout: Layout | int) -> None:
+        super().__init__()
+        layout = as_layout(layout)
+        if not self.accepts_layout(layout):
+            raise ValueError(f"layout: {type(self).__name__} {self.layout_requirement}; this "
+                             f"layout is {layout.description}")
+        self.layout = layout
+        self.dim = layout.dim
+        self.prior: Prior = default_prior(layout)
+
+    @classmethod
+    def accepts_layout(cls, layout: Layout) -> bool:
+        """Whether this kind of flow can be built for ``layout``."""
+        return layout.kind in cls.accepts
+
+    # -- the map ----------------------------------------------------------------------------
+    def _run(self, x: torch.Tensor, name: str, inverse: bool
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _check_context(self, context: Any) -> None:
+        if context is not None and not self.takes_context:
+            raise ValueError(f"context: {type(self).__name__} takes no context; pass None "
+                             f"(got {type(context).__name__})")
+
+    def forward(self, x: torch.Tensor, context: Any = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prior side -> target side: (y, log|det J_T(x)|), log-det shaped like the batch."""
+        self._check_context(context)
+        return self._run(x, "x", inverse=False)
+
+    def inverse(self, y: torch.Tensor, context: Any = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target side -> prior side: (x, log|det J_T⁻¹(y)|) = (T⁻¹ y, −log|det J_T(T⁻¹ y)|)."""
+        self._check_context(context)
+        return self._run(y, "y", inverse=True)
+
+    # -- densities and sampling -------------------------------------------------------------
+    def log_prob(self, y: torch.Tensor, context: Any = None) -> torch.Tensor:
+        """log q(y) = log p(T⁻¹ y) + log|det J_T⁻¹(y)|, shaped like the batch."""
+        x, log_det = self.inverse(y, context)
+        return self.prior.log_prob(x) + log_det
+
+    def sample_and_log_prob(self, n: int, context: Any = None, *,
+                            generator: torch.Generator | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """n samples y = T(x), x ~ prior (drawn with ``generator`` on its device, then moved to
+        the flow's device), and log q(y) = log p(x) − log|det J_T(x)|; both (n, ...) on the
+        flow's device. Gradients flow as usual; wrap the call in :meth:`sampling_context` to
+        sample without them."""
+        self._check_context(context)
+        x = self.prior.sample(check_int("n", n, minimum=1), generator).to(self.device)
+        y, log_det = self.forward(x, context)
+        return y, self.prior.log_prob(x) - log_det
+
+    def sample(self, n: int, context: Any = None, *,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """n samples y = T(x), x ~ prior (see :meth:`sample_and_log_prob`)."""
+        return self.sample_and_log_prob(n, context, generator=generator)[0]
+
+    def sampling_context(self) -> contextlib.AbstractContextManager[Any]:
+        """``torch.no_grad()``, or a null context for a flow that needs autograd to sample."""
+        return contextlib.nullcontext() if self.needs_autograd_for_sampling else torch.no_grad()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the flow's parameters (or buffers) are; the CPU for a flow without any."""
+        for tensor in (*self.parameters(), *self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+
+FLOWS: Registry[Flow] = Registry("flow", field="flow.kind")
+"""Flow kinds by name (registered in :mod:`boltzgen.flows`)."""

@@ -1,0 +1,482 @@
+"""One conformance suite for every registered flow kind on every layout kind, in float64.
+
+Each case is a flow built through the registry (``build_flow(layout, settings)``) at a tiny
+size, with its parameters moved away from the (near-)identity start so that no test passes
+trivially. A meta-test fails when a registered flow kind or layout kind has no case here.
+
+Checks (the flow contract, :mod:`boltzgen.flows.contract`): round trip (Euclidean <= 1e-10,
+rigid <= 1e-8, rotations up to sign and positions modulo the box), inverse log-det =
+−forward log-det, log-det against the autograd Jacobian projected to the tangent spaces
+(identity for Euclidean coordinates; q⊗i, q⊗j, q⊗k per quaternion) in both directions,
+gradients reaching every parameter, state_dict round trip giving the same outputs bit for bit,
+context handling (None accepted, a context refused with a clear error: no flow here is
+conditional), the prior and ``sample_and_log_prob`` (the prior's draws pushed forward, log q
+equal to ``log_prob`` of the samples), sampling without autograd, float64 throughout, input
+checks, identity at initialisation (Euclidean flows), batch shapes, and flip equivariance on S³
+(the rigid flows except the rotation-vector baseline, which ignores the double cover).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from boltzgen.flows import FLOWS, Flow, build_flow
+from boltzgen.layouts import LAYOUTS, Layout, MoleculeLayout, ParticleLayout, VectorLayout
+from boltzgen.priors import GaussianPrior, UniformRigidPrior
+from boltzgen.rigid.bodies import RigidLayout
+from boltzgen.rigid.quaternions import tangent_basis
+from tests.flow_helpers import (
+    BOX,
+    NO_BOX,
+    RANDOM_SCALE,
+    SMALL,
+    WITH_BOX,
+    perturb,
+    randomize,
+    rigid_flow_input,
+)
+
+# The affine flow at initialisation is the identity bit for bit; the spline evaluates
+# y_k + h_k ξ with ξ = (x - x_k) / w_k and h_k = w_k, exact only up to a few ulps.
+IDENTITY_ATOL = {"affine_coupling": 0.0, "spline_coupling": 1e-13}
+RIGID_SMALL = {"channels": 8, "heads": 2}
+
+
+@dataclass
+class Case:
+    """A flow kind on a layout: its settings, how it is moved from its start, its inputs."""
+
+    kind: str
+    layout: Layout
+    settings: dict = field(default_factory=dict)
+    flip_equivariant: bool = False  # f(−q) = −f(q) body by body, same log-det
+
+    @property
+    def rigid(self) -> bool:
+        return isinstance(self.layout, RigidLayout)
+
+    @property
+    def round_trip_atol(self) -> float:
+        return 1e-8 if self.rigid else 1e-10
+
+    @property
+    def log_det_atol(self) -> float:
+        return 1e-6 if self.rigid else 1e-10
+
+    def fresh(self, seed: int = 0) -> Flow:
+        torch.manual_seed(seed)
+        return build_flow(self.layout, {"kind": self.kind, **self.settings})
+
+    def flow(self, seed: int = 0) -> Flow:
+        """The flow with parameters away from the identity: random for the Euclidean flows,
+        perturbed by 0.2 N(0, 1) for the rigid ones (their S³ maps need |q| < 1)."""
+        if self.rigid:
+            return perturb(self.fresh(), scale=0.2)
+        return randomize(self.fresh(), RANDOM_SCALE[self.kind], seed)
+
+    def points(self, n: int, seed: int = 1, spread: float = 1.0) -> torch.Tensor:
+        """n points (n, dim) in the flow's domain: 1.5 spread N(0, I), or random rigid states."""
+        if self.rigid:
+            return rigid_flow_input(self.layout, n, seed)
+        gen = torch.Generator().manual_seed(seed)
+        return 1.5 * spread * torch.randn((n, self.layout.dim), generator=gen,
+                                          dtype=torch.float64)
+
+
+def _euclidean_cases() -> dict[str, Case]:
+    cases = {}
+    for kind in ("affine_coupling", "spline_coupling"):
+        for dim in (2, 3, 6):
+            cases[f"{kind}-vector{dim}"] = Case(kind, VectorLayout(dim), SMALL[kind])
+    # DW4's layout (Helmert coordinates, R^6) and a molecule's Cartesian coordinates (R^9).
+    cases["affine_coupling-particles"] = Case("affine_coupling", ParticleLayout(4, 2, True),
+                                              SMALL["affine_coupling"])
+    cases["spline_coupling-molecule"] = Case("spline_coupling", MoleculeLayout(3, ("O", "H", "H"),
+                                                                               ((0, 1), (0, 2))),
+                                             SMALL["spline_coupling"])
+    return cases
+
+
+CASES: dict[str, Case] = {
+    **_euclidean_cases(),
+    "rigid_double_mobius_box": Case("rigid_body", WITH_BOX, {
+        "rotation_layer": "double_mobius", "position_layer": "circle_mobius", "n_blocks": 2,
+        **RIGID_SMALL, "attention_blocks": 1, "mixture_components": 3}, flip_equivariant=True),
+    "rigid_convex_gradient_box": Case("rigid_body", WITH_BOX, {
+        "rotation_layer": "convex_gradient", "position_layer": "circular_spline", "n_blocks": 1,
+        **RIGID_SMALL, "attention_blocks": 1, "convex_terms": 6}, flip_equivariant=True),
+    "rigid_double_mobius_single_body": Case("rigid_body", RigidLayout(1), {
+        "rotation_layer": "double_mobius", "n_blocks": 2, **RIGID_SMALL,
+        "rotation_layers_per_block": 2}, flip_equivariant=True),
+    # The tetrahedron spec's convex-gradient flow: one body, a near-polyhedral potential (m = 8).
+    "rigid_convex_gradient_exponent_8": Case("rigid_body", RigidLayout(1), {
+        "rotation_layer": "convex_gradient", "n_blocks": 2, **RIGID_SMALL, "convex_terms": 6,
+        "convex_exponent": 8}, flip_equivariant=True),
+    "rigid_double_mobius_complex_centres": Case("rigid_body", RigidLayout(1), {
+        "rotation_layer": "double_mobius", "n_blocks": 2, **RIGID_SMALL,
+        "mixture_components": 3, "axial_layer": "axial_circle_mobius"}, flip_equivariant=True),
+    "rigid_thermal_scaling_box": Case("rigid_body", WITH_BOX, {
+        "rotation_layer": "double_mobius", "n_blocks": 1, **RIGID_SMALL, "attention_blocks": 1,
+        "thermal_scaling": True}, flip_equivariant=True),
+    "rotation_vector_spline": Case("rotation_vector_spline", NO_BOX,
+                                   {"n_layers": 2, "hidden": 8}),
+}
+EUCLIDEAN = [key for key, case in CASES.items() if not case.rigid]
+
+
+def test_every_flow_kind_and_layout_kind_has_a_case() -> None:
+    """A flow or layout registered without a case here fails this test (add one to CASES)."""
+    assert {case.kind for case in CASES.values()} == set(FLOWS)
+    assert {case.layout.kind for case in CASES.values()} == set(LAYOUTS)
+    for kind, cls in FLOWS.items():
+        assert issubclass(cls, Flow), kind
+        assert cls.accepts and set(cls.accepts) <= set(LAYOUTS), kind
+        assert isinstance(cls.needs_autograd_for_sampling, bool), kind
+        assert isinstance(cls.takes_context, bool), kind
+
+
+# -- maps and log-dets ----------------------------------------------------------------------
+
+
+def distance(case: Case, a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest coordinate difference; rotations up to sign, positions modulo the box."""
+    if not case.rigid:
+        return float((a - b).detach().abs().max())
+    layout = case.layout
+    pa, qa = layout.split(a.detach())
+    pb, qb = layout.split(b.detach())
+    out = float(torch.minimum((qa - qb).abs().amax(-1), (qa + qb).abs().amax(-1)).max())
+    if pa is not None:
+        edges = BOX.tensor(pa)
+        wrapped = torch.remainder(pa - pb + edges / 2, edges) - edges / 2
+        out = max(out, float(wrapped.abs().max()))
+    return out
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_round_trip_and_inverse_log_det(key: str) -> None:
+    case = CASES[key]
+    flow = case.flow()
+    x = case.points(16)
+    y, log_det = flow(x)
+    x_back, log_det_inv = flow.inverse(y)
+    assert distance(case, y, x) > 1e-3, "the perturbed flow should not be the identity"
+    assert distance(case, x_back, x) <= case.round_trip_atol
+    assert (log_det + log_det_inv).abs().max() <= case.round_trip_atol
+    # and the other way round
+    x_in, log_det_in = flow.inverse(x)
+    y2, log_det2 = flow(x_in)
+    assert distance(case, y2, x) <= case.round_trip_atol
+    assert (log_det2 + log_det_in).abs().max() <= case.round_trip_atol
+    if case.rigid and case.layout.pinned_positions:
+        positions, _ = case.layout.split(x)
+        back, _ = case.layout.split(x_back)
+        for body in case.layout.pinned_positions:
+            assert torch.equal(back[:, body], positions[:, body])  # pinned: untouched
+
+
+def tangent_frame(case: Case, point: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis (dim, d) of the tangent space at ``point``: the identity for
+    Euclidean coordinates and positions, q⊗i, q⊗j, q⊗k for every quaternion."""
+    if not case.rigid:
+        return torch.eye(point.numel(), dtype=point.dtype)
+    positions, q = case.layout.split(point)
+    blocks = [] if positions is None else [torch.eye(positions.numel(), dtype=point.dtype)]
+    return torch.block_diag(*blocks, *[tangent_basis(qi) for qi in q])
+
+
+def projected_log_det(case: Case, fn: Callable, point: torch.Tensor) -> torch.Tensor:
+    """log|det E_outᵀ J E_in| of one point's autograd Jacobian J of the embedded map."""
+    jac = torch.autograd.functional.jacobian(lambda v: fn(v[None])[0][0], point)
+    image = fn(point[None])[0][0]
+    frame_in, frame_out = tangent_frame(case, point), tangent_frame(case, image)
+    sign, log_abs_det = torch.linalg.slogdet(frame_out.T @ jac @ frame_in)
+    assert sign != 0
+    return log_abs_det
+
+
+@pytest.mark.parametrize("key", list(CASES))
+@pytest.mark.parametrize("inverse", [False, True])
+def test_log_det_matches_autograd_jacobian(key: str, inverse: bool) -> None:
+    """Three ordinary points and, for Euclidean flows, two wide ones (spline tails)."""
+    case = CASES[key]
+    flow = case.flow(seed=3)
+    points = case.points(3, seed=4)
+    if not case.rigid:
+        points = torch.cat([points, case.points(2, seed=7, spread=2.5)])
+    if inverse:  # points on the target side
+        points = flow(points)[0].detach()
+    fn = flow.inverse if inverse else flow
+    for point in points:
+        reference = projected_log_det(case, fn, point)
+        assert (fn(point[None])[1][0] - reference).abs() <= case.log_det_atol
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_gradients_reach_every_parameter(key: str) -> None:
+    case = CASES[key]
+    flow = case.flow(seed=5)
+    x = case.points(32)
+    g = torch.Generator().manual_seed(9)
+    y, log_det = flow(x)
+    x_back, log_det_inv = flow.inverse(x)
+    weights = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    loss = (log_det.sum() + log_det_inv.sum() + (torch.sin(y) * weights).sum()
+            + (torch.sin(x_back) * weights).sum())
+    loss.backward()
+    for name, p in flow.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().max() > 0, name
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_state_dict_round_trip_gives_the_same_flow(key: str, tmp_path) -> None:
+    case = CASES[key]
+    flow = case.flow(seed=6)
+    x = case.points(8)
+    y, log_det = flow(x)
+    x_back, log_det_inv = flow.inverse(y)
+    torch.save(flow.state_dict(), tmp_path / "flow.pt")
+    clone = case.fresh(seed=123)
+    clone.load_state_dict(torch.load(tmp_path / "flow.pt", weights_only=True))
+    for got, want in zip((*clone(x), *clone.inverse(y)), (y, log_det, x_back, log_det_inv),
+                         strict=True):
+        assert torch.equal(got, want)
+
+
+# -- context, prior, sampling, dtypes -------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_context_none_is_accepted_and_a_context_refused(key: str) -> None:
+    """No flow here is conditional: context=None is the plain map, and a context raises
+    ValueError naming the argument (never silently ignored)."""
+    case = CASES[key]
+    flow = case.flow()
+    assert not flow.takes_context
+    x = case.points(4)
+    for got, want in zip((*flow(x, context=None), *flow.inverse(x, None)),
+                         (*flow(x), *flow.inverse(x)), strict=True):
+        assert torch.equal(got, want)
+    context = torch.zeros(4, 2, dtype=torch.float64)
+    for call in (lambda: flow(x, context), lambda: flow.inverse(x, context=context),
+                 lambda: flow.log_prob(x, context=context),
+                 lambda: flow.sample_and_log_prob(4, context)):
+        with pytest.raises(ValueError, match=r"context: \w+ takes no context; pass None"):
+            call()
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_prior_and_sample_and_log_prob(key: str) -> None:
+    """The flow owns its prior (Gaussian N(0, I) on Euclidean layouts, uniform on rigid
+    ones); ``sample_and_log_prob`` pushes the prior's draws (same generator, same numbers)
+    forward with log q = log p(x) − log|det J|, which ``log_prob`` of the samples reproduces;
+    under ``sampling_context`` nothing needs grad."""
+    case = CASES[key]
+    flow = case.flow()
+    assert isinstance(flow.prior, UniformRigidPrior if case.rigid else GaussianPrior)
+    assert flow.prior in list(flow.modules()) and not list(flow.prior.state_dict())
+    assert flow.needs_autograd_for_sampling is False
+    with flow.sampling_context():
+        y, log_q = flow.sample_and_log_prob(64, generator=torch.Generator().manual_seed(4))
+    assert not y.requires_grad and not log_q.requires_grad
+    assert y.shape == (64, case.layout.dim) and log_q.shape == (64,)
+    assert y.dtype == log_q.dtype == torch.float64
+    x = flow.prior.sample(64, torch.Generator().manual_seed(4))
+    y_ref, log_det = flow(x)
+    assert torch.equal(y, y_ref.detach())
+    assert torch.equal(log_q, (flow.prior.log_prob(x) - log_det).detach())
+    with torch.no_grad():
+        assert (flow.log_prob(y) - log_q).abs().max() <= 10 * case.round_trip_atol
+    torch.testing.assert_close(flow.prior.reduced_energy(x), -flow.prior.log_prob(x))
+    with flow.sampling_context():
+        assert torch.equal(flow.sample(64, generator=torch.Generator().manual_seed(4)), y)
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_float64_and_input_checks(key: str) -> None:
+    case = CASES[key]
+    flow = case.flow()
+    assert all(p.dtype == torch.float64 for p in flow.parameters())
+    x = case.points(3)
+    y, log_det = flow(x)
+    assert y.dtype == log_det.dtype == torch.float64 and log_det.shape == (3,)
+    with pytest.raises(TypeError, match="float64"):
+        flow(x.float())
+    with pytest.raises(ValueError, match=r"x: shape \(3, 5\)"):
+        flow(torch.zeros(3, 5, dtype=torch.float64))
+    if case.rigid:
+        positions, q = case.layout.split(x)
+        with pytest.raises(ValueError, match=r"x \(quaternions\): a quaternion has norm 1\.1"):
+            flow(case.layout.join(positions, q * 1.1))
+        bad = x.clone()
+        bad[0, -1] = float("nan")
+        with pytest.raises(ValueError, match="non-finite"):
+            flow.inverse(bad)
+    else:
+        with pytest.raises(ValueError, match=r"y: shape \(3, 5\)"):
+            flow.inverse(torch.zeros(3, 5, dtype=torch.float64))
+        with pytest.raises(ValueError, match="n_layers"):
+            build_flow(case.layout, {"kind": case.kind, "n_layers": 2.5})
+        with pytest.raises(TypeError, match="n_layers"):
+            FLOWS[case.kind](case.layout, n_layers=2.5)
+
+
+# -- Euclidean flows: identity start and batch shapes ---------------------------------------
+
+
+@pytest.mark.parametrize("key", EUCLIDEAN)
+def test_identity_at_initialisation(key: str) -> None:
+    case = CASES[key]
+    flow = build_flow(case.layout, {"kind": case.kind, "n_layers": 3, "hidden": 8})
+    x = case.points(10)
+    x[0] = 10.0  # in the spline's tails (default bound 5)
+    y, logdet = flow(x)
+    assert y.dtype == torch.float64 and logdet.shape == (10,)
+    atol = IDENTITY_ATOL[case.kind]
+    torch.testing.assert_close(y, x, rtol=0, atol=atol)
+    torch.testing.assert_close(logdet, x.new_zeros(10), rtol=0, atol=atol)
+    x_back, logdet_inv = flow.inverse(x)
+    torch.testing.assert_close(x_back, x, rtol=0, atol=atol)
+    torch.testing.assert_close(logdet_inv, x.new_zeros(10), rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("key", EUCLIDEAN)
+def test_batch_shapes(key: str) -> None:
+    case = CASES[key]
+    flow = case.flow(seed=6)
+    dim = case.layout.dim
+    x = case.points(12).reshape(3, 4, dim)
+    y, logdet = flow(x)
+    assert y.shape == (3, 4, dim) and logdet.shape == (3, 4)
+    x_back, logdet_inv = flow.inverse(y)
+    assert x_back.shape == (3, 4, dim) and logdet_inv.shape == (3, 4)
+    flat_y, flat_logdet = flow(x.reshape(12, dim))
+    torch.testing.assert_close(y.reshape(12, dim), flat_y, rtol=0, atol=1e-14)
+    torch.testing.assert_close(logdet.reshape(12), flat_logdet, rtol=0, atol=1e-12)
+
+
+# -- rigid flows: S³ sign flips -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", [k for k, c in CASES.items() if c.flip_equivariant])
+def test_flip_equivariance(key: str) -> None:
+    """f(−q) = −f(q) body by body with the same log-det and positions."""
+    case = CASES[key]
+    flow = case.flow()
+    layout = case.layout
+    x = case.points(6)
+    positions, q = layout.split(x)
+    signs = torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0, 1.0], dtype=torch.float64)
+    signs = signs[:, None].expand(6, layout.n_bodies).clone()
+    signs[:, -1] *= -1
+    y, ld = flow(x)
+    y_flip, ld_flip = flow(layout.join(positions, q * signs[..., None]))
+    p_out, q_out = layout.split(y)
+    p_flip, q_flip = layout.split(y_flip)
+    assert (q_flip - q_out * signs[..., None]).abs().max() <= 1e-10
+    assert (ld_flip - ld).abs().max() <= 1e-9
+    if p_out is not None:
+        assert (p_flip - p_out).abs().max() <= 1e-10
+
+
+def test_flip_equivariance_covers_every_rigid_flow_but_the_baseline() -> None:
+    """Every S³ flow is flip-equivariant; only the rotation-vector baseline is exempt (it
+    ignores the double cover by design and returns canonical signs)."""
+    exempt = {c.kind for c in CASES.values() if c.rigid and not c.flip_equivariant}
+    assert exempt == {"rotation_vector_spline"}
+
+
+# -- building and checkpoints ---------------------------------------------------------------
+
+
+def test_build_flow_names_the_flows_that_suit_the_layout() -> None:
+    with pytest.raises(ValueError, match=r"flow\.kind: 'rigid_body' needs a rigid-body system, "
+                       r"but this system's coordinates are 4 particles in 2-D, centre of mass "
+                       r"removed; choose one of affine_coupling, spline_coupling$"):
+        build_flow(ParticleLayout(4, 2, True), {"kind": "rigid_body"})
+    with pytest.raises(ValueError, match=r"flow\.kind: 'spline_coupling' acts on R\^dim, but "
+                       r"this system's coordinates are rigid bodies \(torus × S³\); choose one "
+                       r"of rigid_body, rotation_vector_spline$"):
+        build_flow(WITH_BOX, {"kind": "spline_coupling"})
+    with pytest.raises(ValueError, match=r"flow\.kind: 'glow' is not a known flow; choose one "
+                       r"of affine_coupling, spline_coupling, rigid_body, rotation_vector_spline"):
+        build_flow(3, {"kind": "glow"})
+    with pytest.raises(ValueError, match=r"flow\.layout: the rotation-vector baseline"):
+        build_flow(WITH_BOX, {"kind": "rotation_vector_spline"})
+    with pytest.raises(ValueError, match=r"layout: AffineCouplingFlow acts on R\^dim; this "
+                       r"layout is rigid bodies \(S³\)"):
+        FLOWS["affine_coupling"](NO_BOX)
+
+
+@pytest.mark.parametrize("key", ["affine_coupling-particles", "rigid_double_mobius_box"])
+def test_checkpoints_store_layout_and_prior_and_older_ones_load(key: str) -> None:
+    """``load_flow`` rebuilds the flow, its layout and its prior from a checkpoint; one saved
+    before layouts and priors were stored takes its system's layout (or R^dim) and the prior
+    given (or the layout's default); one with neither layout, system nor dim is refused."""
+    import io
+
+    from boltzgen.pipeline import load_flow
+    from boltzgen.priors import prior_from_dict
+
+    case = CASES[key]
+    flow = case.flow()
+    prior = prior_from_dict(case.layout, {"kind": "gaussian", "scale": 2.0} if not case.rigid
+                            else {"kind": "uniform"})
+    flow.prior = prior
+    settings = {"kind": case.kind, **case.settings}
+    system = {"kind": "dw4"} if not case.rigid else None
+
+    def saved(**extra) -> bytes:
+        buffer = io.BytesIO()
+        torch.save({"state_dict": flow.state_dict(), "flow_config": settings, **extra}, buffer)
+        return buffer.getvalue()
+
+    x = case.points(4)
+    y, log_det = flow(x)
+    current = load_flow(saved(dim=case.layout.dim, layout=case.layout.to_dict(),
+                              prior=prior.to_dict()))
+    assert current.layout == case.layout and current.prior.to_dict() == prior.to_dict()
+    assert not current.training
+    for got, want in zip(current(x), (y, log_det), strict=True):
+        assert torch.equal(got, want)
+    if system is not None:  # before layouts: the system's (DW4: its particle layout)
+        old = load_flow(saved(dim=6, system=system), prior=prior)
+        assert old.layout == case.layout and old.prior is prior
+        oldest = load_flow(saved(dim=6))
+        assert oldest.layout == VectorLayout(6) and oldest.prior.to_dict() == {
+            "kind": "gaussian", "scale": 1.0}
+        assert torch.equal(oldest(x)[0], y)
+    with pytest.raises(ValueError, match="checkpoint: it holds neither a layout nor a system"):
+        load_flow(saved())
+
+
+def test_a_flow_that_needs_autograd_is_sampled_with_gradients_on() -> None:
+    """``sampling_context`` is ``no_grad`` for today's flows and a null context for a flow that
+    declares ``needs_autograd_for_sampling``; the sampling stage's batches come back detached."""
+    from boltzgen.flows import AffineCouplingFlow
+    from boltzgen.pipeline.sampling import _batched
+
+    class AutogradFlow(AffineCouplingFlow):
+        needs_autograd_for_sampling = True
+
+        def _run(self, x, name, inverse):
+            assert torch.is_grad_enabled()
+            x = x.detach().requires_grad_(True)  # e.g. an exact divergence by autograd
+            y, log_det = super()._run(x, name, inverse)
+            torch.autograd.grad(y.sum(), x, retain_graph=True)
+            return y, log_det
+
+    flow = AutogradFlow(2, n_layers=2, hidden=4)
+    with flow.sampling_context():
+        y, log_det = _batched(flow.forward, torch.zeros(5, 2, dtype=torch.float64), 2)
+        y_q, log_q = flow.sample_and_log_prob(3)
+    assert not y.requires_grad and not log_det.requires_grad and y.shape == (5, 2)
+    assert y_q.requires_grad and log_q.shape == (3,)
+    with CASES["affine_coupling-vector2"].flow().sampling_context():
+        assert not torch.is_grad_enabled()
