@@ -101,7 +101,7 @@ class Plan:
         that hold a GPU; checked when the plan is made)."""
         openmm = openmm_roles(job.config)
         asks: dict[str, dict[str, Any]] = {}
-        for stage, role in (("reference", "mcmc"), ("train", "trainer"), ("sample", "sampler"),
+        for stage, role in (("reference", "reference"), ("train", "trainer"), ("sample", "sampler"),
                             ("energy", "energy_evaluator"), ("estimate", "sampler")):
             res = self.resources[role]
             asks[stage] = {"role": role, "cpus": res["cpus"], "gpus": res["gpus"],
@@ -332,14 +332,14 @@ GPU_PLATFORMS = ("CUDA", "OpenCL")
 
 def openmm_roles(config: JobConfig) -> set[str]:
     """The actor roles that run OpenMM for a job: the EnergyEvaluators (also for training,
-    which sends its energies to them) with the OpenMM backend, and the MCMC actors when the
-    reference is MD."""
+    which sends its energies to them) with the OpenMM backend, and the reference actors when
+    the reference is MD."""
     roles = {"energy_evaluator"} if config.energy.backend == "openmm" else set()
-    return roles | ({"mcmc"} if config.reference.sampler == "md" else set())
+    return roles | ({"reference"} if config.reference.sampler == "md" else set())
 
 
 def _check_gpu_platforms(jobs: list[Job], resources: dict[str, dict[str, Any]]) -> None:
-    """OpenMM on a GPU platform runs in the MCMC actors (MD) and the EnergyEvaluators: they
+    """OpenMM on a GPU platform runs in the reference actors (MD) and the EnergyEvaluators: they
     must hold a GPU (Ray >= 2.60 shows GPUs to actors that asked for none, so nothing else
     would stop them from sharing a GPU nobody reserved)."""
     for job in jobs:

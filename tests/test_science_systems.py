@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from boltzgen.states import NormalBase, ThermodynamicBase
+from boltzgen.bases import NormalBase, ThermodynamicBase
 from boltzgen.systems import (
     DW4,
     SYSTEMS,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from boltzgen._files import write_atomically
+from boltzgen.bases import AnalyticBase, ThermodynamicBase
 from boltzgen.flows import build_flow
 from boltzgen.pipeline.energies import BatchEnergy
 from boltzgen.pipeline.problem import (
@@ -25,7 +26,6 @@ from boltzgen.pipeline.problem import (
     stage_seed,
 )
 from boltzgen.pipeline.reference import ReferenceData
-from boltzgen.states import AnalyticBase, ThermodynamicBase
 from boltzgen.systems import make_system
 from boltzgen.training import TrainingState, train_flow
 

@@ -39,13 +39,14 @@ def job_graph(config: Mapping[str, Any], job_id: str, work_dir: str | None,
     from boltzgen.pipeline.reference import md_runs
 
     config = dict(config)
-    md = [TaskSpec(key=f"md-{key}", role="mcmc", stage="reference",
-                   function=f"{MODULE}:md_run_task", label=f"MD {temperature:.1f} K",
-                   description="MD run",
+    md = [TaskSpec(key=f"md-{key}", role="reference", stage="reference",
+                   # Its own module: an actor that only runs MD does not import PyTorch for it.
+                   function="boltzgen.pipeline.md_task:md_run_task",
+                   label=f"MD {temperature:.1f} K", description="MD run",
                    args={"config": config, "temperature": temperature, "work_dir": work_dir})
           for key, temperature in md_runs(config)]
     reference = TaskSpec(
-        key=stage_key("reference", config), role="mcmc", stage="reference",
+        key=stage_key("reference", config), role="reference", stage="reference",
         function=f"{MODULE}:reference_task", args={"config": config, "work_dir": work_dir},
         inputs={"md_runs": tuple(task.key for task in md)} if md else {}, cache=True,
         # A job whose MD is done goes ahead of queued MD runs: it can train while other
@@ -83,18 +84,6 @@ def job_graph(config: Mapping[str, Any], job_id: str, work_dir: str | None,
 
 
 # -- task functions: (ctx, **args, **inputs) ----------------------------------------------------
-
-def md_run_task(ctx: TaskContext, config: Mapping[str, Any], temperature: float,
-                work_dir: str | None) -> float:
-    """One MD run of a ladder into the work directory's MD cache; seconds it took (0 if it
-    was there)."""
-    from boltzgen.pipeline.reference import run_md_rung
-
-    if work_dir is None:
-        raise ValueError("work_dir: None is not allowed for reference.sampler 'md'; MD frames "
-                         "are cached in the campaign's work directory")
-    return run_md_rung(config, temperature, work_dir, ctx.threads)
-
 
 def reference_task(ctx: TaskContext, config: Mapping[str, Any], work_dir: str | None,
                    md_runs: Sequence[float] = ()) -> Any:
@@ -177,7 +166,7 @@ def estimate_task(ctx: TaskContext, config: Mapping[str, Any], reference: Any, s
     """Estimates and figures (PNG files in ``plot_dir``, for the driver to log)."""
     import tempfile
 
-    from boltzgen.pipeline.report import estimate_and_plot
+    from boltzgen.pipeline.estimate_report import estimate_and_plot
 
     plot_dir = plot_dir or tempfile.mkdtemp(prefix="boltzgen-plots-")
     return estimate_and_plot(config, reference, samples, potentials, plot_dir)

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from boltzgen.bases import NormalBase, ThermodynamicBase, UniformBase
 from boltzgen.flows import build_flow
-from boltzgen.states import NormalBase, ThermodynamicBase, UniformBase
 from boltzgen.systems import System, make_system
 
 EnergyFunction = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from boltzgen.bases import ThermodynamicBase
 from boltzgen.estimators import mbar_ladder
 from boltzgen.mcmc import decorrelated, replica_exchange
 from boltzgen.md import MDProtocol, cache_key, cached_md, held_out_blocks
@@ -24,7 +25,6 @@ from boltzgen.pipeline.problem import (
     seed_of,
     stage_seed,
 )
-from boltzgen.states import ThermodynamicBase
 from boltzgen.systems import make_system
 
 

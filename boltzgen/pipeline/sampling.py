@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from boltzgen.bases import AnalyticBase
 from boltzgen.pipeline.flow_training import TrainedFlow, load_flow
 from boltzgen.pipeline.problem import Problem, check_injected_failure, float64_tensor, stage_seed
 from boltzgen.pipeline.reference import ReferenceData
-from boltzgen.states import AnalyticBase
 
 
 @dataclass
