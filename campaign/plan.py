@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from boltzgen.flows import FLOW_KINDS, RIGID_FLOW_KINDS, build_flow
 from boltzgen.md import MDProtocol, held_out_blocks
-from boltzgen.systems import System, make_system
+from boltzgen.systems import SYSTEMS, System, make_system
 from campaign.errors import SpecError
 from campaign.spec import (
     JOB_SECTIONS,
@@ -332,9 +332,12 @@ GPU_PLATFORMS = ("CUDA", "OpenCL")
 
 def openmm_roles(config: JobConfig) -> set[str]:
     """The actor roles that run OpenMM for a job: the EnergyEvaluators (also for training,
-    which sends its energies to them) with the OpenMM backend, and the reference actors when
-    the reference is MD."""
+    which sends its energies to them) with the OpenMM backend, the trainers and EnergyEvaluators
+    with the torch backend of a system whose potential is OpenMM (ice), and the reference
+    actors when the reference is MD."""
     roles = {"energy_evaluator"} if config.energy.backend == "openmm" else set()
+    if config.energy.backend == "torch" and SYSTEMS[config.system.kind].potential_runs_openmm:
+        roles |= {"trainer", "energy_evaluator"}
     return roles | ({"reference"} if config.reference.sampler == "md" else set())
 
 

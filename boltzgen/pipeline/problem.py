@@ -50,6 +50,7 @@ class Problem:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Problem:
         system = make_system(config["system"])
+        system.set_openmm_platform((config.get("energy") or {}).get("platform", "CPU"))
         base_cfg = config["base"]
         if base_cfg["kind"] == "normal":
             base: NormalBase | UniformBase | ThermodynamicBase = NormalBase(system.dim,
