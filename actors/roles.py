@@ -174,7 +174,7 @@ class EnergyEvaluatorActor(TaskWorker):
 
 
 ROLE_CLASSES: dict[str, type[TaskWorker]] = {
-    "mcmc": ReferenceSamplerActor,
+    "reference": ReferenceSamplerActor,
     "trainer": TrainerActor,
     "sampler": SamplerActor,
     "energy_evaluator": EnergyEvaluatorActor,

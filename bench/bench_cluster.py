@@ -58,7 +58,7 @@ def spec_data(n_jobs: int, nodes: int, name: str, full_size: bool = False) -> di
     data["grid"][0]["temperature"] = temperatures
     data["grid"][1]["temperature"] = temperatures
     data["resources"] = {role: {"count": nodes, "cpus": 0.25}
-                         for role in ("mcmc", "trainer", "sampler", "energy_evaluator")}
+                         for role in ("reference", "trainer", "sampler", "energy_evaluator")}
     return data
 
 

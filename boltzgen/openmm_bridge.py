@@ -1,10 +1,16 @@
-"""Energies and forces of batches of configurations from OpenMM.
+"""Energies and forces of batches of configurations from OpenMM, and the one bridge between
+them and PyTorch's autograd.
 
 An ``openmm.System`` pickles (as XML); an ``openmm.Context`` does not. :class:`OpenMMEvaluator`
 therefore carries the System's XML and builds its Context lazily, in the process that evaluates
-(an EnergyEvaluator actor), on an explicitly named platform with an explicit CPU thread count.
-Nothing here chooses a GPU by itself: Ray >= 2.60 leaves GPUs visible to actors that asked for
-none, so the platform is always the caller's decision.
+(an EnergyEvaluator actor, or a system's own potential in this process), on an explicitly named
+platform with an explicit CPU thread count. Nothing here chooses a GPU by itself: Ray >= 2.60
+leaves GPUs visible to actors that asked for none, so the platform is always the caller's
+decision (the job's ``energy.platform``).
+
+:class:`BatchEnergy` makes any batch energy function x -> (U, ∇U) differentiable in torch:
+the EnergyEvaluator pool's energies in training (flow coordinates) and ice's own potential
+(site positions, ∇U = −F) both go through it.
 
 Units: positions in nm, energies in kJ/mol, forces in kJ/mol/nm (OpenMM's own). Toy systems
 written as OpenMM Systems read these numbers in their own reduced units.
@@ -12,12 +18,39 @@ written as OpenMM Systems read these numbers in their own reduced units.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 PLATFORMS = ("CPU", "Reference", "CUDA", "OpenCL")
+
+BatchEnergyFunction = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""x (B, ...) -> (U (B,), ∇U shaped like x), numpy arrays in the caller's energy units."""
+
+
+class BatchEnergy(torch.autograd.Function):
+    """U(x) (B,) float64 from a batch energy function x -> (U, ∇U) computed outside torch (numpy,
+    OpenMM, another process), with ∇U as the gradient; x is (B, ...) of any trailing shape.
+
+    Non-finite U stay non-finite: a non-finite loss makes training skip that step before any
+    gradient is used, so nothing is zeroed here.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, energy: BatchEnergyFunction) -> torch.Tensor:
+        u, grad = energy(x.detach().cpu().numpy())
+        ctx.save_for_backward(torch.as_tensor(np.asarray(grad, dtype=np.float64),
+                                              device=x.device))
+        return torch.as_tensor(np.asarray(u, dtype=np.float64), device=x.device)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (grad,) = ctx.saved_tensors
+        # dL/dx_b = dL/dU_b ∇U_b, the per-row factor broadcast over x's trailing axes.
+        return grad_output.reshape(-1, *(1,) * (grad.ndim - 1)) * grad, None
 
 
 @dataclass
@@ -67,6 +100,8 @@ class OpenMMEvaluator:
 
         Virtual sites' positions are recomputed from their parents; their forces come back as 0
         (OpenMM has moved them onto the parent atoms), so −F is ∇U over the real atoms.
+        A frame with a non-finite position gets U = NaN and F = 0 without reaching OpenMM
+        (which would raise), so that one bad sample costs its own weight, not the batch.
         """
         positions = np.asarray(positions, dtype=np.float64)
         if positions.ndim != 3 or positions.shape[-1] != 3:
@@ -76,9 +111,11 @@ class OpenMMEvaluator:
         from openmm import unit
 
         context = self.context()
-        energies = np.empty(len(positions))
-        forces = np.empty_like(positions)
+        energies = np.full(len(positions), np.nan)
+        forces = np.zeros_like(positions)
         for i, frame in enumerate(positions):
+            if not np.isfinite(frame).all():
+                continue
             context.setPositions(frame)
             # Virtual sites (e.g. TIP4P M sites) follow the real atoms before evaluation.
             context.computeVirtualSites()
@@ -92,3 +129,25 @@ class OpenMMEvaluator:
         forces[:, self._virtual] = 0.0
         del openmm
         return energies, forces
+
+    def energies_and_gradients(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """positions (B, n_particles, 3) nm -> U (B,) kJ/mol, ∇U = −F (B, n_particles, 3): the
+        batch energy function of :class:`BatchEnergy` over particle positions."""
+        energies, forces = self.energies_and_forces(positions)
+        return energies, -forces
+
+
+def openmm_energy_function(system: Any, platform: str = "CPU", threads: int = 1
+                           ) -> BatchEnergyFunction:
+    """x (B, dim) flow coordinates -> (U (B,) kJ/mol, ∇U (B, dim)) by ``system``'s OpenMM form
+    on ``platform``; the Context is built on first use, in the calling process."""
+    import openmm
+
+    evaluator = OpenMMEvaluator(openmm.XmlSerializer.serialize(system.openmm_system()),
+                                platform=platform, threads=threads)
+
+    def energy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        u, forces = evaluator.energies_and_forces(system.openmm_positions(x))
+        return u, system.flow_gradient(forces, x)
+
+    return energy

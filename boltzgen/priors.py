@@ -8,7 +8,7 @@ A flow T with prior p defines the density of y = T(x), x ~ p,
 ``nn.Module`` so that a trainable prior is just a module with parameters; the priors here have
 none (and no buffers: they add nothing to a flow's ``state_dict``). Densities are normalized,
 so the base state of a free-energy job built on a prior has f_A = −ln 1 = 0
-(:mod:`boltzgen.states`). Kinds (registry :data:`PRIORS`):
+(:mod:`boltzgen.bases`). Kinds (registry :data:`PRIORS`):
 
 - ``gaussian``: N(0, s² I) in the flow coordinates of a Euclidean layout,
   log p(x) = −|x|² / (2 s²) − dim ln s − (dim / 2) ln 2π;

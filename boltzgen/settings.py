@@ -95,7 +95,7 @@ Fraction = Annotated[Number, AfterValidator(_fraction)]
 # -- choices by name ----------------------------------------------------------------------------
 
 REGISTRIES: dict[str, str] = {
-    "base": "boltzgen.states:BASES",
+    "base": "boltzgen.bases:BASES",
     "reference_sampler": "boltzgen.pipeline.samplers:REFERENCE_SAMPLERS",
     "objective": "boltzgen.objectives:OBJECTIVES",
     "energy_backend": "boltzgen.pipeline.energy_backends:ENERGY_BACKENDS",
@@ -147,7 +147,7 @@ class SystemSettings(BaseModel):
 
 class BaseSettings(Strict):
     """State A of the free-energy difference ΔF = f_target − f_A (``kind``: a registered base,
-    :data:`boltzgen.states.BASES`).
+    :data:`boltzgen.bases.BASES`).
 
     ``normal``: a normalized Gaussian N(0, scale²) in flow coordinates (f_A = 0 exactly), so
     ``delta_f`` is the absolute reduced free energy −ln Z of the target.

@@ -260,7 +260,7 @@ class RayBackend:
 
 
 def _role_name(role: str) -> str:
-    return {"energy_evaluator": "energy evaluator", "mcmc": "reference"}.get(role, role)
+    return {"energy_evaluator": "energy evaluator"}.get(role, role)
 
 
 BACKENDS = {"ray": RayBackend, "local": LocalBackend}

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from boltzgen.flows import FLOWS, build_flow
 from boltzgen.settings import FlowSettings, SystemSettings, registry
-from boltzgen.systems import System, make_system
+from boltzgen.systems import SYSTEMS, System, make_system
 from campaign.errors import SpecError
 from campaign.spec import (
     JOB_SECTIONS,
@@ -98,7 +98,7 @@ class Plan:
         that hold a GPU; checked when the plan is made)."""
         openmm = openmm_roles(job.config)
         asks: dict[str, dict[str, Any]] = {}
-        for stage, role in (("reference", "mcmc"), ("train", "trainer"), ("sample", "sampler"),
+        for stage, role in (("reference", "reference"), ("train", "trainer"), ("sample", "sampler"),
                             ("energy", "energy_evaluator"), ("estimate", "sampler")):
             res = self.resources[role]
             asks[stage] = {"role": role, "cpus": res["cpus"], "gpus": res["gpus"],
@@ -329,16 +329,19 @@ GPU_PLATFORMS = ("CUDA", "OpenCL")
 
 def openmm_roles(config: JobConfig) -> set[str]:
     """The actor roles that run OpenMM for a job: the EnergyEvaluators (also for training,
-    which sends its energies to them) with an energy backend that uses OpenMM, and the
-    reference-sampler actors when the reference sampler does (MD)."""
+    which sends its energies to them) with an energy backend that uses OpenMM, the trainers
+    and EnergyEvaluators with the torch backend of a system whose potential is OpenMM (ice),
+    and the reference-sampler actors when the reference sampler runs OpenMM (MD)."""
     backend = registry("energy_backend").get(config.energy.backend)
     sampler = registry("reference_sampler").get(config.reference.sampler)
-    return ({"energy_evaluator"} if backend.uses_openmm else set()) | (
-        {"mcmc"} if sampler.uses_openmm else set())
+    roles = {"energy_evaluator"} if backend.uses_openmm else set()
+    if not backend.uses_openmm and SYSTEMS[config.system.kind].potential_runs_openmm:
+        roles |= {"trainer", "energy_evaluator"}
+    return roles | ({"reference"} if sampler.uses_openmm else set())
 
 
 def _check_gpu_platforms(jobs: list[Job], resources: dict[str, dict[str, Any]]) -> None:
-    """OpenMM on a GPU platform runs in the MCMC actors (MD) and the EnergyEvaluators: they
+    """OpenMM on a GPU platform runs in the reference actors (MD) and the EnergyEvaluators: they
     must hold a GPU (Ray >= 2.60 shows GPUs to actors that asked for none, so nothing else
     would stop them from sharing a GPU nobody reserved)."""
     for job in jobs:

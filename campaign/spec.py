@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from boltzgen.settings import (
     JobSections,
@@ -54,10 +54,26 @@ class RoleResources(Strict):
 
 
 class Resources(Strict):
-    mcmc: RoleResources = RoleResources(count=1, cpus=0.25)
+    """Actor roles: ``reference`` runs the reference sampler (MD runs, replica-exchange MCMC,
+    exact sampling) and the reference ΔF."""
+
+    reference: RoleResources = RoleResources(count=1, cpus=0.25)
     trainer: RoleResources = RoleResources(count=2, cpus=0.5)
     sampler: RoleResources = RoleResources(count=1, cpus=0.25)
     energy_evaluator: RoleResources = RoleResources(count=2, cpus=0.25)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_role_name(cls, data: Any) -> Any:
+        """``mcmc``, the reference role's old name, still reads as ``reference`` (specs written
+        before the rename keep working); a spec that gives both is ambiguous and refused."""
+        if not isinstance(data, dict) or "mcmc" not in data:
+            return data
+        if "reference" in data:
+            raise SpecError("resources.mcmc", data["mcmc"], "mcmc is the old name of "
+                            "resources.reference, which this spec also gives; keep only "
+                            "resources.reference")
+        return {("reference" if key == "mcmc" else key): value for key, value in data.items()}
 
 
 class FaultTolerance(Strict):
@@ -173,6 +189,9 @@ def load_spec(path: str | Path) -> CampaignSpec:
 def spec_error_from_validation(exc: ValidationError, prefix: str) -> SpecError:
     """Turn pydantic's first error into one line: field, value, what is allowed."""
     error = exc.errors(include_url=False)[0]
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, SpecError):  # a validator that already wrote the whole line
+        return cause
     field = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
     field = f"{prefix}{field}" if field else prefix.rstrip(".") or "spec"
     kind = error["type"]

@@ -19,7 +19,7 @@ TINY_SPEC = {
     "training": {"objective": "maximum_likelihood", "steps": 300, "batch_size": 256,
                  "learning_rate": 0.003},
     "sampling": {"n_samples": 4000, "energy_batch_size": 2000},
-    "resources": {"mcmc": {"count": 1, "cpus": 0.25}, "trainer": {"count": 2, "cpus": 0.5},
+    "resources": {"reference": {"count": 1, "cpus": 0.25}, "trainer": {"count": 2, "cpus": 0.5},
                   "sampler": {"count": 1, "cpus": 0.25},
                   "energy_evaluator": {"count": 2, "cpus": 0.25}},
 }

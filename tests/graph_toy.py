@@ -19,8 +19,9 @@ def _log(work_dir: str, line: str) -> None:
 
 
 def toy_graph(config: dict[str, Any], job_id: str, work_dir: str) -> JobGraph:
-    data = [TaskSpec(key=f"data-{i}", role="mcmc", stage="reference", function=f"{MODULE}:data",
-                     args={"i": i, "work_dir": work_dir}) for i in range(3)]
+    data = [TaskSpec(key=f"data-{i}", role="reference", stage="reference",
+                     function=f"{MODULE}:data", args={"i": i, "work_dir": work_dir})
+            for i in range(3)]
     combine = TaskSpec(key="combine", role="trainer", stage="train", function=f"{MODULE}:combine",
                        inputs={"parts": tuple(t.key for t in data)}, args={"work_dir": work_dir},
                        cache=True)

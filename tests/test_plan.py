@@ -113,7 +113,7 @@ def test_gpu_openmm_platform_needs_gpu_actors(workdir: Path) -> None:
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("error: resources.energy_evaluator.gpus: 0.0 is not allowed;"
                                     " energy.platform 'CUDA'")
-    for role in ("energy_evaluator", "mcmc"):
+    for role in ("energy_evaluator", "reference"):
         data["resources"][role]["gpus"] = 0.5
     result = CliRunner().invoke(app, ["validate", str(write_spec(workdir, data))])
     assert result.exit_code == 0, result.output

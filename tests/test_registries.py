@@ -121,8 +121,8 @@ def test_registered_toy_objective_and_sampler_run_end_to_end(
 
 def test_toy_objective_keeps_its_state_across_a_resume(toy_choices: None) -> None:
     """The objective's annealed β is checkpointed with the training state and restored."""
+    from boltzgen.bases import NormalBase
     from boltzgen.flows import build_flow
-    from boltzgen.states import NormalBase
     from boltzgen.systems import make_system
     from boltzgen.training import train_flow
 

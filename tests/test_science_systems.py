@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from boltzgen.bases import NormalBase, ThermodynamicBase
 from boltzgen.registry import Registry
-from boltzgen.states import NormalBase, ThermodynamicBase
 from boltzgen.systems import (
     DW4,
     SYSTEMS,

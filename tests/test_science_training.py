@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from boltzgen.bases import NormalBase
 from boltzgen.estimators import importance_free_energy, lfep_log_weights
 from boltzgen.flows import AffineCouplingFlow
 from boltzgen.objectives import maximum_likelihood_loss, reverse_kl_loss
-from boltzgen.states import NormalBase
 from boltzgen.training import train_flow
 
 MU = torch.tensor([1.0, -0.5], dtype=torch.float64)

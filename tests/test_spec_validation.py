@@ -66,6 +66,9 @@ BAD_SPECS = {
         ["energy.backend", "openmm", "dw4"]),
     "unknown openmm platform": (_with("energy", {"backend": "openmm", "platform": "Metal"}),
                                 ["energy.platform", "Metal"]),
+    "both the reference role and its old name": (
+        _with("resources.mcmc", {"count": 2, "cpus": 0.25}),
+        ["resources.mcmc", "'count': 2", "old name of resources.reference", "keep only"]),
     "too many cpus": (_with("resources.trainer", {"count": 1, "cpus": 4096}),
                       ["resources.trainer.cpus", "4096"]),
     "too many gpus": (_with("resources.trainer", {"count": 1, "cpus": 1, "gpus": 64}),
@@ -204,3 +207,23 @@ def test_valid_spec_validates(workdir: Path) -> None:
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 0, result.output
     assert "2 jobs" in result.stdout
+
+
+def test_old_name_of_the_reference_role_is_read_as_reference(workdir: Path) -> None:
+    """Specs written before the rename give ``resources.mcmc``: the same plan as
+    ``resources.reference`` (same resources, same job ids)."""
+    from campaign.plan import make_plan
+    from campaign.spec import parse_spec
+
+    old = copy.deepcopy(TINY_SPEC)
+    old["resources"] = {("mcmc" if role == "reference" else role): value
+                        for role, value in old["resources"].items()}
+    old["resources"]["mcmc"] = {"count": 1, "cpus": 0.3}
+    new = copy.deepcopy(TINY_SPEC)
+    new["resources"]["reference"] = {"count": 1, "cpus": 0.3}
+    old_plan, new_plan = make_plan(parse_spec(old)), make_plan(parse_spec(new))
+    assert old_plan.resources == new_plan.resources
+    assert old_plan.resources["reference"]["cpus"] == 0.3 and "mcmc" not in old_plan.resources
+    assert [j.job_id for j in old_plan.jobs] == [j.job_id for j in new_plan.jobs]
+    result = runner.invoke(app, ["validate", str(write_spec(workdir, old))])
+    assert result.exit_code == 0, result.output

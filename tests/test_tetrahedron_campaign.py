@@ -34,7 +34,7 @@ SPEC = {
          "channels": 16, "attention_blocks": 0, "convex_terms": 8},
         {"kind": "rotation_vector_spline", "n_layers": 2, "hidden": 16},
     ]},
-    "resources": {"mcmc": {"count": 1, "cpus": 0.25}, "trainer": {"count": 2, "cpus": 0.5},
+    "resources": {"reference": {"count": 1, "cpus": 0.25}, "trainer": {"count": 2, "cpus": 0.5},
                   "sampler": {"count": 1, "cpus": 0.25},
                   "energy_evaluator": {"count": 1, "cpus": 0.25}},
 }

@@ -1,6 +1,7 @@
 """Energy stage: batch energy functions x -> (U, ∇U) by the job's backend (the system's torch
-potential or OpenMM) and the autograd bridge that lets training differentiate them. (Which
-coordinates the energy stage evaluates is the sampling stage's word: ``energy_requests``.)"""
+potential or OpenMM). (Which coordinates the energy stage evaluates is the sampling stage's
+word: ``energy_requests``.) Training differentiates them through
+:class:`boltzgen.openmm_bridge.BatchEnergy`, the one torch <-> OpenMM bridge."""
 
 from __future__ import annotations
 
@@ -8,31 +9,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
 
+from boltzgen.openmm_bridge import BatchEnergy
 from boltzgen.pipeline.problem import EnergyFunction, check_injected_failure
 from boltzgen.settings import EnergySettings, JobSettings
 from boltzgen.systems import make_system
 
-
-class BatchEnergy(torch.autograd.Function):
-    """U(x) (B,) in energy units from a batch energy function x -> (U, ∇U) (numpy), with
-    ∇U as the gradient: how training differentiates energies computed elsewhere (the
-    EnergyEvaluator pool's OpenMM Contexts). Non-finite U stay non-finite."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, energy: EnergyFunction) -> torch.Tensor:
-        u, grad = energy(x.detach().cpu().numpy())
-        ctx.save_for_backward(torch.as_tensor(np.asarray(grad, dtype=np.float64),
-                                              device=x.device))
-        return torch.as_tensor(np.asarray(u, dtype=np.float64), device=x.device)
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (grad,) = ctx.saved_tensors
-        # A non-finite U makes the loss non-finite, and training skips that step before any
-        # gradient is used; nothing is zeroed here.
-        return grad_output[:, None] * grad, None
+__all__ = ["BatchEnergy", "make_energy_function", "potential_energy"]
 
 
 def make_energy_function(settings: JobSettings | Mapping[str, Any], threads: int = 1

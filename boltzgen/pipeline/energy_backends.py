@@ -48,6 +48,10 @@ class TorchEnergy(EnergyBackend):
 
     @classmethod
     def make(cls, system: System, energy: EnergySettings, threads: int = 1) -> EnergyFunction:
+        # A system whose torch potential is OpenMM in this process (ice) runs it on the
+        # job's platform.
+        system.set_openmm_platform(energy.platform)
+
         def torch_energy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             xt = float64_tensor(x).requires_grad_(True)
             u = system.potential(xt)
@@ -73,15 +77,6 @@ class OpenMMEnergy(EnergyBackend):
 
     @classmethod
     def make(cls, system: System, energy: EnergySettings, threads: int = 1) -> EnergyFunction:
-        import openmm
+        from boltzgen.openmm_bridge import openmm_energy_function
 
-        from boltzgen.openmm_bridge import OpenMMEvaluator
-
-        evaluator = OpenMMEvaluator(openmm.XmlSerializer.serialize(system.openmm_system()),
-                                    platform=energy.platform, threads=threads)
-
-        def openmm_energy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            u, forces = evaluator.energies_and_forces(system.openmm_positions(x))
-            return u, system.flow_gradient(forces, x)
-
-        return openmm_energy
+        return openmm_energy_function(system, energy.platform, threads)

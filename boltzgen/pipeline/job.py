@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from boltzgen.md import MDProtocol
 from boltzgen.pipeline.graph import Chunking, JobGraph, JobOutcome, TaskContext, TaskSpec
 from boltzgen.pipeline.problem import InjectedFailure
 from boltzgen.settings import JobSettings
@@ -45,14 +44,15 @@ def job_graph(settings: JobSettings | Mapping[str, Any], job_id: str, work_dir: 
     job = JobSettings.of(settings)
     config = job.dump
     # An MD task gets only what its run depends on (and no torch-laden settings classes).
-    md = [TaskSpec(key=f"md-{key}", role="mcmc", stage="reference",
-                   function=f"{MODULE}:md_run_task", label=f"MD {temperature:.1f} K",
-                   description="MD run",
+    md = [TaskSpec(key=f"md-{key}", role="reference", stage="reference",
+                   # Its own module: an actor that only runs MD does not import PyTorch for it.
+                   function="boltzgen.pipeline.md_task:md_run_task",
+                   label=f"MD {temperature:.1f} K", description="MD run",
                    args={"system": config["system"], "protocol": md_protocol(job, temperature),
                          "platform": job.energy.platform, "work_dir": work_dir})
           for key, temperature in md_runs(job)]
     reference = TaskSpec(
-        key=stage_key("reference", config), role="mcmc", stage="reference",
+        key=stage_key("reference", config), role="reference", stage="reference",
         function=f"{MODULE}:reference_task", args={"job": job, "work_dir": work_dir},
         inputs={"md_runs": tuple(task.key for task in md)} if md else {}, cache=True,
         # A job whose MD is done goes ahead of queued MD runs: it can train while other
@@ -89,18 +89,6 @@ def job_graph(settings: JobSettings | Mapping[str, Any], job_id: str, work_dir: 
 
 
 # -- task functions: (ctx, **args, **inputs) ----------------------------------------------------
-
-def md_run_task(ctx: TaskContext, system: Mapping[str, Any], protocol: MDProtocol,
-                platform: str, work_dir: str | None) -> float:
-    """One MD run of a ladder into the work directory's MD cache; seconds it took (0 if it
-    was there)."""
-    from boltzgen.pipeline.reference import run_md_rung
-
-    if work_dir is None:
-        raise ValueError("work_dir: None is not allowed for reference.sampler 'md'; MD frames "
-                         "are cached in the campaign's work directory")
-    return run_md_rung(system, protocol, work_dir, ctx.threads, platform)
-
 
 def reference_task(ctx: TaskContext, job: JobSettings, work_dir: str | None,
                    md_runs: Sequence[float] = ()) -> Any:
@@ -183,7 +171,7 @@ def estimate_task(ctx: TaskContext, job: JobSettings, reference: Any, samples: A
     """Estimates and figures (PNG files in ``plot_dir``, for the driver to log)."""
     import tempfile
 
-    from boltzgen.pipeline.report import estimate_and_plot
+    from boltzgen.pipeline.estimate_report import estimate_and_plot
 
     plot_dir = plot_dir or tempfile.mkdtemp(prefix="boltzgen-plots-")
     return estimate_and_plot(job, reference, samples, potentials, plot_dir)

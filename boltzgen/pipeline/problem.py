@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from boltzgen.bases import BASES, Base
 from boltzgen.flows import Flow, build_flow
 from boltzgen.settings import FlowSettings, JobSettings, ReferenceSettings
-from boltzgen.states import BASES, Base
 from boltzgen.systems import System, make_system
 
 EnergyFunction = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -51,9 +51,10 @@ class Problem:
     @classmethod
     def from_settings(cls, settings: JobSettings | Mapping[str, Any]) -> Problem:
         """The job's system, its target temperature and its registered base
-        (:data:`boltzgen.states.BASES`)."""
+        (:data:`boltzgen.bases.BASES`)."""
         job = JobSettings.of(settings)
         system = make_system(job.dump["system"])
+        system.set_openmm_platform(job.energy.platform)
         base = BASES.get(job.base.kind).from_settings(job, system)
         return cls(system=system, temperature=float(job.temperature), base=base)
 

@@ -100,7 +100,7 @@ class MolecularDynamics(ReferenceSampler):
 
     @classmethod
     def complaints(cls, job: JobSettings, system: System) -> Iterator[SettingError]:
-        from boltzgen.states import BASES
+        from boltzgen.bases import BASES
 
         if not system.supports_md():
             yield SettingError("reference.sampler", "md", f"system '{system.kind}' has no "
@@ -150,8 +150,8 @@ class NoReference(ReferenceSampler):
 
     @classmethod
     def complaints(cls, job: JobSettings, system: System) -> Iterator[SettingError]:
+        from boltzgen.bases import BASES
         from boltzgen.objectives import OBJECTIVES
-        from boltzgen.states import BASES
 
         if not BASES.get(job.base.kind).samples_directly:
             yield SettingError("reference.sampler", "none", f"a data-free job draws its "

@@ -39,6 +39,9 @@ class System(ABC):
 
     kind: ClassVar[str]
     estimand_note: ClassVar[str]
+    # True where :meth:`potential` runs OpenMM in the calling process (ice): the roles that
+    # call it then run OpenMM on the job's energy.platform (campaign.plan.openmm_roles).
+    potential_runs_openmm: ClassVar[bool] = False
     dim: int
     boltzmann_constant: float = 1.0
 
@@ -72,6 +75,12 @@ class System(ABC):
         """Reduced energy u_T(x) = U(x) / (k_B T), dimensionless; shape (..., dim) -> (...)."""
         t = check_float("temperature", temperature, positive=True)
         return self.potential(x) / (self.boltzmann_constant * t)
+
+    def set_openmm_platform(self, platform: str) -> None:
+        """The OpenMM platform (the job's ``energy.platform``) on which :meth:`potential` runs,
+        for systems whose potential is OpenMM (``potential_runs_openmm``); others ignore it."""
+        # A torch potential runs on its tensors' device: there is no platform to choose.
+        return
 
     def openmm_system(self) -> Any:
         """This system as an ``openmm.System``, for the OpenMM energy backend.

@@ -35,6 +35,7 @@ import torch
 
 from boltzgen._checks import check_float, check_int
 from boltzgen.observables import PairHistograms, pair_histograms, pairs_between_molecules
+from boltzgen.openmm_bridge import BatchEnergy, OpenMMEvaluator
 from boltzgen.rigid.bodies import WATER_TIP4P_EW, PeriodicBox, RigidLayout, RigidTemplate
 from boltzgen.rigid.symmetry import CrystalSymmetry, apply_crystal_symmetry, find_crystal_symmetries
 from boltzgen.systems.base import System
@@ -113,6 +114,7 @@ class IceXI(System):
         "quaternions; only differences between temperatures are defined (Cartesian and "
         "(position, Haar) volumes differ by a constant that cancels)"
     )
+    potential_runs_openmm: ClassVar[bool] = True
     boltzmann_constant: float = KB_KJ_PER_MOL_K
 
     def __init__(self, *, molecules: int = 16, lattice: str = "XI", cutoff: float | None = None,
@@ -140,6 +142,7 @@ class IceXI(System):
         self.dim = 7 * self.molecules
         self._ideal = self.from_cartesian(_sites_of(positions, quaternions)[None])[0]
         self._evaluator: Any = None
+        self._platform = "CPU"
         self._lock = threading.Lock()
 
     # -- geometry ---------------------------------------------------------------------------
@@ -295,28 +298,35 @@ class IceXI(System):
             (grad,) = torch.autograd.grad(sites, xt, grad_outputs=-torch.as_tensor(forces))
         return grad.numpy()
 
-    def _local_evaluator(self) -> Any:
+    def set_openmm_platform(self, platform: str) -> None:
+        """:meth:`potential` runs on OpenMM's ``platform`` from its next call (CPU until set;
+        the evaluator refuses a platform OpenMM does not name)."""
+        with self._lock:
+            if platform != self._platform:
+                self._platform, self._evaluator = platform, None
+
+    def _local_evaluator(self) -> OpenMMEvaluator:
         with self._lock:
             if self._evaluator is None:
                 import openmm
 
-                from boltzgen.openmm_bridge import OpenMMEvaluator
-
                 self._evaluator = OpenMMEvaluator(
-                    openmm.XmlSerializer.serialize(self.openmm_system()), platform="CPU",
-                    threads=max(1, torch.get_num_threads()))
+                    openmm.XmlSerializer.serialize(self.openmm_system()),
+                    platform=self._platform, threads=max(1, torch.get_num_threads()))
             return self._evaluator
 
     def potential(self, x: torch.Tensor) -> torch.Tensor:
-        """U(x) in kJ/mol from OpenMM (CPU platform, in this process); (..., dim) -> (...).
+        """U(x) in kJ/mol from OpenMM (in this process, on the platform of
+        :meth:`set_openmm_platform`); (..., dim) -> (...).
 
-        Differentiable: the gradient comes from OpenMM's forces (:class:`OpenMMPotential`).
+        Differentiable: the gradient comes from OpenMM's forces through
+        :class:`boltzgen.openmm_bridge.BatchEnergy`, then autograd through the sites.
         Non-finite inputs give NaN energies, never finite-looking numbers.
         """
         self._check_coordinates(x)
         flat = x.reshape(-1, self.dim)
         sites = self.to_cartesian(flat)
-        energy = OpenMMPotential.apply(sites, self._local_evaluator())
+        energy = BatchEnergy.apply(sites, self._local_evaluator().energies_and_gradients)
         return energy.reshape(x.shape[:-1])
 
     def observables(self, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -354,29 +364,6 @@ class IceXI(System):
         self._lock = threading.Lock()
 
 
-class OpenMMPotential(torch.autograd.Function):
-    """U (kJ/mol) of site positions (B, n, 3) nm by OpenMM; backward uses −forces.
-
-    Non-finite positions give NaN energies (OpenMM is not called on them).
-    """
-
-    @staticmethod
-    def forward(ctx, sites: torch.Tensor, evaluator: Any) -> torch.Tensor:
-        array = sites.detach().cpu().numpy()
-        finite = np.isfinite(array).all(axis=(1, 2))
-        energies = np.full(len(array), np.nan)
-        forces = np.zeros_like(array)
-        if finite.any():
-            energies[finite], forces[finite] = evaluator.energies_and_forces(array[finite])
-        ctx.save_for_backward(torch.as_tensor(forces, dtype=sites.dtype, device=sites.device))
-        return torch.as_tensor(energies, dtype=sites.dtype, device=sites.device)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (forces,) = ctx.saved_tensors
-        return -forces * grad_output[:, None, None], None
-
-
 def _sites_of(positions: np.ndarray, quaternions: np.ndarray) -> np.ndarray:
     sites = WATER_TIP4P_EW.to_sites(torch.as_tensor(positions), torch.as_tensor(quaternions))
     return sites.reshape(-1, 3).numpy()
@@ -389,4 +376,4 @@ def _box_vectors(edges: tuple[float, float, float]) -> Any:
     return (Vec3(a, 0, 0), Vec3(0, b, 0), Vec3(0, 0, c))
 
 
-__all__ = ["IceXI", "OpenMMPotential", "cells_per_edge", "ideal_crystal"]
+__all__ = ["IceXI", "cells_per_edge", "ideal_crystal"]
