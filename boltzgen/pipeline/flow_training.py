@@ -86,49 +86,14 @@ def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData,
     generator = torch.Generator().manual_seed(seed)
     training = job.training
     augment = bool(training.symmetry_augmentation)
-    evaluations = [0]  # rows sent to the system's energy (OpenMM for molecular systems)
-    last: dict[str, torch.Tensor] = {}  # the latest base batch and its known u_A (MD pools)
-    if problem.base.samples_directly:
-
-        def sample_a(n: int) -> torch.Tensor:
-            return flow.prior.sample(n, generator).to(device)
-    else:
-        frames = float64_tensor(reference.base_train)
-        # With symmetry_augmentation, images of the frames under the crystal's space group;
-        # an image has the frame's potential (U is invariant under the group).
-        pool = SymmetryImages(problem.system, frames) if augment else frames
-        pool_u = None if reference.base_train_potential is None else float64_tensor(
-            reference.base_train_potential) / (problem.system.boltzmann_constant
-                                               * problem.base.temperature)
-
-        def sample_a(n: int) -> torch.Tensor:
-            index = torch.randint(len(pool), (n,), generator=generator)
-            x = pool[index].to(device)
-            if pool_u is not None:  # remember u_A of this batch: no energy call for it
-                last["x"], last["u"] = x, pool_u[index % len(frames)].to(device)
-            return x
-
+    energies = _TrainingEnergies(problem, flow, energy)
+    sample_a = _base_batches(problem, flow, reference, generator, energies, augment, device)
     if (job.flow.parameters().get("thermal_scaling") and problem.base.temperature_ladder
             and len(reference.base_train)):
         # A harmonic crystal's ensembles at T_A and T map onto each other by scaling every
         # displacement from the mean structure by sqrt(T / T_A) (ThermalScalingLayer).
         flow.fit_thermal_scaling(float64_tensor(reference.base_train).to(device),
                                  math.sqrt(problem.temperature / problem.base.temperature))
-
-    def potential(x: torch.Tensor) -> torch.Tensor:
-        evaluations[0] += len(x)
-        return problem.system.potential(x) if energy is None else BatchEnergy.apply(x, energy)
-
-    def u_a(x: torch.Tensor) -> torch.Tensor:
-        if last.get("x") is x:
-            return last["u"]
-        if problem.base.samples_directly:
-            return flow.prior.reduced_energy(x)
-        return potential(x) / (problem.system.boltzmann_constant * problem.base.temperature)
-
-    def u_b(y: torch.Tensor) -> torch.Tensor:
-        return potential(y) / problem.kt
-
     target_train = float64_tensor(reference.target_train).to(device)
     if augment and len(target_train):
         target_train = SymmetryImages(problem.system, target_train)
@@ -142,7 +107,7 @@ def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData,
         flow.load_state_dict(saved["flow"])
         generator.set_state(saved["generator"])
         losses, skipped, first_phase = saved["losses"], saved["skipped"], saved["phase"]
-        evaluations[0] = saved["evaluations"]
+        energies.evaluations = saved["evaluations"]
         resumed = len(losses) + saved["state"].step
     steps_due = sum(steps for _, steps in phases)
     for index in range(first_phase, len(phases)):
@@ -158,11 +123,11 @@ def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData,
                  done_before: tuple[list[float], int] = done_before) -> None:
             progress.save({"phase": index, "state": state, "flow": flow.state_dict(),
                            "generator": generator.get_state(), "losses": done_before[0],
-                           "skipped": done_before[1], "evaluations": evaluations[0]})
+                           "skipped": done_before[1], "evaluations": energies.evaluations})
 
         result = train_flow(
             flow, objective, steps, training.batch_size, training.learning_rate,
-            u_a=u_a, u_b=u_b, sample_a=sample_a,
+            u_a=energies.u_a, u_b=energies.u_b, sample_a=sample_a,
             data_b=target_train, seed=seed + index,
             final_learning_rate=training.final_learning_rate,
             resume=saved["state"] if saved is not None and index == first_phase else None,
@@ -170,6 +135,74 @@ def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData,
         )
         losses += result.losses
         skipped += result.n_skipped
+    checkpoint = _checkpoint_bytes(flow, job, problem)
+    path = _save_checkpoint(checkpoint, checkpoint_dir) if checkpoint_dir else None
+    n_parameters = sum(p.numel() for p in flow.parameters() if p.requires_grad)
+    return TrainedFlow(checkpoint, losses, time.perf_counter() - start, skipped,
+                       n_parameters, energies.evaluations, path, resumed, len(losses) - resumed)
+
+
+class _TrainingEnergies:
+    """The reduced energies training needs (kT): u_A of base batches and u_B of mapped ones,
+    by the system's potential or ``energy`` (a batch function over the EnergyEvaluator pool),
+    counting the configurations sent to it. A batch drawn from an MD pool whose u_A is known
+    (:func:`_base_batches` stores it in ``known``) costs no energy call."""
+
+    def __init__(self, problem: Problem, flow: Flow, energy: EnergyFunction | None) -> None:
+        self.problem, self.flow, self.energy = problem, flow, energy
+        self.evaluations = 0  # rows sent to the system's energy (OpenMM for molecules)
+        self.known: dict[str, torch.Tensor] = {}  # the latest base batch and its u_A
+
+    def potential(self, x: torch.Tensor) -> torch.Tensor:
+        self.evaluations += len(x)
+        if self.energy is None:
+            return self.problem.system.potential(x)
+        return BatchEnergy.apply(x, self.energy)
+
+    def u_a(self, x: torch.Tensor) -> torch.Tensor:
+        if self.known.get("x") is x:
+            return self.known["u"]
+        problem = self.problem
+        if problem.base.samples_directly:
+            return self.flow.prior.reduced_energy(x)
+        return self.potential(x) / (problem.system.boltzmann_constant * problem.base.temperature)
+
+    def u_b(self, y: torch.Tensor) -> torch.Tensor:
+        return self.potential(y) / self.problem.kt
+
+
+def _base_batches(problem: Problem, flow: Flow, reference: ReferenceData,
+                  generator: torch.Generator, energies: _TrainingEnergies, augment: bool,
+                  device: str) -> Callable[[int], torch.Tensor]:
+    """Batches x ~ A: drawn by the flow's prior where the base has a density it samples
+    directly, else drawn with replacement from the reference's base frames (with
+    ``augment``, their images under the crystal's space group; an image has its frame's
+    potential, U being invariant under the group)."""
+    if problem.base.samples_directly:
+
+        def from_prior(n: int) -> torch.Tensor:
+            return flow.prior.sample(n, generator).to(device)
+
+        return from_prior
+    frames = float64_tensor(reference.base_train)
+    pool = SymmetryImages(problem.system, frames) if augment else frames
+    pool_u = None if reference.base_train_potential is None else float64_tensor(
+        reference.base_train_potential) / (problem.system.boltzmann_constant
+                                           * problem.base.temperature)
+
+    def from_frames(n: int) -> torch.Tensor:
+        index = torch.randint(len(pool), (n,), generator=generator)
+        x = pool[index].to(device)
+        if pool_u is not None:  # remember u_A of this batch: no energy call for it
+            energies.known["x"], energies.known["u"] = x, pool_u[index % len(frames)].to(device)
+        return x
+
+    return from_frames
+
+
+def _checkpoint_bytes(flow: Flow, job: JobSettings, problem: Problem) -> bytes:
+    """torch.save of the flow's state (CPU tensors, loadable anywhere), its settings, the
+    system, the layout and the prior (:func:`load_flow`)."""
     buffer = io.BytesIO()
     torch.save(
         {
@@ -182,10 +215,7 @@ def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData,
         },
         buffer,
     )
-    path = _save_checkpoint(buffer.getvalue(), checkpoint_dir) if checkpoint_dir else None
-    n_parameters = sum(p.numel() for p in flow.parameters() if p.requires_grad)
-    return TrainedFlow(buffer.getvalue(), losses, time.perf_counter() - start, skipped,
-                       n_parameters, evaluations[0], path, resumed, len(losses) - resumed)
+    return buffer.getvalue()
 
 
 class SymmetryImages:
