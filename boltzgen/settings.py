@@ -25,7 +25,7 @@ import importlib
 import json
 import math
 from collections.abc import Iterator, Mapping
-from functools import cached_property
+from functools import cache, cached_property
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -103,6 +103,7 @@ REGISTRIES: dict[str, str] = {
 """Axis -> ``module:REGISTRY`` of the classes a name chooses (imported on first use)."""
 
 
+@cache  # looked up for every job a plan validates; the registry objects never change
 def registry(axis: str) -> Any:
     """The :class:`boltzgen.registry.Registry` of ``axis`` (a key of :data:`REGISTRIES`)."""
     module, _, name = REGISTRIES[axis].partition(":")

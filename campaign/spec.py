@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from boltzgen.settings import (
     JobSections,
@@ -194,14 +194,18 @@ def spec_error_from_validation(exc: ValidationError, prefix: str) -> SpecError:
         return cause
     field = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
     field = f"{prefix}{field}" if field else prefix.rstrip(".") or "spec"
-    kind = error["type"]
-    if kind == "extra_forbidden":
+    error_type = error["type"]  # pydantic's error type, not a science choice
+    if error_type == "extra_forbidden":
         allowed = _allowed_keys(error["loc"])
         return SpecError(field, detail=f"unknown key; allowed here: {allowed}")
-    if kind == "missing":
+    if error_type == "missing":
         return SpecError(field, detail="this field is required")
     message = error["msg"].removeprefix("Value error, ")
     return SpecError(field, error.get("input"), message)
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> str:
@@ -212,9 +216,8 @@ def _allowed_keys(loc: tuple[Any, ...]) -> str:
         if part not in fields:
             return "see the README's spec format"
         model = fields[part].annotation
-        if not hasattr(model, "model_fields"):  # a union or container: look for a model inside
-            model = next((a for a in getattr(model, "__args__", ()) if hasattr(a, "model_fields")),
-                         None)
+        if not _is_model(model):  # a union or container: look for a model inside
+            model = next((a for a in getattr(model, "__args__", ()) if _is_model(a)), None)
             if model is None:
                 return "see the README's spec format"
     return ", ".join(getattr(model, "model_fields", {})) or "none"
