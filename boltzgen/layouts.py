@@ -22,7 +22,7 @@ Kinds (registry :data:`LAYOUTS`):
 - ``rigid_bodies``: N rigid bodies, positions on a periodic box (torus) and unit quaternions
   on S³ (:class:`boltzgen.rigid.bodies.RigidLayout`; not Euclidean).
 - ``molecule``: n atoms in 3-D Cartesian coordinates (nm), x[3 i + a], with the topology where
-  known (elements, bonds) (:class:`MoleculeLayout`). No flow uses the topology yet.
+  known (elements, bonds, atom names, residues) (:class:`MoleculeLayout`; peptides).
 """
 
 from __future__ import annotations
@@ -175,12 +175,17 @@ class ParticleLayout(Layout):
 @dataclasses.dataclass(frozen=True)
 class MoleculeLayout(Layout):
     """``n_atoms`` atoms, Cartesian coordinates (nm) flattened x[3 i + a]; optional topology:
-    ``elements`` (one symbol per atom) and ``bonds`` (pairs of atom indices)."""
+    ``elements`` (one symbol per atom), ``bonds`` (pairs of atom indices), ``atom_names``
+    (per atom, the force field's names: "CA", "HB1"), ``residue_indices`` (per atom, 0-based)
+    and ``residue_names`` (per residue: "ACE", "ALA"), for flows that condition on them."""
 
     kind: ClassVar[str] = "molecule"
     n_atoms: int
     elements: tuple[str, ...] = ()
     bonds: tuple[tuple[int, int], ...] = ()
+    atom_names: tuple[str, ...] = ()
+    residue_indices: tuple[int, ...] = ()
+    residue_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_int("n_atoms", self.n_atoms, minimum=1)
@@ -193,6 +198,15 @@ class MoleculeLayout(Layout):
                     isinstance(i, int) and 0 <= i < self.n_atoms for i in bond)):
                 raise ValueError(f"bonds: {bond!r} is not allowed; need two distinct atom "
                                  f"indices in 0..{self.n_atoms - 1}")
+        for name, values in (("atom_names", self.atom_names),
+                             ("residue_indices", self.residue_indices)):
+            if values and len(values) != self.n_atoms:
+                raise ValueError(f"{name}: {len(values)} entries are not allowed; need one per "
+                                 f"atom ({self.n_atoms})")
+        if self.residue_indices and (min(self.residue_indices) < 0 or max(
+                self.residue_indices) >= len(self.residue_names)):
+            raise ValueError(f"residue_indices: {self.residue_indices!r} is not allowed; need "
+                             f"indices into residue_names ({len(self.residue_names)} residues)")
 
     @property
     def dim(self) -> int:
@@ -205,7 +219,9 @@ class MoleculeLayout(Layout):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MoleculeLayout:
         return cls(int(data["n_atoms"]), tuple(data.get("elements", ())),
-                   tuple(tuple(b) for b in data.get("bonds", ())))
+                   tuple(tuple(b) for b in data.get("bonds", ())),
+                   tuple(data.get("atom_names", ())), tuple(data.get("residue_indices", ())),
+                   tuple(data.get("residue_names", ())))
 
 
 def as_layout(layout: Layout | int) -> Layout:

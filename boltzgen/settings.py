@@ -167,13 +167,33 @@ class BaseSettings(Strict):
 class MDSettings(Strict):
     """OpenMM NVT MD per ladder temperature: LangevinMiddle with ``timestep_fs`` and
     ``friction_per_ps``, minimisation, ``equilibration_ps``, then ``production_ps`` with a frame
-    every ``frame_interval_ps`` (defaults: :class:`boltzgen.md.MDProtocol`)."""
+    every ``frame_interval_ps`` (defaults: :class:`boltzgen.md.MDProtocol`).
+
+    ``replica_temperatures`` (K, ascending, the first = the job's temperature): replica
+    exchange over this ladder, neighbours swapped by the Metropolis rule every
+    ``exchange_interval_ps``; the frames are those at the target temperature. Only for a
+    reference of the target alone (a base that is not another temperature)."""
+
+    _left_out_when_unset = ("replica_temperatures", "exchange_interval_ps")
 
     equilibration_ps: NonNegativeFloat = MDProtocol.equilibration_ps
     production_ps: PositiveFloat = MDProtocol.production_ps
     frame_interval_ps: PositiveFloat = MDProtocol.frame_interval_ps
     timestep_fs: PositiveFloat = MDProtocol.timestep_fs
     friction_per_ps: PositiveFloat = MDProtocol.friction_per_ps
+    replica_temperatures: list[PositiveFloat] | None = None
+    exchange_interval_ps: PositiveFloat | None = None
+
+    def protocol_fields(self) -> dict[str, Any]:
+        """The :class:`boltzgen.md.MDProtocol` keyword arguments these settings give (floats;
+        the ladder as a tuple; unset options left to the protocol's defaults)."""
+        out: dict[str, Any] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            out[name] = tuple(float(t) for t in value) if isinstance(value, list) else float(
+                value)
+        return out
 
 
 class ReferenceSettings(Strict):

@@ -285,14 +285,16 @@ def compare(spec: SpecPath, tracking_uri: TrackingUri = None,
 
 # Metrics the table shows (each with its ``_err`` in the same cell); an estimator's own name
 # (delta_f_lfep, delta_f_mbar) replaces the generic one where a job records both.
-TABLE_COLUMNS = ("delta_f", "reference_delta_f", "delta_f_lfep", "delta_f_lbar", "delta_f_mbar",
-                 "delta_f_lfep_per_molecule", "delta_f_lbar_per_molecule",
-                 "delta_f_mbar_per_molecule", "ess", "ess_backward", "nll", "rdf_O_O_max_z",
-                 "rdf_O_H_max_z", "time_train", "energy_evaluations")
-SHORT_NAMES = {"reference_delta_f": "ref_delta_f", "_per_molecule": "/mol",
+TABLE_COLUMNS = ("atoms", "delta_f", "reference_delta_f", "delta_f_lfep", "delta_f_lbar",
+                 "delta_f_mbar", "delta_f_lfep_per_molecule", "delta_f_lbar_per_molecule",
+                 "delta_f_mbar_per_molecule", "delta_f_phi", "delta_f_phi_md",
+                 "md_transitions_phi", "ess", "valid_fraction", "ess_backward", "nll",
+                 "rdf_O_O_max_z", "rdf_O_H_max_z", "md_ns", "time_train", "energy_evaluations")
+SHORT_NAMES = {"delta_f_phi": "dF_phi", "reference_delta_f": "ref_delta_f", "_per_molecule": "/mol",
                "delta_f_": "", "energy_evaluations": "n_energy", "target_temperature_k": "T (K)",
                "base_temperature_k": "T_base (K)", "molecules": "N", "rdf_": "g ",
-               "_max_z": " z"}
+               "_max_z": " z", "md_transitions_phi": "phi flips", "valid_fraction": "valid",
+               "md_ns": "MD ns"}
 
 
 def _table_columns(header: list[str], n_leading: int) -> list[tuple[int, str]]:

@@ -20,13 +20,15 @@ from campaign.tracking import (
 
 _FREE_ENERGIES = tuple(f"delta_f_{method}{per}{err}" for method in ("lfep", "lbar", "mbar")
                       for per in ("", "_per_molecule") for err in ("", "_err"))
-KEY_METRICS = ("delta_f", "delta_f_err", "reference_delta_f", "reference_delta_f_err",
+KEY_METRICS = ("atoms", "delta_f", "delta_f_err", "reference_delta_f", "reference_delta_f_err",
+               "delta_f_phi", "delta_f_phi_err", "delta_f_phi_md", "delta_f_phi_md_err",
+               "md_transitions_phi", "valid_fraction",
                *_FREE_ENERGIES, "delta_f_lfep_err_bootstrap", "delta_f_lbar_err_bootstrap",
                "ess", "ess_err", "ess_backward", "ess_backward_err",
                "nll", "forward_kl", "rdf_O_O_max_z", "rdf_O_O_max_z_noise95",
                "rdf_O_H_max_z", "rdf_O_H_max_z_noise95",
                "mode_weight_error", "time_reference", "time_train", "time_sample", "time_energy",
-               "time_estimate", "energy_evaluations")
+               "time_estimate", "md_ns", "energy_evaluations")
 # Params that say what a job computes, shown next to the grid axes where a job records them.
 KEY_PARAMS = ("molecules", "base_temperature_k", "target_temperature_k")
 STATE_OF_STATUS = {FINISHED: "finished", RUNNING: "running", FAILED: "failed", KILLED: "failed"}

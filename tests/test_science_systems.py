@@ -15,6 +15,7 @@ from boltzgen.systems import (
     SYSTEMS,
     DoubleWell2D,
     IceXI,
+    Peptide,
     TetrahedronInField,
     make_system,
     system_parameter_names,
@@ -114,7 +115,8 @@ def test_dw4_invariances_and_value() -> None:
 
 def test_registry_and_errors() -> None:
     assert SYSTEMS == {"double_well": DoubleWell2D, "dw4": DW4,
-                       "tetrahedron_field": TetrahedronInField, "ice_xi": IceXI}
+                       "tetrahedron_field": TetrahedronInField, "ice_xi": IceXI,
+                       "peptide": Peptide}
     assert system_parameter_names("double_well") == ["a", "b", "c"]
     assert system_parameter_names("dw4") == ["b", "c", "d0"]
     system = make_system({"kind": "dw4", "d0": 3.0})

@@ -38,6 +38,25 @@ ICE = {
     "energy": {"backend": "openmm"},
 }
 
+PEPTIDE = {
+    "name": "peptides", "system": {"kind": "peptide", "sequence": "ACE-ALA-NME"},
+    "temperature": 300.0, "reference": {"sampler": "md", "md": {"production_ps": 2.0}},
+    "flow": {"kind": "internal_coordinates", "n_layers": 1, "hidden": 8},
+    "energy": {"backend": "openmm"},
+}
+
+
+def _peptide(**changes: object) -> dict:
+    data = copy.deepcopy(PEPTIDE)
+    for key, value in changes.items():
+        node = data
+        keys = key.split("__")
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+        node[keys[-1]] = value
+    return data
+
+
 BAD_SPECS = {
     # case: (spec mapping, words the message must contain)
     "unknown top-level key": ({**TINY_SPEC, "tempratur": 1.0}, ["tempratur", "unknown key"]),
@@ -139,6 +158,19 @@ BAD_SPECS = {
     "grid beyond max_jobs": (_with("max_jobs", 5) | {"grid": {"temperature": [1.0, 2.0, 3.0],
                                                                "training.steps": [10, 20]}},
                              ["grid", "6 jobs", "max_jobs = 5"]),
+    "unknown residue": (_peptide(system__sequence="ACE-XYZ-NME"),
+                        ["system.sequence", "XYZ", "ALA"]),
+    "sequence too long": (_peptide(system__sequence="ALA-ALA-ALA"),
+                          ["system.sequence", "ALA-ALA-ALA", "ACE-X-NME"]),
+    "unknown force field": (_peptide(system__force_field="charmm36"),
+                            ["system.force_field", "charmm36", "amber99sbildn-obc"]),
+    "peptide at zero kelvin": (_peptide(temperature=0.0), ["temperature", "0", "> 0"]),
+    "replica ladder not starting at the target": (
+        _peptide(reference__md__replica_temperatures=[310.0, 350.0]),
+        ["reference.md.replica_temperatures", "310", "target"]),
+    "peptide MD shorter than one frame": (
+        _peptide(reference__md__production_ps=0.1, reference__md__frame_interval_ps=0.5),
+        ["reference.md.production_ps", "0.1", "one frame interval"]),
     "md on a system without a structure": (
         _with("reference", {"sampler": "md"}) | {"base": {"kind": "thermodynamic",
                                                           "temperature": 2.0}},

@@ -44,6 +44,7 @@ def estimate_and_plot(
     check_injected_failure(job, "estimate")
     estimates = estimate(job, reference, samples, potentials)
     plots = save_figures(figures(job, reference, samples, estimates), plot_dir)
+    plots.update(dihedral_plots(job, reference, samples, estimates, plot_dir))
     works = {"forward_work": -estimates.log_weights}
     if estimates.reverse_work is not None:
         works["reverse_work"] = estimates.reverse_work
@@ -108,3 +109,44 @@ def figures(
             out["energy_histograms.png"] = energy_histograms(
                 energies, {"flow, reweighted": flow_w}, "kJ/mol", title)
     return out
+
+
+def dihedral_plots(job: JobSettings, reference: ReferenceData, samples: SampleSet,
+                   estimates: Estimates, plot_dir: str) -> dict[str, str]:
+    """For a system with a backbone (peptides), PNG files in ``plot_dir``: the Ramachandran
+    free-energy surface of the MD reference (every frame of the run), the flow's samples as
+    drawn and reweighted beside the MD's, and the potential-energy histograms (held-out MD
+    frames, flow as drawn, flow reweighted; kJ/mol). Invalid samples (weight zero) are left
+    out of the flow's panels."""
+    from pathlib import Path
+
+    from boltzgen.peptides.plots import (
+        energy_histogram_plot,
+        flow_ramachandran_plot,
+        ramachandran_plot,
+    )
+
+    problem = Problem.from_settings(job)
+    system = problem.system
+    if not system.supports_backbone_dihedrals():
+        return {}
+    title = f"{getattr(system, 'sequence', system.kind)} T={problem.temperature:g} K"
+    frames = reference.target_train
+    if reference.target_heldout is not None:
+        frames = np.concatenate([frames, reference.target_heldout.frames])
+    md = system.backbone_dihedrals(frames)
+    kept = np.isfinite(estimates.log_weights)
+    flow = system.backbone_dihedrals(samples.mapped[kept])
+    log_w = estimates.log_weights[kept]
+    directory = Path(plot_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {"ramachandran_md.png": ramachandran_plot(
+               directory / "ramachandran_md.png", *md, f"MD, {title}"),
+           "ramachandran_flow.png": flow_ramachandran_plot(
+               directory / "ramachandran_flow.png", md, flow, log_w)}
+    if estimates.mapped_potential is not None:
+        md_u = (reference.target_test_potential if reference.target_heldout is None
+                else reference.target_heldout.potential)
+        out["energy_histograms.png"] = energy_histogram_plot(
+            directory / "energy_histograms.png", md_u, estimates.mapped_potential[kept], log_w)
+    return {name: str(path) for name, path in out.items()}

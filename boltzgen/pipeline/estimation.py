@@ -20,9 +20,11 @@ from boltzgen.estimators import (
     lfep_log_weights,
     normalized_weights,
 )
+from boltzgen.layouts import MoleculeLayout
 from boltzgen.pipeline.problem import Problem, stage_seed
 from boltzgen.pipeline.reference import ReferenceData
 from boltzgen.pipeline.sampling import SampleSet
+from boltzgen.pipeline.states import flow_state_metrics
 from boltzgen.pipeline.structure import Curve, structure_curves
 from boltzgen.settings import JobSettings
 
@@ -55,7 +57,14 @@ def estimate(
                       "mapped": np.asarray(potentials["mapped_heldout"])[samples.heldout_rows]}
     u_b_mapped = potentials["mapped"] / problem.kt
     log_w = lfep_log_weights(samples.u_a, samples.logdet, u_b_mapped)
+    valid = None
+    if problem.system.checks_validity():
+        # Invalid samples (a D amino acid) lie outside the target: weight zero, counted.
+        valid = problem.system.valid_samples(samples.mapped)
+        log_w = np.where(valid, log_w, -np.inf)
     metrics = _forward_metrics(log_w)
+    if valid is not None:
+        metrics.update(_validity_metrics(valid, log_w))
     if reference.reference_delta_f is not None:
         metrics["reference_delta_f"] = reference.reference_delta_f
         metrics["reference_delta_f_err"] = float(reference.reference_delta_f_err or 0.0)
@@ -72,6 +81,11 @@ def estimate(
     structure, structure_metrics = structure_curves(problem, reference, samples, log_w, every_log_w,
                                               stage_seed(job, "observables"))
     metrics.update(structure_metrics)
+    metrics.update(flow_state_metrics(problem.system, samples.mapped, log_w,
+                                      stage_seed(job, "states")))
+    layout = problem.system.layout()
+    if isinstance(layout, MoleculeLayout):
+        metrics["atoms"] = float(layout.n_atoms)
     metrics.update(reference.diagnostics)
     metrics = {k: float(v) for k, v in metrics.items()}
     return Estimates(metrics=metrics, log_weights=log_w, notes=_notes(problem, reference, metrics),
@@ -99,6 +113,21 @@ def _forward_metrics(log_w: np.ndarray) -> dict[str, float]:
         if np.isfinite(log_w).any()
         else float("nan"),
     }
+
+
+def _validity_metrics(valid: np.ndarray, log_w: np.ndarray) -> dict[str, float]:
+    """``valid_fraction`` and ``n_invalid`` of the flow's samples, and the Kish ESS among the
+    valid ones (invalid samples dropped before the ESS, as the valid fraction reports them):
+    ``ess`` = (Σ w)² / (N_valid Σ w²) over valid samples. ΔF keeps every sample's count N
+    (an invalid one contributes w = 0), which is what makes ln N − logsumexp(log w) the free
+    energy of the valid region."""
+    kept = log_w[valid]
+    out = {"valid_fraction": float(valid.mean()) if len(valid) else float("nan"),
+           "n_invalid": float((~valid).sum())}
+    if np.isfinite(kept).any():
+        out["ess"] = kish_ess_fraction(kept)
+        out["ess_err"] = kish_ess_fraction_err(kept) if len(kept) >= 2 else float("nan")
+    return out
 
 
 def _backward_metrics(problem: Problem, reference: ReferenceData, samples: SampleSet,

@@ -1,6 +1,7 @@
 """Reference stage: samples of the target (and a thermodynamic base) and the reference ΔF (kT),
-by replica-exchange MCMC with MBAR or exact f, by a system's exact sampler, or by OpenMM MD
-over a temperature ladder (cached in the work directory) with MBAR."""
+by replica-exchange MCMC with MBAR or exact f, by a system's exact sampler, by OpenMM MD
+over a temperature ladder (cached in the work directory) with MBAR, or by one MD run of the
+target (plain or replica exchange) with the free energy between its metastable states."""
 
 from __future__ import annotations
 
@@ -235,7 +236,7 @@ def md_protocol(job: JobSettings, temperature: float) -> MDProtocol:
     seed = seed_of(json.dumps([job.seed, job.dump["system"], round(float(temperature), 6)],
                               sort_keys=True))
     return MDProtocol(temperature=round(float(temperature), 6), seed=seed,
-                      **{k: float(v) for k, v in job.reference.md_protocol.model_dump().items()})
+                      **job.reference.md_protocol.protocol_fields())
 
 
 def md_runs(settings: JobSettings | Mapping[str, Any]) -> list[tuple[str, float]]:
@@ -297,6 +298,43 @@ def md_reference(job: JobSettings, problem: Problem, work_dir: str, threads: int
         ladder=ladder.tolist(), diagnostics=diagnostics, base_train_potential=base_train_pot,
         base_heldout=base_heldout, target_heldout=target_heldout,
     )
+
+
+def md_target_reference(job: JobSettings, problem: Problem, work_dir: str, threads: int
+                        ) -> ReferenceData:
+    """One MD run of the target (plain, or replica exchange over
+    ``reference.md.replica_temperatures`` with the frames at the target temperature), split in
+    time into training and held-out frames (:func:`_time_split`); no reference for −ln Z but
+    the system's exact one where known; the free energy between the system's metastable states
+    over every frame of the run (:func:`boltzgen.pipeline.states.md_state_metrics`)."""
+    from boltzgen.pipeline.states import md_state_metrics
+
+    ref = job.reference
+    system = problem.system
+    protocol = md_protocol(job, problem.temperature)
+    run = cached_md(system, protocol, work_dir, threads, job.energy.platform)
+    train, test, _, test_u, heldout = _time_split(run, ref.holdout_fraction,
+                                                  ref.holdout_blocks or 1)
+    diagnostics = {
+        "md_ns": float(protocol.n_frames * protocol.frame_interval_ps / 1000.0),
+        "md_frames": float(len(run.flow_coordinates)),
+        "md_seconds_run": 0.0 if run.reused else float(run.seconds),
+        "md_seconds_all_rungs": float(run.seconds),
+        "md_runs_reused": float(run.reused),
+        "md_replicas": float(max(1, len(protocol.replica_temperatures))),
+        **{f"md_{k}": float(v) for k, v in getattr(run, "diagnostics", {}).items()},
+        **md_state_metrics(system, run.flow_coordinates, stage_seed(job, "md_states")),
+    }
+    exact = system.exact_free_energy(problem.temperature)
+    how = (f"replica-exchange MD over {', '.join(f'{t:g}' for t in protocol.replica_temperatures)}"
+           " K, frames at the target" if protocol.replica_temperatures
+           else f"MD at {problem.temperature:g} K")
+    return ReferenceData(
+        target_train=train, target_test=test, target_test_potential=test_u,
+        base_train=None, base_test=None, base_test_potential=None,
+        reference_delta_f=exact, reference_delta_f_err=None if exact is None else 0.0,
+        method=("exact (system quadrature); " if exact is not None else "none for -ln Z; ")
+        + how, ladder=[problem.temperature], diagnostics=diagnostics, target_heldout=heldout)
 
 
 def _time_split(run: Any, holdout_fraction: float, blocks: int = 1

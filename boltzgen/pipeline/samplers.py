@@ -92,9 +92,13 @@ class ExactSampler(ReferenceSampler):
 
 @REFERENCE_SAMPLERS.register("md")
 class MolecularDynamics(ReferenceSampler):
-    """OpenMM Langevin MD at every ladder temperature between a thermodynamic base and the
-    target, cached in the work directory and shared by every job that needs a run; MBAR ΔF
-    (:func:`reference.md_reference`)."""
+    """OpenMM Langevin MD, cached in the work directory and shared by every job that needs a
+    run. With a thermodynamic base: one run at every ladder temperature between the base and
+    the target, MBAR ΔF (:func:`reference.md_reference`). With a base that is not another
+    temperature (a flow's normalized prior): one run of the target, plain or by replica
+    exchange (``reference.md.replica_temperatures``), whose frames are the training and
+    held-out data; no reference for −ln Z, but the free energy between the system's metastable
+    states where it defines them (:func:`reference.md_target_reference`)."""
 
     uses_openmm = True
 
@@ -105,13 +109,14 @@ class MolecularDynamics(ReferenceSampler):
         if not system.supports_md():
             yield SettingError("reference.sampler", "md", f"system '{system.kind}' has no "
                                "OpenMM form with a starting structure; use 'mcmc' or 'exact'")
-        if not BASES.get(job.base.kind).temperature_ladder:
-            yield SettingError("base.kind", job.base.kind, "reference.sampler 'md' estimates "
-                               "ΔF between temperatures; use 'thermodynamic' with a base "
-                               "temperature")
         md = job.reference.md or MDSettings()
+        if BASES.get(job.base.kind).temperature_ladder and md.replica_temperatures:
+            yield SettingError("reference.md.replica_temperatures", md.replica_temperatures,
+                               "replica exchange samples the target alone; with base "
+                               "'thermodynamic' the ladder's temperatures are separate runs "
+                               "(leave it out, or use a normal base)")
         try:  # the protocol checks its own consistency (at least one frame, one step per frame)
-            MDProtocol(temperature=job.temperature, **md.model_dump())
+            MDProtocol(temperature=job.temperature, **md.protocol_fields())
         except ValueError as exc:
             field, _, detail = str(exc).partition(": ")
             yield SettingError(f"reference.md.{field}", detail=detail)
@@ -127,18 +132,22 @@ class MolecularDynamics(ReferenceSampler):
         from boltzgen.md import cache_key
         from boltzgen.pipeline.reference import md_protocol
 
+        temperatures = (problem.ladder(job.reference) if problem.base.temperature_ladder
+                        else [problem.temperature])
         return [(cache_key(problem.system, md_protocol(job, t)), float(t))
-                for t in problem.ladder(job.reference)]
+                for t in temperatures]
 
     @classmethod
     def run(cls, job: JobSettings, problem: Problem, work_dir: str | None, threads: int
             ) -> ReferenceData:
-        from boltzgen.pipeline.reference import md_reference
+        from boltzgen.pipeline.reference import md_reference, md_target_reference
 
         if work_dir is None:
             raise ValueError("work_dir: None is not allowed for reference.sampler 'md'; MD "
                              "frames are cached in the campaign's work directory")
-        return md_reference(job, problem, work_dir, threads)
+        if problem.base.temperature_ladder:
+            return md_reference(job, problem, work_dir, threads)
+        return md_target_reference(job, problem, work_dir, threads)
 
 
 @REFERENCE_SAMPLERS.register("none")

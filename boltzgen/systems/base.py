@@ -172,6 +172,39 @@ class System(ABC):
         """The mode (an int) each sample (N, dim) belongs to, or None for systems without modes."""
         return None
 
+    # Name of the coordinate whose sign defines two metastable states (metrics
+    # ``delta_f_<label>``), for systems with :meth:`metastable_coordinate`.
+    metastable_label: ClassVar[str] = ""
+
+    def metastable_coordinate(self, x: np.ndarray) -> np.ndarray:
+        """The coordinate (N,) whose sign splits samples (N, dim) into two metastable states,
+        state 0 where it is < 0 and state 1 where it is > 0 (a peptide's φ); the free energy
+        between them, ΔF = F(1) − F(0) = −ln(P(1) / P(0)) in kT, is estimated from the
+        reference and from the reweighted flow."""
+        raise NotImplementedError(f"system '{self.kind}' defines no metastable states")
+
+    @classmethod
+    def supports_metastable_states(cls) -> bool:
+        return cls.metastable_coordinate is not System.metastable_coordinate
+
+    def valid_samples(self, x: np.ndarray) -> np.ndarray:
+        """True (N,) for samples (N, dim) of the target's own region of configuration space
+        (default: all); an invalid sample (a D amino acid of an L peptide) gets weight zero in
+        every estimate and is counted (``valid_fraction``)."""
+        return np.ones(len(self._as_samples(x)), dtype=bool)
+
+    @classmethod
+    def checks_validity(cls) -> bool:
+        return cls.valid_samples is not System.valid_samples
+
+    def backbone_dihedrals(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(φ, ψ) in radians (N,) each of samples (N, dim), for Ramachandran plots."""
+        raise NotImplementedError(f"system '{self.kind}' has no backbone")
+
+    @classmethod
+    def supports_backbone_dihedrals(cls) -> bool:
+        return cls.backbone_dihedrals is not System.backbone_dihedrals
+
     def observables(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """1-D arrays for marginal histograms; default: each coordinate, ``{"x1": ..., ...}``.
 

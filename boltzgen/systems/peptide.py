@@ -1,0 +1,209 @@
+"""A peptide in implicit solvent, built from its sequence (:mod:`boltzgen.peptides`).
+
+Flow coordinates: the Cartesian positions of all atoms, x[3 i + a] in nm (the ``molecule``
+layout, with the topology: elements, bonds, atom names, residue of each atom and its amino
+acid). U(x) is the force field's potential energy in kJ/mol from OpenMM (no cutoff or a
+non-periodic cutoff, no constraints; ``force_field`` names the literature's set-ups,
+:data:`boltzgen.peptides.FORCE_FIELDS`).
+
+U is invariant under translations and rotations, so exp(−u) is not normalizable on R^{3n}:
+free energies and densities are taken on the quotient of R^{3n} by rigid motions,
+dx^{3n} = dT · dR · dμ (dR the Haar measure of SO(3) with mass 8π²), Z = ∫ exp(−u) dμ. A flow
+for this system must remove the six external degrees of freedom (the ``internal_coordinates``
+flow does, and its log q is a density on dμ).
+
+The force field is achiral (U(−x) = U(x)), so the Boltzmann density on all of R^{3n} has a
+mirror-image (D) copy of every state. The target of a job is the L peptide: samples with a D
+residue are invalid (:meth:`valid_samples`); they get weight zero and are counted.
+
+Metastable states (the transferable-BG papers'): φ < 0 against φ > 0 of the backbone dihedral
+φ that :func:`mdtraj.compute_phi` finds (of X in ACE-X-NME, of Y in X-Y), ΔF_φ =
+F(φ > 0) − F(φ < 0) in kT.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from boltzgen.layouts import MoleculeLayout
+from boltzgen.openmm_bridge import BatchEnergy, OpenMMEvaluator
+from boltzgen.systems.base import System
+from boltzgen.units import KB_KJ_PER_MOL_K
+
+
+class Peptide(System):
+    """A capped single residue (ACE-X-NME) or a dipeptide with free termini (X-Y).
+
+    Args:
+        sequence: dash-separated three-letter codes, e.g. ``"ACE-ALA-NME"`` (alanine
+            dipeptide) or ``"ALA-TYR"``.
+        force_field: ``"amber99sbildn-obc"`` or ``"amber14-obc1"``
+            (:data:`boltzgen.peptides.FORCE_FIELDS`).
+
+    The molecule is built (pdbfixer, hydrogens, minimisation, checks) on first use of its
+    structure or energy, in the process that uses it; a build that fails raises
+    :class:`boltzgen.peptides.PeptideBuildError` there, failing the job that needed it.
+    """
+
+    kind: ClassVar[str] = "peptide"
+    estimand_note: ClassVar[str] = (
+        "a peptide in implicit solvent; flow coordinates = Cartesian atom positions (nm); "
+        "densities and Z on the quotient of R^3n by rigid motions (dx = dT dR dmu, the "
+        "translation volume and the 8 pi^2 of SO(3) left out), L peptide only"
+    )
+    potential_runs_openmm: ClassVar[bool] = True
+    boltzmann_constant: float = KB_KJ_PER_MOL_K
+    metastable_label: ClassVar[str] = "phi"
+
+    def __init__(self, *, sequence: str = "ACE-ALA-NME",
+                 force_field: str = "amber99sbildn-obc") -> None:
+        from boltzgen.peptides import FORCE_FIELDS, parse_sequence
+
+        if not isinstance(sequence, str):
+            raise ValueError(f"sequence: {sequence!r} is not allowed; a string such as "
+                             "'ACE-ALA-NME' or 'ALA-TYR'")
+        residues = parse_sequence(sequence)
+        self.sequence = "-".join(residues)
+        if force_field not in FORCE_FIELDS:
+            raise ValueError(f"force_field: {force_field!r} is not allowed; choose one of "
+                             f"{', '.join(FORCE_FIELDS)}")
+        self.force_field = force_field
+        self.dim = 3 * self.topology.n_atoms
+        self._evaluator: Any = None
+        self._platform = "CPU"
+        self._lock = threading.Lock()
+
+    # -- the molecule ---------------------------------------------------------------------------
+    @property
+    def topology(self) -> Any:
+        """The built peptide's topology (:class:`boltzgen.peptides.Peptide` without the
+        minimised structure's checks having to run): atoms, bonds, dihedrals."""
+        from boltzgen.peptides import peptide_topology
+
+        return peptide_topology(self.sequence, self.force_field)
+
+    @property
+    def molecule(self) -> Any:
+        """The built, minimised and checked peptide (:func:`boltzgen.peptides.build_peptide`;
+        cached per process)."""
+        from boltzgen.peptides import build_peptide
+
+        return build_peptide(self.sequence, self.force_field)
+
+    @property
+    def literature_temperature(self) -> float:
+        """The temperature (K) the force field's set-up comes with in the literature."""
+        from boltzgen.peptides import FORCE_FIELDS
+
+        return FORCE_FIELDS[self.force_field].temperature_k
+
+    @cached_property
+    def _layout(self) -> MoleculeLayout:
+        top = self.topology
+        return MoleculeLayout(top.n_atoms, tuple(top.elements), tuple(top.bonds),
+                              atom_names=tuple(top.atom_names),
+                              residue_indices=tuple(top.residue_indices),
+                              residue_names=tuple(top.residue_names))
+
+    def layout(self) -> MoleculeLayout:
+        return self._layout
+
+    def ideal_coordinates(self) -> np.ndarray:
+        """The minimised structure (dim,), nm: where MD starts."""
+        return np.asarray(self.molecule.positions_nm, dtype=np.float64).reshape(-1).copy()
+
+    def from_cartesian(self, xyz: np.ndarray) -> np.ndarray:
+        """Positions (F, n, 3) nm -> flow coordinates (F, 3n)."""
+        xyz = np.asarray(xyz, dtype=np.float64)
+        return xyz.reshape(len(xyz), self.dim)
+
+    def openmm_positions(self, x: np.ndarray) -> np.ndarray:
+        """Flow coordinates (B, 3n) -> positions (B, n, 3) nm."""
+        return np.asarray(x, dtype=np.float64).reshape(-1, self.dim // 3, 3)
+
+    def flow_gradient(self, forces: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """∇U (B, 3n) from OpenMM forces (B, n, 3) kJ/mol/nm: the coordinates are Cartesian."""
+        return -np.asarray(forces, dtype=np.float64).reshape(len(forces), self.dim)
+
+    def mdtraj_topology(self) -> Any:
+        return self.topology.mdtraj_topology()
+
+    # -- energy ---------------------------------------------------------------------------------
+    def openmm_system(self) -> Any:
+        """The force field's ``openmm.System`` for this molecule (a fresh copy)."""
+        import openmm
+
+        return openmm.XmlSerializer.deserialize(
+            openmm.XmlSerializer.serialize(self.topology.system))
+
+    def set_openmm_platform(self, platform: str) -> None:
+        with self._lock:
+            if platform != self._platform:
+                self._platform, self._evaluator = platform, None
+
+    def _local_evaluator(self) -> OpenMMEvaluator:
+        with self._lock:
+            if self._evaluator is None:
+                import openmm
+
+                self._evaluator = OpenMMEvaluator(
+                    openmm.XmlSerializer.serialize(self.topology.system),
+                    platform=self._platform, threads=max(1, torch.get_num_threads()))
+            return self._evaluator
+
+    def potential(self, x: torch.Tensor) -> torch.Tensor:
+        """U(x) in kJ/mol from OpenMM in this process; (..., 3n) -> (...), differentiable
+        (∇U from OpenMM's forces through :class:`boltzgen.openmm_bridge.BatchEnergy`)."""
+        self._check_coordinates(x)
+        flat = x.reshape(-1, self.dim)
+        positions = flat.reshape(-1, self.dim // 3, 3)
+        energy = BatchEnergy.apply(positions, self._local_evaluator().energies_and_gradients)
+        return energy.reshape(x.shape[:-1])
+
+    # -- what a job measures ----------------------------------------------------------------
+    def valid_samples(self, x: np.ndarray) -> np.ndarray:
+        """True where every amino acid of the sample is L (and its coordinates are finite);
+        D samples are the force field's mirror states, not the target's."""
+        from boltzgen.peptides import is_l_amino_acid
+
+        arr = self._as_samples(x)
+        finite = np.isfinite(arr).all(axis=1)
+        xyz = np.where(finite[:, None], arr, 0.0).reshape(len(arr), -1, 3)
+        return finite & is_l_amino_acid(xyz, self.topology.chiral_centers)
+
+    def backbone_dihedrals(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(φ, ψ) in radians, in (−π, π], of samples (N, 3n): the φ and ψ that mdtraj's
+        compute_phi / compute_psi find in this molecule."""
+        from boltzgen.peptides.observables import backbone_dihedrals
+
+        arr = self._as_samples(x)
+        top = self.topology
+        return backbone_dihedrals(arr.reshape(len(arr), -1, 3), top.phi_atoms, top.psi_atoms)
+
+    def metastable_coordinate(self, x: np.ndarray) -> np.ndarray:
+        """φ (radians) of each sample (N, 3n); the states are φ < 0 and φ > 0."""
+        return self.backbone_dihedrals(x)[0]
+
+    def observables(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The backbone dihedrals φ and ψ (radians) of samples (N, 3n)."""
+        phi, psi = self.backbone_dihedrals(x)
+        return {"phi_rad": phi, "psi_rad": psi}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_evaluator"] = None
+        state["_lock"] = None
+        state.pop("_layout", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+__all__ = ["Peptide"]
