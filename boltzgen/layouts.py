@@ -22,7 +22,9 @@ Kinds (registry :data:`LAYOUTS`):
 - ``rigid_bodies``: N rigid bodies, positions on a periodic box (torus) and unit quaternions
   on S³ (:class:`boltzgen.rigid.bodies.RigidLayout`; not Euclidean).
 - ``molecule``: n atoms in 3-D Cartesian coordinates (nm), x[3 i + a], with the topology where
-  known (elements, bonds, atom names, residues) (:class:`MoleculeLayout`; peptides).
+  known (elements, bonds, atom names, residues) (:class:`MoleculeLayout`; peptides). The
+  ``internal_coordinates`` flow builds its Z-matrix from the bonds
+  (:mod:`boltzgen.internal_coordinates`).
 """
 
 from __future__ import annotations

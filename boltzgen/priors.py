@@ -14,7 +14,11 @@ so the base state of a free-energy job built on a prior has f_A = −ln 1 = 0
   log p(x) = −|x|² / (2 s²) − dim ln s − (dim / 2) ln 2π;
 - ``uniform``: the normalized uniform measure on a rigid-body layout's coordinates (positions
   uniform in the periodic box, orientations uniform on S³, i.e. Haar on SO(3)), log p(x) = 0;
-  pinned positions are at the origin and pinned orientations at the identity.
+  pinned positions are at the origin and pinned orientations at the identity;
+- ``internal_coordinates``: the latent space of a molecule's internal-coordinate flow
+  (:mod:`boltzgen.flows.internal`), 3n − 6 numbers for n atoms: N(0, I) on the first 2n − 3
+  (normalised bonds and angles) times the uniform density on [−π, π)^{n−3} (torsions),
+  log p(z) = −|u|² / 2 − ((2n − 3)/2) ln 2π − (n − 3) ln 2π inside, −inf outside.
 
 Sampling draws with the given ``torch.Generator`` on its device, float64; the number and order
 of random draws are part of the contract (results are reproducible from a seed).
@@ -29,13 +33,13 @@ import torch
 from torch import nn
 
 from boltzgen._checks import check_float, check_int
-from boltzgen.layouts import Layout, as_layout
+from boltzgen.layouts import Layout, MoleculeLayout, as_layout
 from boltzgen.registry import Registry
 from boltzgen.rigid.bodies import RigidLayout
 from boltzgen.rigid.quaternions import random_unit_quaternions
 
-__all__ = ["PRIORS", "GaussianPrior", "Prior", "UniformRigidPrior", "default_prior",
-           "prior_from_dict"]
+__all__ = ["PRIORS", "GaussianPrior", "InternalCoordinatePrior", "Prior", "UniformRigidPrior",
+           "default_prior", "prior_from_dict"]
 
 
 class Prior(nn.Module):
@@ -155,6 +159,46 @@ class UniformRigidPrior(Prior):
     def reduced_energy(self, x: torch.Tensor) -> torch.Tensor:
         """0 (not −0.0)."""
         return self.log_prob(x)
+
+
+@PRIORS.register("internal_coordinates")
+class InternalCoordinatePrior(Prior):
+    """N(0, I) on 2n − 3 coordinates × uniform on [−π, π)^{n−3}, for a :class:`MoleculeLayout`
+    of n >= 3 atoms (module docstring); ``dim`` is 3n − 6, not the layout's 3n."""
+
+    kind = "internal_coordinates"
+
+    def __init__(self, layout: Layout) -> None:
+        if not isinstance(layout, MoleculeLayout) or layout.n_atoms < 3:
+            raise ValueError("prior.kind: 'internal_coordinates' needs a molecule of >= 3 atoms; "
+                             f"this layout is {as_layout(layout).description}")
+        super().__init__(layout)
+        self.n_normal = 2 * layout.n_atoms - 3
+        self.n_torsions = layout.n_atoms - 3
+        self.dim = self.n_normal + self.n_torsions
+        self._log_norm = (0.5 * self.n_normal + self.n_torsions) * math.log(2.0 * math.pi)
+
+    def extra_repr(self) -> str:
+        return f"normal={self.n_normal}, torsions={self.n_torsions}"
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One ``torch.randn`` (n, 2n_atoms − 3), then one ``torch.rand`` (n, n_atoms − 3)
+        mapped to [−π, π) (2π u − π, remainder-wrapped)."""
+        n = check_int("n", n, minimum=1)
+        device = _device(generator)
+        normal = torch.randn((n, self.n_normal), generator=generator, dtype=torch.float64,
+                             device=device)
+        uniform = torch.rand((n, self.n_torsions), generator=generator, dtype=torch.float64,
+                             device=device)
+        torsions = torch.remainder(2.0 * math.pi * uniform, 2.0 * math.pi) - math.pi
+        return torch.cat([normal, torsions], dim=-1)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        u, torsions = x[..., : self.n_normal], x[..., self.n_normal :]
+        inside = ((torsions >= -math.pi) & (torsions < math.pi)).all(-1)
+        log_p = -0.5 * (u**2).sum(-1) - self._log_norm
+        return torch.where(inside, log_p, torch.full_like(log_p, -math.inf))
 
 
 def default_prior(layout: Layout) -> Prior:

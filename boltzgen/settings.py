@@ -99,6 +99,7 @@ REGISTRIES: dict[str, str] = {
     "reference_sampler": "boltzgen.pipeline.samplers:REFERENCE_SAMPLERS",
     "objective": "boltzgen.objectives:OBJECTIVES",
     "energy_backend": "boltzgen.pipeline.energy_backends:ENERGY_BACKENDS",
+    "flow": "boltzgen.flows:FLOWS",
 }
 """Axis -> ``module:REGISTRY`` of the classes a name chooses (imported on first use)."""
 
@@ -346,6 +347,16 @@ def cross_section_complaints(job: JobSettings, system: System) -> Iterator[Setti
     if job.flow.parameters().get("thermal_scaling") and not base.temperature_ladder:
         yield SettingError("flow.thermal_scaling", True, "it scales displacements by "
                            "sqrt(T / T_base); it needs base.kind 'thermodynamic'")
+    flows = registry("flow")
+    if job.flow.kind in flows and flows[job.flow.kind].owns_prior:
+        # Its prior lives on a latent space of its own (e.g. 3n − 6 internal coordinates):
+        # A is that normalized prior, so the base must be one the flow samples directly.
+        if not base.samples_directly:
+            yield SettingError("base.kind", job.base.kind, f"flow '{job.flow.kind}' has a "
+                               "prior of its own, which is the base; use 'normal'")
+        elif job.base.scale != 1.0:
+            yield SettingError("base.scale", job.base.scale, f"flow '{job.flow.kind}' has a "
+                               "normalized prior of its own, which is the base; leave it at 1")
     if job.training.symmetry_augmentation and not system.supports_symmetry_images():
         yield SettingError("training.symmetry_augmentation", True, f"system '{system.kind}' "
                            "has no known symmetry operations; allowed only for crystals "

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from boltzgen.internal_coordinates import ZMatrix
+from boltzgen.layouts import MoleculeLayout
 from boltzgen.rigid.bodies import PeriodicBox, RigidLayout
 from boltzgen.rigid.quaternions import random_unit_quaternions
 
@@ -21,10 +23,30 @@ SMALL = {
 # inverse then loses ~5 digits to conditioning alone (not a bug: |dx/dy| ~ 1e5). 0.25 still gives
 # bins of very unequal size, knot derivatives well away from 1 and log|det| of O(±10) (checked
 # in tests/test_science_flows.py::test_randomized_splines_use_bins_and_tails).
-RANDOM_SCALE = {"affine_coupling": 0.4, "spline_coupling": 0.25}
+RANDOM_SCALE = {"affine_coupling": 0.4, "spline_coupling": 0.25, "internal_coordinates": 0.25}
+IC_SMALL = {"n_layers": 2, "hidden": 12, "n_hidden_layers": 2, "n_bins": 5}
 BOX = PeriodicBox((0.9, 0.78, 0.73))
 WITH_BOX = RigidLayout(3, BOX, pinned_positions=(0,), pinned_orientations=(0,))
 NO_BOX = RigidLayout(2)
+
+
+def internal_coordinate_targets(layout: MoleculeLayout, n: int, seed: int = 1) -> torch.Tensor:
+    """n molecule-like configurations (n, 3 n_atoms) in the canonical frame of the layout's
+    Z-matrix: bonds 0.10 nm (to hydrogens) or 0.15 nm, ± 0.004 nm, angles 1.91 ± 0.06 rad,
+    torsions uniform (a ring's closing bond is not enforced)."""
+    zmatrix = ZMatrix.from_layout(layout)
+    gen = torch.Generator().manual_seed(seed)
+    hydrogen = [element == "H" for element in layout.elements]
+    order, entries = zmatrix.order, zmatrix.entries
+    pairs = [(order[1], order[0]), (order[2], order[1]), *((i, j) for i, j, _, _ in entries)]
+    r0 = torch.tensor([0.10 if hydrogen[i] or hydrogen[j] else 0.15 for i, j in pairs],
+                      dtype=torch.float64)
+    bonds = r0 + 0.004 * torch.randn((n, len(pairs)), generator=gen, dtype=torch.float64)
+    angles = 1.91 + 0.06 * torch.randn((n, layout.n_atoms - 2), generator=gen,
+                                       dtype=torch.float64)
+    torsions = 2 * math.pi * torch.rand((n, layout.n_atoms - 3), generator=gen,
+                                        dtype=torch.float64) - math.pi
+    return zmatrix.to_cartesian(bonds, angles, torsions).reshape(n, 3 * layout.n_atoms)
 
 
 def perturb(module: torch.nn.Module, scale: float = 0.3, seed: int = 1) -> torch.nn.Module:

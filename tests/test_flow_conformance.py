@@ -14,6 +14,12 @@ conditional), the prior and ``sample_and_log_prob`` (the prior's draws pushed fo
 equal to ``log_prob`` of the samples), sampling without autograd, float64 throughout, input
 checks, identity at initialisation (Euclidean flows), batch shapes, and flip equivariance on S³
 (the rigid flows except the rotation-vector baseline, which ignores the double cover).
+
+A flow that owns a prior on a latent space of its own (``internal_coordinates``: 3n − 6
+internal coordinates -> 3n Cartesian ones, canonical frame) takes latent points on the prior
+side and Cartesian points in the canonical frame on the target side; its log-det is checked
+against the autograd Jacobian between the latent and the frame coordinates plus ln(x_b² y_c)
+(:mod:`boltzgen.internal_coordinates`).
 """
 
 from __future__ import annotations
@@ -25,16 +31,19 @@ import pytest
 import torch
 
 from boltzgen.flows import FLOWS, Flow, build_flow
+from boltzgen.internal_coordinates import ZMatrix
 from boltzgen.layouts import LAYOUTS, Layout, MoleculeLayout, ParticleLayout, VectorLayout
-from boltzgen.priors import GaussianPrior, UniformRigidPrior
+from boltzgen.priors import GaussianPrior, InternalCoordinatePrior, UniformRigidPrior
 from boltzgen.rigid.bodies import RigidLayout
 from boltzgen.rigid.quaternions import tangent_basis
 from tests.flow_helpers import (
     BOX,
+    IC_SMALL,
     NO_BOX,
     RANDOM_SCALE,
     SMALL,
     WITH_BOX,
+    internal_coordinate_targets,
     perturb,
     randomize,
     rigid_flow_input,
@@ -60,6 +69,15 @@ class Case:
         return isinstance(self.layout, RigidLayout)
 
     @property
+    def internal(self) -> bool:
+        """A flow on internal coordinates: latent 3n − 6, target 3n (canonical frame)."""
+        return self.kind == "internal_coordinates"
+
+    @property
+    def latent_dim(self) -> int:
+        return self.layout.dim - 6 if self.internal else self.layout.dim
+
+    @property
     def round_trip_atol(self) -> float:
         return 1e-8 if self.rigid else 1e-10
 
@@ -73,18 +91,35 @@ class Case:
 
     def flow(self, seed: int = 0) -> Flow:
         """The flow with parameters away from the identity: random for the Euclidean flows,
-        perturbed by 0.2 N(0, 1) for the rigid ones (their S³ maps need |q| < 1)."""
+        perturbed by 0.2 N(0, 1) for the rigid ones (their S³ maps need |q| < 1); then fitted
+        to target samples (``fit_to_data``: a no-op but for the internal-coordinate flow)."""
         if self.rigid:
-            return perturb(self.fresh(), scale=0.2)
-        return randomize(self.fresh(), RANDOM_SCALE[self.kind], seed)
+            flow = perturb(self.fresh(), scale=0.2)
+        else:
+            flow = randomize(self.fresh(), RANDOM_SCALE[self.kind], seed)
+        flow.fit_to_data(self.targets(64, seed=11))
+        return flow
 
     def points(self, n: int, seed: int = 1, spread: float = 1.0) -> torch.Tensor:
-        """n points (n, dim) in the flow's domain: 1.5 spread N(0, I), or random rigid states."""
+        """n points (n, latent dim) on the prior side: 1.5 spread N(0, I) (internal
+        coordinates: for the bonds and angles, torsions uniform), or random rigid states."""
         if self.rigid:
             return rigid_flow_input(self.layout, n, seed)
         gen = torch.Generator().manual_seed(seed)
-        return 1.5 * spread * torch.randn((n, self.layout.dim), generator=gen,
-                                          dtype=torch.float64)
+        n_normal = self.latent_dim - (self.layout.n_atoms - 3 if self.internal else 0)
+        normal = 1.5 * spread * torch.randn((n, n_normal), generator=gen, dtype=torch.float64)
+        if not self.internal:
+            return normal
+        torsions = 2 * torch.pi * torch.rand((n, self.latent_dim - n_normal), generator=gen,
+                                             dtype=torch.float64) - torch.pi
+        return torch.cat([normal, torsions], -1)
+
+    def targets(self, n: int, seed: int = 1) -> torch.Tensor:
+        """n points (n, dim) on the target side: :meth:`points`, or for internal coordinates
+        molecule-like Cartesian coordinates in the canonical frame."""
+        if self.internal:
+            return internal_coordinate_targets(self.layout, n, seed)
+        return self.points(n, seed)
 
 
 def _euclidean_cases() -> dict[str, Case]:
@@ -98,6 +133,14 @@ def _euclidean_cases() -> dict[str, Case]:
     cases["spline_coupling-molecule"] = Case("spline_coupling", MoleculeLayout(3, ("O", "H", "H"),
                                                                                ((0, 1), (0, 2))),
                                              SMALL["spline_coupling"])
+    # Internal coordinates: a branched molecule with hydrogens (C0 bonded to C1, N2, O3; a
+    # methylene, an NH and an OH) and a three-membered ring with one hydrogen per carbon.
+    cases["internal_coordinates-branched"] = Case("internal_coordinates", MoleculeLayout(
+        8, ("C", "C", "N", "O", "H", "H", "H", "H"),
+        ((0, 1), (0, 2), (0, 3), (3, 4), (1, 5), (1, 6), (2, 7))), IC_SMALL)
+    cases["internal_coordinates-ring"] = Case("internal_coordinates", MoleculeLayout(
+        6, ("C", "C", "C", "H", "H", "H"), ((0, 1), (1, 2), (2, 0), (0, 3), (1, 4), (2, 5))),
+        IC_SMALL)
     return cases
 
 
@@ -126,6 +169,7 @@ CASES: dict[str, Case] = {
                                    {"n_layers": 2, "hidden": 8}),
 }
 EUCLIDEAN = [key for key, case in CASES.items() if not case.rigid]
+INTERNAL = [key for key, case in CASES.items() if case.internal]
 
 
 def test_every_flow_kind_and_layout_kind_has_a_case() -> None:
@@ -137,6 +181,11 @@ def test_every_flow_kind_and_layout_kind_has_a_case() -> None:
         assert cls.accepts and set(cls.accepts) <= set(LAYOUTS), kind
         assert isinstance(cls.needs_autograd_for_sampling, bool), kind
         assert isinstance(cls.takes_context, bool), kind
+        assert isinstance(cls.owns_prior, bool), kind
+    for case in CASES.values():
+        flow = case.fresh()
+        assert flow.latent_dim == case.latent_dim and flow.prior.dim == case.latent_dim
+        assert flow.owns_prior == (case.latent_dim != case.layout.dim)
 
 
 # -- maps and log-dets ----------------------------------------------------------------------
@@ -164,13 +213,15 @@ def test_round_trip_and_inverse_log_det(key: str) -> None:
     x = case.points(16)
     y, log_det = flow(x)
     x_back, log_det_inv = flow.inverse(y)
-    assert distance(case, y, x) > 1e-3, "the perturbed flow should not be the identity"
+    unmoved = case.fresh()(x)[0] if case.internal else x  # the (near-)identity start
+    assert distance(case, y, unmoved) > 1e-3, "the perturbed flow should not be the start"
     assert distance(case, x_back, x) <= case.round_trip_atol
     assert (log_det + log_det_inv).abs().max() <= case.round_trip_atol
-    # and the other way round
-    x_in, log_det_in = flow.inverse(x)
+    # and the other way round (internal coordinates: from the canonical frame)
+    target = case.targets(16)
+    x_in, log_det_in = flow.inverse(target)
     y2, log_det2 = flow(x_in)
-    assert distance(case, y2, x) <= case.round_trip_atol
+    assert distance(case, y2, target) <= case.round_trip_atol
     assert (log_det2 + log_det_in).abs().max() <= case.round_trip_atol
     if case.rigid and case.layout.pinned_positions:
         positions, _ = case.layout.split(x)
@@ -187,6 +238,28 @@ def tangent_frame(case: Case, point: torch.Tensor) -> torch.Tensor:
     positions, q = case.layout.split(point)
     blocks = [] if positions is None else [torch.eye(positions.numel(), dtype=point.dtype)]
     return torch.block_diag(*blocks, *[tangent_basis(qi) for qi in q])
+
+
+def frame_log_det(case: Case, fn: Callable, point: torch.Tensor, inverse: bool
+                  ) -> torch.Tensor:
+    """Internal coordinates: log|det| of the autograd Jacobian between the latent and the
+    3n − 6 frame coordinates of the canonical frame, ± ln(x_b² y_c) (the quotient measure's
+    density in frame coordinates; + forward, − inverse)."""
+    zmatrix = ZMatrix.from_layout(case.layout)
+    n = case.layout.n_atoms
+    if inverse:  # point: Cartesian (3n,) in the canonical frame
+        cartesian = point.reshape(n, 3)
+        jac = torch.autograd.functional.jacobian(
+            lambda f: fn(zmatrix.from_frame_coordinates(f).reshape(1, 3 * n))[0][0],
+            zmatrix.frame_coordinates(cartesian))
+    else:
+        cartesian = fn(point[None])[0][0].reshape(n, 3)
+        jac = torch.autograd.functional.jacobian(
+            lambda v: zmatrix.frame_coordinates(fn(v[None])[0][0].reshape(n, 3)), point)
+    sign, log_abs_det = torch.linalg.slogdet(jac)
+    assert sign != 0
+    correction = zmatrix.log_frame_volume(cartesian)
+    return log_abs_det - correction if inverse else log_abs_det + correction
 
 
 def projected_log_det(case: Case, fn: Callable, point: torch.Tensor) -> torch.Tensor:
@@ -212,7 +285,8 @@ def test_log_det_matches_autograd_jacobian(key: str, inverse: bool) -> None:
         points = flow(points)[0].detach()
     fn = flow.inverse if inverse else flow
     for point in points:
-        reference = projected_log_det(case, fn, point)
+        reference = (frame_log_det(case, fn, point, inverse) if case.internal
+                     else projected_log_det(case, fn, point))
         assert (fn(point[None])[1][0] - reference).abs() <= case.log_det_atol
 
 
@@ -223,10 +297,12 @@ def test_gradients_reach_every_parameter(key: str) -> None:
     x = case.points(32)
     g = torch.Generator().manual_seed(9)
     y, log_det = flow(x)
-    x_back, log_det_inv = flow.inverse(x)
+    x_back, log_det_inv = flow.inverse(case.targets(32))
     weights = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    weights_back = weights if x_back.shape == y.shape else torch.randn(
+        x_back.shape, generator=g, dtype=torch.float64)
     loss = (log_det.sum() + log_det_inv.sum() + (torch.sin(y) * weights).sum()
-            + (torch.sin(x_back) * weights).sum())
+            + (torch.sin(x_back) * weights_back).sum())
     loss.backward()
     for name, p in flow.named_parameters():
         assert p.grad is not None, name
@@ -259,13 +335,13 @@ def test_context_none_is_accepted_and_a_context_refused(key: str) -> None:
     case = CASES[key]
     flow = case.flow()
     assert not flow.takes_context
-    x = case.points(4)
-    for got, want in zip((*flow(x, context=None), *flow.inverse(x, None)),
-                         (*flow(x), *flow.inverse(x)), strict=True):
+    x, target = case.points(4), case.targets(4)
+    for got, want in zip((*flow(x, context=None), *flow.inverse(target, None)),
+                         (*flow(x), *flow.inverse(target)), strict=True):
         assert torch.equal(got, want)
     context = torch.zeros(4, 2, dtype=torch.float64)
-    for call in (lambda: flow(x, context), lambda: flow.inverse(x, context=context),
-                 lambda: flow.log_prob(x, context=context),
+    for call in (lambda: flow(x, context), lambda: flow.inverse(target, context=context),
+                 lambda: flow.log_prob(target, context=context),
                  lambda: flow.sample_and_log_prob(4, context)):
         with pytest.raises(ValueError, match=r"context: \w+ takes no context; pass None"):
             call()
@@ -274,12 +350,15 @@ def test_context_none_is_accepted_and_a_context_refused(key: str) -> None:
 @pytest.mark.parametrize("key", list(CASES))
 def test_prior_and_sample_and_log_prob(key: str) -> None:
     """The flow owns its prior (Gaussian N(0, I) on Euclidean layouts, uniform on rigid
-    ones); ``sample_and_log_prob`` pushes the prior's draws (same generator, same numbers)
-    forward with log q = log p(x) − log|det J|, which ``log_prob`` of the samples reproduces;
-    under ``sampling_context`` nothing needs grad."""
+    ones, N(0, I) × uniform torsions on internal coordinates); ``sample_and_log_prob`` pushes
+    the prior's draws (same generator, same numbers) forward with log q = log p(x) − log|det J|,
+    which ``log_prob`` of the samples reproduces; under ``sampling_context`` nothing needs
+    grad."""
     case = CASES[key]
     flow = case.flow()
-    assert isinstance(flow.prior, UniformRigidPrior if case.rigid else GaussianPrior)
+    expected = (InternalCoordinatePrior if case.internal else UniformRigidPrior if case.rigid
+                else GaussianPrior)
+    assert isinstance(flow.prior, expected) and flow.prior.dim == case.latent_dim
     assert flow.prior in list(flow.modules()) and not list(flow.prior.state_dict())
     assert flow.needs_autograd_for_sampling is False
     with flow.sampling_context():
@@ -310,6 +389,8 @@ def test_float64_and_input_checks(key: str) -> None:
         flow(x.float())
     with pytest.raises(ValueError, match=r"x: shape \(3, 5\)"):
         flow(torch.zeros(3, 5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="float64"):
+        flow.inverse(case.targets(3).float())
     if case.rigid:
         positions, q = case.layout.split(x)
         with pytest.raises(ValueError, match=r"x \(quaternions\): a quaternion has norm 1\.1"):
@@ -330,7 +411,7 @@ def test_float64_and_input_checks(key: str) -> None:
 # -- Euclidean flows: identity start and batch shapes ---------------------------------------
 
 
-@pytest.mark.parametrize("key", EUCLIDEAN)
+@pytest.mark.parametrize("key", [key for key in EUCLIDEAN if key not in INTERNAL])
 def test_identity_at_initialisation(key: str) -> None:
     case = CASES[key]
     flow = build_flow(case.layout, {"kind": case.kind, "n_layers": 3, "hidden": 8})
@@ -350,13 +431,13 @@ def test_identity_at_initialisation(key: str) -> None:
 def test_batch_shapes(key: str) -> None:
     case = CASES[key]
     flow = case.flow(seed=6)
-    dim = case.layout.dim
-    x = case.points(12).reshape(3, 4, dim)
+    dim, latent = case.layout.dim, case.latent_dim
+    x = case.points(12).reshape(3, 4, latent)
     y, logdet = flow(x)
     assert y.shape == (3, 4, dim) and logdet.shape == (3, 4)
     x_back, logdet_inv = flow.inverse(y)
-    assert x_back.shape == (3, 4, dim) and logdet_inv.shape == (3, 4)
-    flat_y, flat_logdet = flow(x.reshape(12, dim))
+    assert x_back.shape == (3, 4, latent) and logdet_inv.shape == (3, 4)
+    flat_y, flat_logdet = flow(x.reshape(12, latent))
     torch.testing.assert_close(y.reshape(12, dim), flat_y, rtol=0, atol=1e-14)
     torch.testing.assert_close(logdet.reshape(12), flat_logdet, rtol=0, atol=1e-12)
 
@@ -454,6 +535,37 @@ def test_checkpoints_store_layout_and_prior_and_older_ones_load(key: str) -> Non
         assert torch.equal(oldest(x)[0], y)
     with pytest.raises(ValueError, match="checkpoint: it holds neither a layout nor a system"):
         load_flow(saved())
+
+
+@pytest.mark.parametrize("key", INTERNAL)
+def test_checkpoints_of_a_flow_that_owns_its_prior_restore_it(key: str) -> None:
+    """The flow's own prior (registered, from its ``to_dict``) and its fitted buffers come back
+    from a checkpoint; a base prior passed to ``load_flow`` (a checkpoint without a prior)
+    does not replace it."""
+    import io
+
+    from boltzgen.pipeline import load_flow
+
+    case = CASES[key]
+    flow = case.flow()
+    assert flow.owns_prior and flow.prior.to_dict() == {"kind": "internal_coordinates"}
+
+    def saved(**extra) -> bytes:
+        buffer = io.BytesIO()
+        torch.save({"state_dict": flow.state_dict(), "flow_config": {"kind": case.kind,
+                                                                     **case.settings},
+                    "layout": case.layout.to_dict(), **extra}, buffer)
+        return buffer.getvalue()
+
+    x = case.points(4)
+    y, log_det = flow(x)
+    for loaded in (load_flow(saved(prior=flow.prior.to_dict())),
+                   load_flow(saved(), prior=GaussianPrior(case.layout))):
+        assert isinstance(loaded.prior, InternalCoordinatePrior) and loaded.layout == case.layout
+        for name, buffer in flow.named_buffers():
+            assert torch.equal(dict(loaded.named_buffers())[name], buffer), name
+        for got, want in zip(loaded(x), (y, log_det), strict=True):
+            assert torch.equal(got, want)
 
 
 def test_a_flow_that_needs_autograd_is_sampled_with_gradients_on() -> None:

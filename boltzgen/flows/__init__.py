@@ -10,8 +10,11 @@ Kinds for Euclidean layouts (a vector, particles, a molecule; the coordinates as
 (rational-quadratic neural spline flow, :mod:`boltzgen.flows.spline`). Kinds for rigid-body
 layouts (:class:`boltzgen.rigid.bodies.RigidLayout`): ``rigid_body`` (torus × S³ coupling flow,
 :mod:`boltzgen.flows.rigid`) and ``rotation_vector_spline`` (the baseline that ignores the
-double cover, :mod:`boltzgen.flows.rotation_baseline`). A new kind: a :class:`Flow` subclass
-and one ``FLOWS.register(kind)(cls)`` line here (and a case in tests/test_flow_conformance.py).
+double cover, :mod:`boltzgen.flows.rotation_baseline`). For a molecule with bonds:
+``internal_coordinates`` (a Boltzmann generator on the Z-matrix's bonds, angles and torsions,
+:mod:`boltzgen.flows.internal`; it owns its prior on the 3n − 6 internal coordinates). A new
+kind: a :class:`Flow` subclass and one ``FLOWS.register(kind)(cls)`` line here (and a case in
+tests/test_flow_conformance.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Mapping
 
 from boltzgen.flows.contract import FLOWS, Flow
 from boltzgen.flows.coupling import AffineCouplingFlow
+from boltzgen.flows.internal import InternalCoordinateFlow
 from boltzgen.flows.rigid import RigidBodyFlow
 from boltzgen.flows.rotation_baseline import RotationVectorSplineFlow
 from boltzgen.flows.spline import SplineCouplingFlow
@@ -31,6 +35,7 @@ FLOWS.register("affine_coupling")(AffineCouplingFlow)
 FLOWS.register("spline_coupling")(SplineCouplingFlow)
 FLOWS.register("rigid_body")(RigidBodyFlow)
 FLOWS.register("rotation_vector_spline")(RotationVectorSplineFlow)
+FLOWS.register("internal_coordinates")(InternalCoordinateFlow)
 
 FLOW_KINDS: list[str] = FLOWS.names()
 RIGID_FLOW_KINDS: list[str] = [k for k, c in FLOWS.items() if c.accepts_layout(RigidLayout(1))]
@@ -44,6 +49,7 @@ __all__ = [
     "RIGID_FLOW_KINDS",
     "AffineCouplingFlow",
     "Flow",
+    "InternalCoordinateFlow",
     "RigidBodyFlow",
     "RotationVectorSplineFlow",
     "SplineCouplingFlow",

@@ -24,7 +24,17 @@ Class attributes a flow declares:
   a mistake;
 - ``needs_autograd_for_sampling``: True for a flow whose forward map itself differentiates
   (e.g. a continuous flow with an exact divergence by autograd); sampling code then runs it
-  with gradients enabled (:meth:`Flow.sampling_context`) instead of under ``torch.no_grad()``.
+  with gradients enabled (:meth:`Flow.sampling_context`) instead of under ``torch.no_grad()``;
+- ``owns_prior``: True for a flow whose prior is part of its definition, on a latent space of
+  its own (``latent_dim`` numbers, not the layout's ``dim``: e.g. the 3n − 6 internal
+  coordinates of a molecule, :mod:`boltzgen.flows.internal`). Such a prior is never replaced by
+  a job's base (a normal base then means the flow's own normalized prior, and f_A = 0 still);
+  for every other flow ``latent_dim == dim`` and the job's analytic base is its prior.
+
+Hooks with a default: ``fit_to_data(y)`` (target-side samples (M, dim)) sets whatever the flow
+takes from data before training, e.g. a normalization stored in buffers (so in the state_dict);
+training calls it once, with the training target samples, for a job that trains on them (not
+when it resumes from a checkpoint). By default it does nothing.
 
 A subclass implements ``_run(x, name, inverse)`` (the map in one direction and its log-det;
 ``name`` is "x" or "y" for error messages) and calls ``Flow.__init__(layout)``.
@@ -56,6 +66,7 @@ class Flow(nn.Module):
     layout_requirement: ClassVar[str] = ""
     takes_context: ClassVar[bool] = False
     needs_autograd_for_sampling: ClassVar[bool] = False
+    owns_prior: ClassVar[bool] = False
 
     def __init__(self, layout: Layout | int) -> None:
         super().__init__()
@@ -71,6 +82,17 @@ class Flow(nn.Module):
     def accepts_layout(cls, layout: Layout) -> bool:
         """Whether this kind of flow can be built for ``layout``."""
         return layout.kind in cls.accepts
+
+    @property
+    def latent_dim(self) -> int:
+        """Numbers per sample on the prior side: the layout's ``dim`` unless the flow owns a
+        prior on a latent space of its own (``owns_prior``)."""
+        return self.dim
+
+    def fit_to_data(self, y: torch.Tensor) -> None:
+        """Set what the flow takes from target-side samples ``y`` (M, dim) before training
+        (module docstring); nothing by default."""
+        del y
 
     # -- the map ----------------------------------------------------------------------------
     def _run(self, x: torch.Tensor, name: str, inverse: bool

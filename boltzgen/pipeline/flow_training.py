@@ -95,11 +95,14 @@ def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData,
         flow.fit_thermal_scaling(float64_tensor(reference.base_train).to(device),
                                  math.sqrt(problem.temperature / problem.base.temperature))
     target_train = float64_tensor(reference.target_train).to(device)
+    progress = _Progress(job, checkpoint_dir if checkpoint_every > 0 else None)
+    saved = progress.load()
+    if (saved is None and len(target_train)
+            and OBJECTIVES.get(training.objective).needs_target_data(training)):
+        flow.fit_to_data(target_train)  # e.g. a normalization; a resumed state already has it
     if augment and len(target_train):
         target_train = SymmetryImages(problem.system, target_train)
     phases = OBJECTIVES.get(training.objective).phases(training)
-    progress = _Progress(job, checkpoint_dir if checkpoint_every > 0 else None)
-    saved = progress.load()
     checkpoint_every = checkpoint_every if progress.path is not None else 0
     losses: list[float] = []
     skipped = first_phase = resumed = 0
@@ -274,7 +277,7 @@ def load_flow(checkpoint: bytes, prior: Prior | None = None) -> Flow:
 
     A checkpoint saved before layouts were stored gets its system's layout (or R^dim); one
     saved before priors were stored gets ``prior`` (the job's base, where the caller knows it)
-    or the layout's default prior.
+    or the layout's default prior; a flow that owns its prior (``owns_prior``) keeps its own.
     """
     state = torch.load(io.BytesIO(checkpoint), weights_only=True)
     if "layout" in state:
@@ -287,7 +290,7 @@ def load_flow(checkpoint: bytes, prior: Prior | None = None) -> Flow:
     flow = build_flow(layout, state["flow_config"])
     if "prior" in state:
         flow.prior = prior_from_dict(flow.layout, state["prior"])
-    elif prior is not None:
+    elif prior is not None and not flow.owns_prior:
         flow.prior = prior
     flow.load_state_dict(state["state_dict"])
     return flow.eval()

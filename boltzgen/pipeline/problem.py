@@ -88,9 +88,10 @@ class Problem:
     def build_flow(self, flow: FlowSettings) -> Flow:
         """The flow for the system's layout; with a base that has a normalized density it
         samples directly (normal, uniform), the flow's prior is that base's density, so that
-        the flow samples and scores A itself."""
+        the flow samples and scores A itself. A flow that owns its prior (``owns_prior``: a
+        prior on a latent space of its own) keeps it: A is then that normalized prior."""
         built = build_flow(self.system.layout(), flow.model_dump())
-        if self.base.samples_directly:
+        if self.base.samples_directly and not built.owns_prior:
             built.prior = self.base.prior
         return built
 
