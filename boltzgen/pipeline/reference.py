@@ -322,7 +322,7 @@ def md_target_reference(job: JobSettings, problem: Problem, work_dir: str, threa
         "md_seconds_all_rungs": float(run.seconds),
         "md_runs_reused": float(run.reused),
         "md_replicas": float(max(1, len(protocol.replica_temperatures))),
-        **{f"md_{k}": float(v) for k, v in getattr(run, "diagnostics", {}).items()},
+        **_replica_exchange_diagnostics(run.replica_exchange),
         **md_state_metrics(system, run.flow_coordinates, stage_seed(job, "md_states")),
     }
     exact = system.exact_free_energy(problem.temperature)
@@ -335,6 +335,17 @@ def md_target_reference(job: JobSettings, problem: Problem, work_dir: str, threa
         reference_delta_f=exact, reference_delta_f_err=None if exact is None else 0.0,
         method=("exact (system quadrature); " if exact is not None else "none for -ln Z; ")
         + how, ladder=[problem.temperature], diagnostics=diagnostics, target_heldout=heldout)
+
+
+def _replica_exchange_diagnostics(stats: Any) -> dict[str, float]:
+    """The lowest and mean exchange acceptance between neighbouring rungs and the round
+    trips T_0 -> T_max -> T_0 of all walkers, for a replica-exchange run (else nothing)."""
+    if stats is None:
+        return {}
+    acceptance = stats.acceptance
+    return {"md_exchange_acceptance_min": float(np.nanmin(acceptance)),
+            "md_exchange_acceptance_mean": float(np.nanmean(acceptance)),
+            "md_round_trips": float(np.sum(stats.round_trips))}
 
 
 def _time_split(run: Any, holdout_fraction: float, blocks: int = 1
