@@ -15,7 +15,7 @@ from boltzgen.systems import (
     SYSTEMS,
     DoubleWell2D,
     IceXI,
-    Peptide,
+    PeptideSystem,
     TetrahedronInField,
     make_system,
     system_parameter_names,
@@ -116,7 +116,7 @@ def test_dw4_invariances_and_value() -> None:
 def test_registry_and_errors() -> None:
     assert SYSTEMS == {"double_well": DoubleWell2D, "dw4": DW4,
                        "tetrahedron_field": TetrahedronInField, "ice_xi": IceXI,
-                       "peptide": Peptide}
+                       "peptide": PeptideSystem}
     assert system_parameter_names("double_well") == ["a", "b", "c"]
     assert system_parameter_names("dw4") == ["b", "c", "d0"]
     system = make_system({"kind": "dw4", "d0": 3.0})

@@ -15,7 +15,7 @@ from boltzgen.systems.base import System
 from boltzgen.systems.double_well import DoubleWell2D
 from boltzgen.systems.dw4 import DW4
 from boltzgen.systems.ice import IceXI
-from boltzgen.systems.peptide import Peptide
+from boltzgen.systems.peptide import PeptideSystem
 from boltzgen.systems.tetrahedron import TetrahedronInField
 
 SYSTEMS: Registry[System] = Registry("system", field="system.kind")
@@ -23,14 +23,14 @@ SYSTEMS.register("double_well")(DoubleWell2D)
 SYSTEMS.register("dw4")(DW4)
 SYSTEMS.register("tetrahedron_field")(TetrahedronInField)
 SYSTEMS.register("ice_xi")(IceXI)
-SYSTEMS.register("peptide")(Peptide)
+SYSTEMS.register("peptide")(PeptideSystem)
 
 __all__ = [
     "DW4",
     "SYSTEMS",
     "DoubleWell2D",
     "IceXI",
-    "Peptide",
+    "PeptideSystem",
     "System",
     "TetrahedronInField",
     "make_system",

@@ -36,7 +36,7 @@ from boltzgen.systems.base import System
 from boltzgen.units import KB_KJ_PER_MOL_K
 
 
-class Peptide(System):
+class PeptideSystem(System):
     """A capped single residue (ACE-X-NME) or a dipeptide with free termini (X-Y).
 
     Args:
@@ -67,7 +67,10 @@ class Peptide(System):
         if not isinstance(sequence, str):
             raise ValueError(f"sequence: {sequence!r} is not allowed; a string such as "
                              "'ACE-ALA-NME' or 'ALA-TYR'")
-        residues = parse_sequence(sequence)
+        try:
+            residues = parse_sequence(sequence)
+        except ValueError as error:  # its message names "system.sequence"; make_system adds
+            raise ValueError(str(error).removeprefix("system.")) from None  # the prefix
         self.sequence = "-".join(residues)
         if force_field not in FORCE_FIELDS:
             raise ValueError(f"force_field: {force_field!r} is not allowed; choose one of "
@@ -81,8 +84,8 @@ class Peptide(System):
     # -- the molecule ---------------------------------------------------------------------------
     @property
     def topology(self) -> Any:
-        """The built peptide's topology (:class:`boltzgen.peptides.Peptide` without the
-        minimised structure's checks having to run): atoms, bonds, dihedrals."""
+        """The peptide completed but not minimised (:func:`boltzgen.peptides.peptide_topology`):
+        atoms, bonds, dihedrals, the force field's System; cached per process."""
         from boltzgen.peptides import peptide_topology
 
         return peptide_topology(self.sequence, self.force_field)
@@ -206,4 +209,4 @@ class Peptide(System):
         self._lock = threading.Lock()
 
 
-__all__ = ["Peptide"]
+__all__ = ["PeptideSystem"]
