@@ -38,9 +38,7 @@ TINY_PEPTIDES = {
 
 
 def _plan(spec: dict):
-    import yaml
-
-    return make_plan(parse_spec(yaml.safe_dump(spec)))
+    return make_plan(parse_spec(copy.deepcopy(spec)))
 
 
 def test_jobs_of_one_peptide_share_its_md_run() -> None:
