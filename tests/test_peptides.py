@@ -83,3 +83,35 @@ def test_peptide_job_end_to_end(tmp_path: Path) -> None:
     traj = mdtraj.load(str(entry / "frames.dcd"), top=str(entry / "topology.pdb"))
     assert traj.n_atoms == 22 and traj.n_frames == 150
     assert np.isfinite(traj.xyz).all()
+
+
+def test_peptide_system_geometry_validity_and_errors() -> None:
+    import pickle
+
+    import torch
+
+    from boltzgen.systems import make_system
+
+    system = make_system({"kind": "peptide", "sequence": "ace-ala-nme"})
+    assert system.sequence == "ACE-ALA-NME" and system.dim == 66
+    layout = system.layout()
+    assert layout.atom_names[:2] == ("CH3", "H1") and layout.residue_names == ("ACE", "ALA",
+                                                                                "NME")
+    assert len(layout.bonds) == 21
+    x = system.ideal_coordinates()[None]
+    mirrored = -x  # x -> -x: every chiral centre becomes D, the energy stays the same
+    np.testing.assert_array_equal(system.valid_samples(np.concatenate([x, mirrored])),
+                                  [True, False])
+    u = system.potential(torch.as_tensor(np.concatenate([x, mirrored])))
+    assert abs(float(u[0] - u[1])) < 1e-6 * abs(float(u[0]))
+    phi, psi = system.backbone_dihedrals(x)
+    np.testing.assert_allclose(system.metastable_coordinate(x), phi)
+    assert -np.pi < phi[0] < 0  # the minimised template sits in the phi < 0 basin
+    clone = pickle.loads(pickle.dumps(system))
+    assert float(clone.potential(torch.as_tensor(x))[0]) == pytest.approx(float(u[0]))
+    for config, words in (({"sequence": "ACE-ALA-ALA-NME"}, ["system.sequence", "ACE-X-NME"]),
+                          ({"force_field": "amber96"}, ["system.force_field", "amber96",
+                                                        "amber14-obc1"])):
+        with pytest.raises(ValueError) as error:
+            make_system({"kind": "peptide", **config})
+        assert all(word in str(error.value) for word in words), str(error.value)

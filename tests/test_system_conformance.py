@@ -60,12 +60,21 @@ def _perturbed_ideal(system: System, temperature: float, seed: int) -> np.ndarra
     return layout.join(moved, q / torch.linalg.vector_norm(q, dim=-1, keepdim=True)).numpy()
 
 
+def _perturbed_molecule(system: System, temperature: float, seed: int) -> np.ndarray:
+    """The minimised molecule with every atom moved by ~0.002 nm (a thermal-like
+    neighbourhood of the minimum: bonds to hydrogen fluctuate by ~0.003 nm at 300 K)."""
+    rng = np.random.default_rng(seed)
+    ideal = system.ideal_coordinates()
+    return ideal + 0.002 * rng.standard_normal((4, len(ideal)))
+
+
 # kind -> (config, temperature, reference sampler)
 CASES: dict[str, tuple[dict, float, Callable[[System, float, int], np.ndarray]]] = {
     "double_well": ({"kind": "double_well"}, 1.0, _mcmc),
     "dw4": ({"kind": "dw4"}, 1.0, _mcmc),
     "tetrahedron_field": ({"kind": "tetrahedron_field"}, 300.0, _exact),
     "ice_xi": ({"kind": "ice_xi", "molecules": 16}, 100.0, _perturbed_ideal),
+    "peptide": ({"kind": "peptide", "sequence": "ACE-ALA-NME"}, 300.0, _perturbed_molecule),
 }
 
 
