@@ -115,3 +115,46 @@ def test_peptide_system_geometry_validity_and_errors() -> None:
         with pytest.raises(ValueError) as error:
             make_system({"kind": "peptide", **config})
         assert all(word in str(error.value) for word in words), str(error.value)
+
+
+@pytest.mark.slow
+def test_a_failed_build_fails_its_job_and_the_others_finish(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peptide whose build fails (here: minimisation made to fail for glycine) fails its own
+    job with the cause; the other peptide's job finishes (the in-process backend, where the
+    patched builder is the one that runs)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import boltzgen.peptides.build as build
+    from boltzgen.peptides import PeptideBuildError
+    from campaign.cli import app
+    from tests.conftest import write_spec
+
+    real = build._build
+
+    def failing(sequence: tuple[str, ...], force_field: str):
+        if "GLY" in sequence:
+            raise PeptideBuildError("energy: ACE-GLY-NME minimised to nan kJ/mol; must be "
+                                    "finite (a clash minimisation could not remove)")
+        return real(sequence, force_field)
+
+    monkeypatch.setattr(build, "_build", failing)
+    data = copy.deepcopy(TINY_PEPTIDES)
+    data["grid"] = {"system": [TINY_PEPTIDES["system"],
+                               {"kind": "peptide", "sequence": "ACE-GLY-NME",
+                                "force_field": "amber99sbildn-obc"}]}
+    data["reference"]["md"].update(production_ps=1.0, replica_temperatures=None,
+                                   exchange_interval_ps=None)
+    data["reference"]["md"] = {k: v for k, v in data["reference"]["md"].items()
+                               if v is not None}
+    data["tracking"] = {"experiment": "peptides-tiny"}
+    result = CliRunner().invoke(app, ["launch", str(write_spec(workdir, data)), "--backend",
+                                      "local", "--format", "json"])
+    summary = json.loads(result.stdout[result.stdout.index("{\n"):])
+    assert len(summary["finished"]) == 1 and len(summary["failed"]) == 1, summary
+    assert "minimised to nan" in json.dumps(summary["failed"]), summary["failed"]
+    # Nothing half-written: the failed peptide's MD left no cache entry.
+    entries = [p for p in (workdir / "campaign-work").rglob("frames.npz")]
+    assert len(entries) == 1
