@@ -42,16 +42,18 @@ def flow_ramachandran_plot(path: str | Path, md: tuple[np.ndarray, np.ndarray],
     panels = (("MD", md, None), ("flow, raw", flow, None),
               (f"flow, reweighted (ESS {100.0 * kish_ess_fraction(log_w):.1f} %)", flow,
                weights))
+    image = None
     for ax, (label, (phi, psi), w) in zip(axes, panels, strict=True):
         keep = slice(None) if w is None else w > 0
-        if w is not None and not np.any(keep):
-            ax.set_title(f"{label}: no sample with weight", fontsize="small")
+        if len(phi) < 2 or (w is not None and np.count_nonzero(keep) < 2):
+            ax.set_title(f"{label}: fewer than 2 samples", fontsize="small")
             continue
         phi, psi = np.asarray(phi)[keep], np.asarray(psi)[keep]
         w = None if w is None else w[keep]
         image = _surface(ax, phi, psi, w, bins,
                          f"{label}\nΔF_φ = {delta_f_phi(phi, w):.2f} kT, n = {len(phi)}")
-    fig.colorbar(image, ax=axes, label="F (kT)")
+    if image is not None:
+        fig.colorbar(image, ax=axes, label="F (kT)")
     if title:
         fig.suptitle(title)
     return _save(fig, path)

@@ -116,8 +116,8 @@ def dihedral_plots(job: JobSettings, reference: ReferenceData, samples: SampleSe
     """For a system with a backbone (peptides), PNG files in ``plot_dir``: the Ramachandran
     free-energy surface of the MD reference (every frame of the run), the flow's samples as
     drawn and reweighted beside the MD's, and the potential-energy histograms (held-out MD
-    frames, flow as drawn, flow reweighted; kJ/mol). Invalid samples (weight zero) are left
-    out of the flow's panels."""
+    frames, flow as drawn, flow reweighted; kJ/mol). Invalid samples (a D amino acid) are
+    left out of the flow's panels."""
     from pathlib import Path
 
     from boltzgen.peptides.plots import (
@@ -135,7 +135,9 @@ def dihedral_plots(job: JobSettings, reference: ReferenceData, samples: SampleSe
     if reference.target_heldout is not None:
         frames = np.concatenate([frames, reference.target_heldout.frames])
     md = system.backbone_dihedrals(frames)
-    kept = np.isfinite(estimates.log_weights)
+    # The flow's samples as drawn: every valid one (L, finite coordinates); reweighted: the
+    # same with their weights (zero where the energy was not finite).
+    kept = system.valid_samples(samples.mapped)
     flow = system.backbone_dihedrals(samples.mapped[kept])
     log_w = estimates.log_weights[kept]
     directory = Path(plot_dir)
