@@ -47,10 +47,11 @@ def job_graph(settings: JobSettings | Mapping[str, Any], job_id: str, work_dir: 
     md = [TaskSpec(key=f"md-{key}", role="reference", stage="reference",
                    # Its own module: an actor that only runs MD does not import PyTorch for it.
                    function="boltzgen.pipeline.md_task:md_run_task",
-                   label=f"MD {temperature:.1f} K", description="MD run",
-                   args={"system": config["system"], "protocol": md_protocol(job, temperature),
+                   label=_md_label(protocol), description="MD run",
+                   args={"system": config["system"], "protocol": protocol,
                          "platform": job.energy.platform, "work_dir": work_dir})
-          for key, temperature in md_runs(job)]
+          for key, temperature in md_runs(job)
+          for protocol in [md_protocol(job, temperature)]]
     reference = TaskSpec(
         key=stage_key("reference", config), role="reference", stage="reference",
         function=f"{MODULE}:reference_task", args={"job": job, "work_dir": work_dir},
@@ -86,6 +87,13 @@ def job_graph(settings: JobSettings | Mapping[str, Any], job_id: str, work_dir: 
         outcome=f"{MODULE}:job_outcome",
         outcome_inputs={"reference": reference.key, "trained": train.key,
                         "samples": sample.key, "report": estimate.key})
+
+
+def _md_label(protocol: Any) -> str:
+    """"MD 300.0 K", or for replica exchange "MD 300.0 K (replica exchange to 600 K)"."""
+    ladder = protocol.replica_temperatures
+    return f"MD {protocol.temperature:.1f} K" + (
+        f" (replica exchange to {max(ladder):g} K)" if ladder else "")
 
 
 # -- task functions: (ctx, **args, **inputs) ----------------------------------------------------
