@@ -166,7 +166,7 @@ def test_registry_class() -> None:
     with pytest.raises(ValueError, match="B.kind is 'b'"):
         things.register("c")(B)
     assert isinstance(SYSTEMS, Registry) and SYSTEMS.names() == [
-        "double_well", "dw4", "tetrahedron_field", "ice_xi"]
+        "double_well", "dw4", "tetrahedron_field", "ice_xi", "peptide"]
 
 
 def test_base_states() -> None:
