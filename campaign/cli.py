@@ -251,7 +251,7 @@ def compare(spec: SpecPath, tracking_uri: TrackingUri = None,
                     and any(p in r["params"] for r in records)]
     metrics = [m for m in KEY_METRICS if any(m in r["metrics"] for r in records)]
     header = ["job_id", "status", "system", *params, *shown_params, *metrics]
-    rows = [[r["job_id"], r["status"], r["params"].get("system.kind", ""),
+    rows = [[r["job_id"], r["status"], _system_cell(r["params"]),
              *(short_value(r["grid"][p]) if p in r["grid"] else "" for p in params),
              *(r["params"].get(p, "") for p in shown_params),
              *(r["metrics"].get(m, "") for m in metrics)] for r in records]
@@ -295,6 +295,14 @@ SHORT_NAMES = {"delta_f_phi": "dF_phi", "reference_delta_f": "ref_delta_f", "_pe
                "base_temperature_k": "T_base (K)", "molecules": "N", "rdf_": "g ",
                "_max_z": " z", "md_transitions_phi": "phi flips", "valid_fraction": "valid",
                "md_ns": "MD ns"}
+
+
+def _system_cell(params: dict[str, Any]) -> str:
+    """The system's kind and its categorical settings: ``peptide/ACE-ALA-NME/amber14-obc1``,
+    ``ice_xi/XI``, ``double_well``."""
+    choices = [str(v) for k, v in params.items()
+               if k.startswith("system.") and k != "system.kind" and isinstance(v, str)]
+    return "/".join([str(params.get("system.kind", "")), *choices])
 
 
 def _table_columns(header: list[str], n_leading: int) -> list[tuple[int, str]]:

@@ -158,3 +158,12 @@ def test_a_failed_build_fails_its_job_and_the_others_finish(
     # Nothing half-written: the failed peptide's MD left no cache entry.
     entries = [p for p in (workdir / "campaign-work").rglob("frames.npz")]
     assert len(entries) == 1
+
+
+def test_compare_names_each_peptide_and_its_force_field() -> None:
+    from campaign.cli import _system_cell
+
+    assert _system_cell({"system.kind": "peptide", "system.sequence": "ACE-ALA-NME",
+                         "system.force_field": "amber99sbildn-obc", "temperature": 300.0}
+                        ) == "peptide/ACE-ALA-NME/amber99sbildn-obc"
+    assert _system_cell({"system.kind": "ice_xi", "system.molecules": 16}) == "ice_xi"
