@@ -17,7 +17,7 @@ import torch
 
 from boltzgen.estimators import mbar_ladder
 from boltzgen.mcmc import decorrelated, replica_exchange
-from boltzgen.md import MDProtocol, cached_md, held_out_blocks
+from boltzgen.md import MDProtocol, cache_key, cached_md, held_out_blocks
 from boltzgen.pipeline.problem import (
     Problem,
     check_injected_failure,
@@ -323,7 +323,9 @@ def md_target_reference(job: JobSettings, problem: Problem, work_dir: str, threa
         "md_runs_reused": float(run.reused),
         "md_replicas": float(max(1, len(protocol.replica_temperatures))),
         **_replica_exchange_diagnostics(run.replica_exchange),
-        **md_state_metrics(system, run.flow_coordinates, stage_seed(job, "md_states")),
+        # Seeded by the run itself, so that every job sharing the run reports the same error.
+        **md_state_metrics(system, run.flow_coordinates,
+                           seed_of(f"md_states|{cache_key(system, protocol)}")),
     }
     exact = system.exact_free_energy(problem.temperature)
     how = (f"replica-exchange MD over {', '.join(f'{t:g}' for t in protocol.replica_temperatures)}"
