@@ -16,7 +16,9 @@ both routes are measured in the same run on the same machine:
     ratio = [t_MD (1 − h) + t_train + t_draw (σ_BG / σ_MD)²] / t_MD
 
 A ratio below 1 means the BG route reaches the MD's error bar for less CPU than the MD took
-(it still needs the MD training frames); above 1, more. Where the MD error is not finite (one
+(it still needs the MD training frames); above 1, more. The last column, |ΔF_BG − ΔF_MD| over
+the combined sigma, says whether the BG's number can be trusted at all: beyond 2 it cannot,
+and its ratio means nothing. Where the MD error is not finite (one
 state never visited, or too few blocks) there is no error bar to reach and the row says so.
 
     python bench/bench_peptide_cost.py specs/peptides.yaml [--tracking-uri URI]
@@ -40,9 +42,10 @@ from campaign.spec import load_spec  # noqa: E402
 
 
 def role_cpus(spec: object, role: str) -> tuple[float, int]:
-    """(CPUs per actor, actor count) of ``role`` in the spec's resources."""
+    """(threads per actor, actor count) of ``role``: an actor runs ceil(cpus) threads, at
+    least one (actors/roles.py), whatever fraction of a CPU Ray books for it."""
     resources = getattr(spec.resources, role)  # type: ignore[attr-defined]
-    return float(resources.cpus), int(resources.count)
+    return float(max(1, math.ceil(resources.cpus))), int(resources.count)
 
 
 def cost_row(record: dict, spec: object, pieces: int) -> dict:
@@ -63,6 +66,8 @@ def cost_row(record: dict, spec: object, pieces: int) -> dict:
         "cpu_s_train": t_train, "cpu_s_draw": t_draw, "sigma_md_kt": sigma_md,
         "sigma_bg_kt": sigma_bg, "delta_f_phi_md": m.get("delta_f_phi_md"),
         "delta_f_phi": m.get("delta_f_phi")}
+    gap = abs(m.get("delta_f_phi", math.nan) - m.get("delta_f_phi_md", math.nan))
+    row["z"] = gap / math.hypot(sigma_md, sigma_bg) if sigma_md > 0 else math.nan
     if not (math.isfinite(sigma_md) and math.isfinite(sigma_bg) and sigma_md > 0):
         row["ratio"] = math.nan
         row["note"] = "no finite error bar to reach"
@@ -91,11 +96,11 @@ def main() -> None:
         pieces = math.ceil(sampling.n_samples / sampling.energy_batch_size)
         rows.append(cost_row(record, plan.spec, pieces))
     print(f"{'peptide':<14} {'MD cpu-s':>9} {'sigma_MD':>9} {'BG cpu-s':>9} {'sigma_BG':>9} "
-          f"{'ratio':>6}")
+          f"{'ratio':>6} {'|BG-MD|/sigma':>13}")
     for row in rows:
         print(f"{row['system']!s:<14} {row['cpu_s_md']:9.0f} {row['sigma_md_kt']:9.3f} "
               f"{row.get('cpu_s_bg_route', math.nan):9.0f} {row['sigma_bg_kt']:9.3f} "
-              f"{row['ratio']:6.2f}")
+              f"{row['ratio']:6.2f} {row['z']:13.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"spec": str(args.spec), "rows": rows}, indent=2,
                                    default=str))
