@@ -151,3 +151,44 @@ def openmm_energy_function(system: Any, platform: str = "CPU", threads: int = 1
         return u, system.flow_gradient(forces, x)
 
     return energy
+
+
+class LocalOpenMMPotential:
+    """Mixin for a system whose own ``potential`` runs OpenMM in the calling process (ice, a
+    peptide): the platform it runs on (the job's ``energy.platform``) and a lazily built
+    evaluator of ``self.openmm_system()``, dropped when the system is pickled (a Context does
+    not travel). The class sets ``self._evaluator = None``, ``self._platform = "CPU"`` and
+    ``self._lock = threading.Lock()`` in its ``__init__``."""
+
+    _evaluator: Any
+    _platform: str
+    _lock: Any
+
+    def set_openmm_platform(self, platform: str) -> None:
+        """The potential runs on OpenMM's ``platform`` from its next call (CPU until set; the
+        evaluator refuses a platform OpenMM does not name)."""
+        with self._lock:
+            if platform != self._platform:
+                self._platform, self._evaluator = platform, None
+
+    def _local_evaluator(self) -> OpenMMEvaluator:
+        with self._lock:
+            if self._evaluator is None:
+                import openmm
+
+                self._evaluator = OpenMMEvaluator(
+                    openmm.XmlSerializer.serialize(self.openmm_system()),  # type: ignore[attr-defined]
+                    platform=self._platform, threads=max(1, torch.get_num_threads()))
+            return self._evaluator
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_evaluator"] = None
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import threading
+
+        self.__dict__.update(state)
+        self._lock = threading.Lock()

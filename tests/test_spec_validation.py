@@ -20,8 +20,8 @@ from tests.conftest import TINY_SPEC, write_spec
 runner = CliRunner()
 
 
-def _with(path: str, value: object) -> dict:
-    data = copy.deepcopy(TINY_SPEC)
+def _with(path: str, value: object, base: dict | None = None) -> dict:
+    data = copy.deepcopy(TINY_SPEC if base is None else base)
     node = data
     keys = path.split(".")
     for key in keys[:-1]:
@@ -47,13 +47,9 @@ PEPTIDE = {
 
 
 def _peptide(**changes: object) -> dict:
-    data = copy.deepcopy(PEPTIDE)
+    data = PEPTIDE
     for key, value in changes.items():
-        node = data
-        keys = key.split("__")
-        for part in keys[:-1]:
-            node = node.setdefault(part, {})
-        node[keys[-1]] = value
+        data = _with(key.replace("__", "."), value, data)
     return data
 
 

@@ -35,7 +35,7 @@ import torch
 
 from boltzgen._checks import check_float, check_int
 from boltzgen.observables import PairHistograms, pair_histograms, pairs_between_molecules
-from boltzgen.openmm_bridge import BatchEnergy, OpenMMEvaluator
+from boltzgen.openmm_bridge import BatchEnergy, LocalOpenMMPotential
 from boltzgen.rigid.bodies import WATER_TIP4P_EW, PeriodicBox, RigidLayout, RigidTemplate
 from boltzgen.rigid.symmetry import CrystalSymmetry, apply_crystal_symmetry, find_crystal_symmetries
 from boltzgen.systems.base import System
@@ -97,7 +97,7 @@ def ideal_crystal(lattice: str, n: int) -> tuple[tuple[float, float, float], np.
     return box, positions.numpy(), quaternions.numpy()
 
 
-class IceXI(System):
+class IceXI(LocalOpenMMPotential, System):
     """Ice XI crystal of ``molecules`` rigid TIP4P-Ew waters in its fixed orthorhombic box.
 
     Args:
@@ -298,22 +298,7 @@ class IceXI(System):
             (grad,) = torch.autograd.grad(sites, xt, grad_outputs=-torch.as_tensor(forces))
         return grad.numpy()
 
-    def set_openmm_platform(self, platform: str) -> None:
-        """:meth:`potential` runs on OpenMM's ``platform`` from its next call (CPU until set;
-        the evaluator refuses a platform OpenMM does not name)."""
-        with self._lock:
-            if platform != self._platform:
-                self._platform, self._evaluator = platform, None
 
-    def _local_evaluator(self) -> OpenMMEvaluator:
-        with self._lock:
-            if self._evaluator is None:
-                import openmm
-
-                self._evaluator = OpenMMEvaluator(
-                    openmm.XmlSerializer.serialize(self.openmm_system()),
-                    platform=self._platform, threads=max(1, torch.get_num_threads()))
-            return self._evaluator
 
     def potential(self, x: torch.Tensor) -> torch.Tensor:
         """U(x) in kJ/mol from OpenMM (in this process, on the platform of
@@ -353,15 +338,6 @@ class IceXI(System):
                                             n_bins)
                 for a, b in (("O", "O"), ("O", "H"))}
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_evaluator"] = None
-        state["_lock"] = None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
 
 def _sites_of(positions: np.ndarray, quaternions: np.ndarray) -> np.ndarray:

@@ -31,12 +31,12 @@ import numpy as np
 import torch
 
 from boltzgen.layouts import MoleculeLayout
-from boltzgen.openmm_bridge import BatchEnergy, OpenMMEvaluator
+from boltzgen.openmm_bridge import BatchEnergy, LocalOpenMMPotential
 from boltzgen.systems.base import System
 from boltzgen.units import KB_KJ_PER_MOL_K
 
 
-class PeptideSystem(System):
+class PeptideSystem(LocalOpenMMPotential, System):
     """A capped single residue (ACE-X-NME) or a dipeptide with free termini (X-Y).
 
     Args:
@@ -144,20 +144,7 @@ class PeptideSystem(System):
         return openmm.XmlSerializer.deserialize(
             openmm.XmlSerializer.serialize(self.topology.system))
 
-    def set_openmm_platform(self, platform: str) -> None:
-        with self._lock:
-            if platform != self._platform:
-                self._platform, self._evaluator = platform, None
 
-    def _local_evaluator(self) -> OpenMMEvaluator:
-        with self._lock:
-            if self._evaluator is None:
-                import openmm
-
-                self._evaluator = OpenMMEvaluator(
-                    openmm.XmlSerializer.serialize(self.topology.system),
-                    platform=self._platform, threads=max(1, torch.get_num_threads()))
-            return self._evaluator
 
     def potential(self, x: torch.Tensor) -> torch.Tensor:
         """U(x) in kJ/mol from OpenMM in this process; (..., 3n) -> (...), differentiable
@@ -198,15 +185,9 @@ class PeptideSystem(System):
         return {"phi_rad": phi, "psi_rad": psi}
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_evaluator"] = None
-        state["_lock"] = None
-        state.pop("_layout", None)
+        state = super().__getstate__()
+        state.pop("_layout", None)  # rebuilt from the topology where it is needed
         return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
 
 __all__ = ["PeptideSystem"]
