@@ -43,8 +43,17 @@ second arm's seconds over the first's are reported (a warning beyond 20 %).
     Conformations/s = batch / seconds, medians over both arms of a kind (``--repeats`` each);
     goal: pool / single >= 0.9 x cores.
 
+Platform (``--platform``, every Context of both arms; default Reference, the platform
+specs/peptides.yaml gives alanine dipeptide): on an otherwise idle machine OpenMM's CPU
+platform in one process is slow for molecules this small (here 156 ns/day and 1,700
+energies/s for alanine dipeptide against 3,450 and 33,500 on Reference, one thread): every
+step hands work to a worker thread and waits for it, and on an idle core that wait is long.
+Inside a busy pool it is not, so with CPU the pool/single ratio measures that wait as much as
+parallelism (bench/results/peptides-cpu.json: 18x on 2 cores).
+
     python bench/bench_peptides.py [--md-ps 100] [--samples 10000] [--cores C] [--repeats 5]
-        [--energy-batch 2500] [--out bench/results/peptides.json]
+        [--energy-batch 2500] [--platform Reference|CPU] [--out FILE]
+        (default bench/results/peptides-<platform>.json)
 """
 
 from __future__ import annotations
@@ -81,14 +90,16 @@ NOISE_NM = 0.005
 SECONDS_PER_DAY = 86400.0
 
 
-def bench_spec(md_ps: float, cores: int, energy_batch: int, work_dir: Path) -> dict:
+def bench_spec(md_ps: float, cores: int, energy_batch: int, work_dir: Path,
+               platform: str) -> dict:
     """specs/peptides.yaml with plain MD of ``md_ps`` ps, one job per peptide, pools of
-    ``cores`` actors of 1 CPU for the two roles measured."""
+    ``cores`` actors of 1 CPU for the two roles measured, every Context on ``platform``."""
     data = yaml.safe_load((ROOT / "specs" / "peptides.yaml").read_text())
     data["name"] = "bench-peptides"
     data["work_dir"] = str(work_dir)
     data["reference"]["md"] = {"equilibration_ps": 0.0, "production_ps": md_ps}
     data["sampling"]["energy_batch_size"] = energy_batch
+    data["energy"] = {**data.get("energy", {}), "platform": platform}
     data["resources"] = {role: {"count": cores, "cpus": 1.0}
                          for role in ("reference", "energy_evaluator")}
     data["grid"] = [{"system": {"kind": "peptide", "sequence": sequence, "force_field": ff},
@@ -319,7 +330,7 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from boltzgen.settings import JobSettings
 
     plan = make_plan(parse_spec(bench_spec(args.md_ps, args.cores, args.energy_batch,
-                                           tmp / "work")))
+                                           tmp / "work", args.platform)))
     alanine = plan.jobs[0]
     x = conformations(alanine, args.samples)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -347,7 +358,8 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         ray.shutdown()
     energy_after = energy_single(alanine, x, args.repeats)
     md_after = md_single(plan, args.md_ps, tmp / "single-1")
-    return {"machine_cpus": os.cpu_count(), "cores": args.cores, "goal_ratio": 0.9 * args.cores,
+    return {"machine_cpus": os.cpu_count(), "cores": args.cores, "platform": args.platform,
+            "goal_ratio": 0.9 * args.cores,
             "ray_start_s": ray_start_s, "pools_start_up": start_up,
             "md": summarise_md(args, [md_before, md_after], md),
             "energy": summarise_energy(args, [energy_before, energy_after], energy)}
@@ -405,7 +417,8 @@ def summarise_energy(args: argparse.Namespace, single: list[list[float]], pools:
 def report(result: dict[str, Any]) -> None:
     md, energy, goal = result["md"], result["energy"], result["goal_ratio"]
     start = result["pools_start_up"]
-    print(f"\n{result['machine_cpus']} CPUs, pools of {result['cores']} actors x 1 CPU; load "
+    print(f"\n{result['machine_cpus']} CPUs, pools of {result['cores']} actors x 1 CPU, OpenMM "
+          f"platform {result.get('platform', 'CPU')}; load "
           f"average before: {' '.join(f'{v:.2f}' for v in result['load_average_before'])}; "
           f"Ray start {result['ray_start_s']:.1f} s, actors ready "
           f"{start['actors_ready_s']:.1f} s, warm-up {start['warm_up_s']:.1f} s (not timed)")
@@ -453,8 +466,13 @@ def main() -> None:
                         help="energy batches per arm (two arms of each kind)")
     parser.add_argument("--energy-batch", type=int, default=2500,
                         help="rows per energy piece (specs/peptides.yaml's energy_batch_size)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peptides.json")
+    parser.add_argument("--platform", choices=("Reference", "CPU"), default="Reference",
+                        help="OpenMM platform of every Context, both arms")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default bench/results/peptides-<platform>.json")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = ROOT / "bench" / "results" / f"peptides-{args.platform.lower()}.json"
     load = os.getloadavg()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

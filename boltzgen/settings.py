@@ -263,8 +263,10 @@ class TrainingSettings(Strict):
         default=None, description="reverse_kl only: this many maximum-likelihood steps on the "
         "reference's target samples first (its own cosine schedule), then ``steps`` of reverse KL")
     symmetry_augmentation: bool | None = Field(
-        default=None, description="train on every MD training frame moved by each space-group "
-        "operation of the crystal (ice_xi: 8), as well as on the frame itself")
+        default=None, description="train on every MD training frame moved by each of the "
+        "system's symmetry operations as well as on the frame itself (ice_xi: the crystal's "
+        "space group, 8; a peptide: cyclic relabellings of each methyl's or NH3+'s three "
+        "hydrogens, 3^k)")
     _left_out_when_unset = ("warm_start_steps", "symmetry_augmentation")
 
 
@@ -359,5 +361,5 @@ def cross_section_complaints(job: JobSettings, system: System) -> Iterator[Setti
                                "normalized prior of its own, which is the base; leave it at 1")
     if job.training.symmetry_augmentation and not system.supports_symmetry_images():
         yield SettingError("training.symmetry_augmentation", True, f"system '{system.kind}' "
-                           "has no known symmetry operations; allowed only for crystals "
-                           "(ice_xi)")
+                           "has no known symmetry operations; allowed for systems "
+                           "that have them (ice_xi, peptide)")

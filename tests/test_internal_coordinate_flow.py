@@ -97,11 +97,15 @@ def test_inverse_takes_any_position_and_orientation() -> None:
     torch.testing.assert_close(flow.log_prob(moved), flow.log_prob(target), rtol=0, atol=1e-10)
 
 
-def test_at_the_start_bonds_and_angles_are_denormalised_and_torsions_kept() -> None:
-    """Zero-initialised conditioners: x = ICs⁻¹(μ + σ u, τ'), log|det| = Σ ln σ + Σ 2 ln r +
-    Σ ln sin θ."""
+def test_at_the_start_bonds_and_angles_are_denormalised_and_torsions_concentrated() -> None:
+    """Zero-initialised conditioners: x = ICs⁻¹(μ + σ u, M_{−ω}(τ')) with the fitted Möbius
+    map of each torsion (ω = ρ e^{iμ_τ}), log|det| = Σ ln σ + Σ ln M' + Σ 2 ln r + Σ ln sin θ."""
+    from boltzgen.flows.circle import circle_mobius
+    from boltzgen.internal_coordinates import wrap_angle
+
     flow = build_flow(LAYOUT, {"kind": "internal_coordinates", **IC_SMALL})
     flow.fit_to_data(internal_coordinate_targets(LAYOUT, 64, seed=11))
+    assert bool((flow.torsion_concentration > 0.05).all())  # a map that is not the identity
     z = flow.prior.sample(32, torch.Generator().manual_seed(1))
     x, log_det = flow(z)
     bonds, angles, torsions = ZMAT.to_internal(x.reshape(32, 8, 3))
@@ -110,9 +114,12 @@ def test_at_the_start_bonds_and_angles_are_denormalised_and_torsions_kept() -> N
                                atol=1e-12)
     torch.testing.assert_close(angles, flow.angle_mean + flow.angle_std * u[:, 7:], rtol=0,
                                atol=1e-12)
-    assert (torsions - z[:, 13:]).abs().max() <= 1e-12
+    rho, mu = flow.torsion_concentration, flow.torsion_mean
+    omega = torch.stack([rho * torch.cos(mu), rho * torch.sin(mu)], -1)
+    concentrated, log_mobius = circle_mobius(z[:, 13:], omega, inverse=True)
+    assert wrap_angle(torsions - concentrated).abs().max() <= 1e-12
     want = (torch.log(flow.bond_std).sum() + torch.log(flow.angle_std).sum()
-            + log_volume_element(bonds, angles))
+            + log_mobius.sum(-1) + log_volume_element(bonds, angles))
     torch.testing.assert_close(log_det, want, rtol=0, atol=1e-10)
 
 
@@ -128,8 +135,16 @@ def test_fit_to_data_sets_means_and_floored_deviations_kept_in_the_state() -> No
     torch.testing.assert_close(flow.bond_std, bonds.std(0, correction=0))
     torch.testing.assert_close(flow.angle_mean, angles.mean(0))
     torch.testing.assert_close(flow.angle_std, angles.std(0, correction=0))
+    # Torsions: circular mean μ_τ and ρ = exp(−σ_c), σ_c = sqrt(−2 ln R) the circular standard
+    # deviation (R the mean resultant length): a wrapped Cauchy as wide as the data.
+    torsions = ZMAT.to_internal(data.reshape(200, 8, 3))[2]
+    resultant = torch.polar(torch.ones_like(torsions), torsions).mean(0)
+    torch.testing.assert_close(flow.torsion_mean, resultant.angle())
+    torch.testing.assert_close(flow.torsion_concentration,
+                               torch.exp(-torch.sqrt(-2.0 * torch.log(resultant.abs()))))
     state = flow.state_dict()
-    for name in ("bond_mean", "bond_std", "angle_mean", "angle_std"):
+    for name in ("bond_mean", "bond_std", "angle_mean", "angle_std", "torsion_mean",
+                 "torsion_concentration"):
         assert torch.equal(state[name], getattr(flow, name))
     flow.fit_to_data(data[:1])  # one sample: σ = 0, floored
     assert torch.equal(flow.bond_std, torch.full((7,), 1e-4, dtype=torch.float64))

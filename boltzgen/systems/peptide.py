@@ -179,6 +179,68 @@ class PeptideSystem(LocalOpenMMPotential, System):
         """φ (radians) of each sample (N, 3n); the states are φ < 0 and φ > 0."""
         return self.backbone_dihedrals(x)[0]
 
+    # -- symmetry: hydrogens that differ only by their labels ------------------------------
+    @cached_property
+    def hydrogen_rotors(self) -> tuple[tuple[int, int, int], ...]:
+        """Triples of atom indices (sorted) of the three hydrogens of each methyl, NH3+ (and
+        any other atom with exactly three terminal hydrogens) whose per-particle parameters
+        agree in every force of the force field: U is invariant under relabelling them."""
+        top = self.topology
+        neighbours: dict[int, list[int]] = {i: [] for i in range(top.n_atoms)}
+        for i, j in top.bonds:
+            neighbours[i].append(j)
+            neighbours[j].append(i)
+        hydrogen = [e.strip().upper() == "H" for e in top.elements]
+        forces = [f for f in top.system.getForces()
+                  if hasattr(f, "getNumParticles") and hasattr(f, "getParticleParameters")]
+
+        def parameters(i: int) -> tuple[Any, ...]:
+            return tuple(str(f.getParticleParameters(i)) for f in forces)
+
+        rotors = []
+        for centre in range(top.n_atoms):
+            terminal = sorted(m for m in neighbours[centre]
+                              if hydrogen[m] and len(neighbours[m]) == 1)
+            if (len(terminal) == 3 and not hydrogen[centre]
+                    and len({parameters(h) for h in terminal}) == 1):
+                rotors.append(tuple(terminal))
+        return tuple(rotors)
+
+    @property
+    def symmetry_operation_count(self) -> int:
+        """G = 3^k: a cyclic relabelling (0, 1 or 2 places) of each of the k hydrogen rotors."""
+        return 3 ** len(self.hydrogen_rotors)
+
+    def symmetry_images(self, x: np.ndarray, operations: np.ndarray | None = None) -> np.ndarray:
+        """Samples (B, 3n) with the hydrogens of each rotor (:attr:`hydrogen_rotors`)
+        relabelled cyclically: operation g = Σ_j s_j 3^j moves the positions of rotor j's
+        (h_0, h_1, h_2) to (h_{s_j}, h_{s_j+1}, h_{s_j+2}) (indices mod 3). Identical atoms
+        trade places, so U, every amino acid's chirality and the Z-matrix's sibling torsions
+        (a cyclic relabelling keeps each H's side) are unchanged: p(g x) = p(x). Row b by
+        ``operations[b]``, or without ``operations`` every image, (G B, 3n) with image g of
+        sample b at row g B + b."""
+        arr = self._as_samples(x)
+        count = self.symmetry_operation_count
+        if operations is None:
+            chosen = np.repeat(np.arange(count), len(arr))
+            arr = np.tile(arr, (count, 1))
+        else:
+            chosen = np.asarray(operations)
+            if chosen.shape != (len(arr),) or chosen.min(initial=0) < 0 or chosen.max(
+                    initial=0) >= count:
+                raise ValueError(f"operations: shape {chosen.shape} with values in "
+                                 f"[{chosen.min(initial=0)}, {chosen.max(initial=0)}] is not "
+                                 f"allowed; need ({len(arr)},) ints in [0, {count})")
+        xyz = arr.reshape(len(arr), -1, 3)
+        out = xyz.copy()
+        for j, rotor in enumerate(self.hydrogen_rotors):
+            shift = (chosen // 3**j) % 3
+            atoms = np.asarray(rotor)
+            for s in (1, 2):
+                rows = shift == s
+                out[np.ix_(rows, atoms)] = xyz[np.ix_(rows, np.roll(atoms, -s))]
+        return out.reshape(len(arr), self.dim)
+
     def observables(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """The backbone dihedrals φ and ψ (radians) of samples (N, 3n)."""
         phi, psi = self.backbone_dihedrals(x)
