@@ -129,9 +129,9 @@ def test_plain_md_keeps_its_cache_key() -> None:
 
 def test_plain_md_gives_the_numbers_it_gave_before() -> None:
     """U of the first frames of a short plain run: the plain path (no ladder) must stay the
-    same trajectory. On OpenMM's Reference platform (double precision, no SIMD), whose
-    trajectories are the same on every machine; the CPU platform's are not (its vector code
-    differs between instruction sets, and 400 steps amplify the last bits to ~0.4 kJ/mol)."""
+    same trajectory. On OpenMM's Reference platform (double precision, scalar code), whose
+    trajectory does not depend on the processor's vector instructions; the CPU platform's does
+    (400 steps amplified its last-bit differences to 0.44 kJ/mol on another machine)."""
     protocol = MDProtocol(temperature=300.0, equilibration_ps=0.5, production_ps=0.3,
                           frame_interval_ps=0.1, timestep_fs=2.0, seed=5)
     frames = run_md(AlanineDipeptide(), protocol, platform="Reference")
