@@ -102,13 +102,16 @@ class VectorLayout(Layout):
 
 
 @lru_cache(maxsize=32)
-def _helmert(n: int) -> torch.Tensor:
+def _helmert(n: int) -> np.ndarray:
+    # Cached as numpy, read-only: a cached torch tensor made first inside a torch.func
+    # transform (vmap, grad) would stay tied to it and break every later call.
     basis = np.zeros((n - 1, n))
     for k in range(1, n):
         basis[k - 1, :k] = 1.0
         basis[k - 1, k] = -float(k)
         basis[k - 1] /= math.sqrt(k * (k + 1))
-    return torch.as_tensor(basis, dtype=torch.float64)
+    basis.setflags(write=False)
+    return basis
 
 
 def helmert_basis(n: int) -> np.ndarray:
@@ -117,7 +120,7 @@ def helmert_basis(n: int) -> np.ndarray:
     Row k - 1 is h_k = (1, ..., 1, -k, 0, ..., 0) / sqrt(k (k + 1)) with k leading ones
     (the sub-diagonal rows of the Helmert matrix); every row is orthogonal to (1, ..., 1).
     """
-    return _helmert(check_int("n", n, minimum=2)).numpy().copy()
+    return _helmert(check_int("n", n, minimum=2)).copy()
 
 
 @LAYOUTS.register("particles")
@@ -147,7 +150,7 @@ class ParticleLayout(Layout):
         return f"{self.n_particles} particles in {self.spatial_dim}-D{removed}"
 
     def _basis(self, like: torch.Tensor) -> torch.Tensor:
-        return _helmert(self.n_particles).to(dtype=like.dtype, device=like.device)
+        return torch.tensor(_helmert(self.n_particles), dtype=like.dtype, device=like.device)
 
     def to_cartesian(self, z: torch.Tensor) -> torch.Tensor:
         """Flow coordinates (..., dim) -> Cartesian positions (..., n_particles, spatial_dim)."""

@@ -7,6 +7,8 @@ Conventions):
   (Gibbs/Jensen bound; Wirnsberger et al. 2020). With a normalized Gaussian base
   (f_A = 0) this is the data-free energy-based loss E_q[log q(y) + u_B(y)] of Noé et al. 2019
   and Stupp & Koutsourelakis 2025, from model samples only.
+- Flow matching (continuous flows, :mod:`boltzgen.flow_matching`): regress the flow's velocity
+  onto straight paths between paired prior and data samples; no ODE, no energy.
 - Maximum likelihood / forward KL, y ~ B:  L = E_B[u_A(T^-1 y) - log|det J_{T^-1}(y)|]. When
   exp(-u_A) is a normalized density this is the negative log-likelihood -E_B[log q(y)] of the
   data under the flow; in general it is KL(B || T#A) up to a constant.
@@ -106,6 +108,13 @@ class Objective:
                    for name, _ in cls.phases(training))
 
     trains_on_target_data: ClassVar[bool] = False
+    uses_coupling: ClassVar[bool] = False  # reads training.coupling / sigma_min (flow matching)
+
+    @classmethod
+    def from_settings(cls, training: TrainingSettings) -> Objective:
+        """The instance a job's training runs (objectives with settings of their own read
+        them from ``training``)."""
+        return cls()
 
     def validate(self, sample_a: Callable[[int], torch.Tensor] | None,
                  data_b: torch.Tensor | Any | None) -> None:
@@ -183,3 +192,8 @@ class MaximumLikelihood(Objective):
         assert data_b is not None  # validate() refused missing data
         idx = torch.randint(0, data_b.shape[0], (batch_size,), generator=generator)
         return maximum_likelihood_loss(flow, data_b[idx.to(data_b.device)], u_a)
+
+
+# Flow matching registers itself in OBJECTIVES; import it so that the registry is complete
+# whatever is imported first.
+import boltzgen.flow_matching  # noqa: E402, F401

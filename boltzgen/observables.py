@@ -9,14 +9,22 @@ with n_f(r) the number of pair distances of frame f in the shell [r_in, r_out) a
 volume. Equal weights give mdtraj's ``compute_rdf`` exactly; importance weights (reweighted flow
 samples) give the target ensemble's g(r) (Chandler, *Introduction to Modern Statistical
 Mechanics*, §7.2).
+
+Also the configurational temperature of samples of a potential
+(:func:`configurational_temperature`), a check that samples are Boltzmann distributed at the
+temperature they claim.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+
+from boltzgen._checks import check_float, check_int
 
 
 def pairs_between_molecules(topology: Any, first: str, second: str) -> np.ndarray:
@@ -165,3 +173,112 @@ def _checked_weights(weights: np.ndarray | None, frames: int) -> np.ndarray:
     if w.shape != (frames,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ValueError("weights: need (frames,) finite non-negative values with a positive sum")
     return w
+
+
+def configurational_temperature(
+    potential: Callable[[torch.Tensor], torch.Tensor],
+    x: np.ndarray | torch.Tensor,
+    boltzmann_constant: float = 1.0,
+    n_blocks: int = 20,
+    chunk_size: int | None = None,
+) -> tuple[float, float]:
+    """The configurational temperature of samples ``x`` (N, dim) of ``potential`` and its
+    1-sigma error, (T_conf, err), in the temperature units of ``boltzmann_constant``:
+
+        k_B T_conf = ⟨|∇U|²⟩ / ⟨∇²U⟩
+
+    (Rugh, PRL 78, 772 (1997); Butler, Ayton, Jepps, Evans, JCP 109, 6519 (1998)). For samples
+    of p ∝ exp(−U / k_B T) with the Lebesgue measure on the coordinates, integration by parts,
+    ∫ ∇·(∇U e^{−U/k_B T}) dx = 0, gives ⟨∇²U⟩ = ⟨|∇U|²⟩ / k_B T, so T_conf = T; samples at
+    another temperature, or not yet relaxed, give another value. It needs no energies'
+    normalisation and no velocities, only U's first and second derivatives.
+
+    The gradient and Laplacian are taken with respect to the coordinates ``x`` themselves (for
+    a system: its flow coordinates, whose measure is Lebesgue, e.g. a particle system's
+    centre-of-mass-free Helmert coordinates; in coordinates with a non-constant Jacobian the
+    identity does not hold as written). Both are exact, by torch autograd in float64: the
+    Laplacian is the trace of each sample's Hessian, ∇²U = Σ_k ∂²U/∂x_k², one Hessian-vector
+    product per coordinate k for a whole chunk of ``chunk_size`` samples at once (default
+    ~2²² / dim², which bounds the autograd graph's memory). The potential must map
+    (batch, dim) -> (batch,) with samples independent (U of one row depends on that row
+    only), twice differentiable at the samples.
+
+    Error: the delta method on block means. The samples are split into ``n_blocks`` contiguous
+    blocks (sizes equal within one) with means G_b of |∇U|² and L_b of ∇²U; with
+    R = ⟨|∇U|²⟩ / ⟨∇²U⟩ over all samples, the ratio's variance is
+    var(G_b − R L_b) / (n_blocks ⟨∇²U⟩²) (sample variance over blocks). Correlated samples are
+    handled when they are in time order and a block spans many correlation times (e.g. the
+    frames of one chain after another, chain-major: blocks of whole independent chains are
+    independent); the error is then honest to the extent that block means are independent.
+    Where |∇U|² is heavy-tailed (close contacts of Lennard-Jones particles: skewness ~3,
+    kurtosis ~20 per sample in LJ13), a sample short of the rare large values gives both a low
+    T_conf and a low error, so the error is optimistic for few samples: over 12 independent
+    replica-exchange runs of LJ13 (ordered pairs; 128 chains in 32 blocks of whole chains),
+    the rms of (T_conf − T) / err at kT = 1 was 1.7 with 50 frames per chain, 1.4 with 100
+    and 1.1 with 400 (1.3 to 1.5 at kT = 1.5); an honest error gives 1.
+
+    Raises ValueError for a bad shape, too few samples (fewer than ``n_blocks``), non-finite
+    derivatives or ⟨∇²U⟩ <= 0 (no temperature then).
+    """
+    kb = check_float("boltzmann_constant", boltzmann_constant, positive=True)
+    n_blocks = check_int("n_blocks", n_blocks, minimum=2)
+    if isinstance(x, torch.Tensor):
+        samples = x.detach().to(device="cpu", dtype=torch.float64)
+    else:
+        samples = torch.as_tensor(np.array(x, dtype=np.float64))
+    if samples.ndim != 2 or samples.shape[0] < n_blocks:
+        raise ValueError(f"x: shape {tuple(samples.shape)} is not allowed; need (N, dim) with "
+                         f"N >= n_blocks ({n_blocks})")
+    n, dim = samples.shape
+    if chunk_size is None:
+        # The autograd graph of a chunk holds a few numbers per pair per sample, ~dim² for a
+        # pair potential: ~2²² / dim² samples keep it to some hundred MB (LJ55: 160 samples).
+        chunk_size = max(1, 2**22 // dim**2)
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
+    with torch.no_grad():
+        probe = potential(samples[:1])
+    if not isinstance(probe, torch.Tensor) or probe.shape != (1,):
+        raise ValueError("potential: must map a (batch, dim) tensor to a (batch,) tensor; got "
+                         f"{type(probe).__name__} of shape {tuple(getattr(probe, 'shape', ()))}")
+    squared_gradient = np.empty(n)
+    laplacian = np.empty(n)
+    with torch.enable_grad():
+        for start in range(0, n, chunk_size):
+            stop = min(n, start + chunk_size)
+            squared_gradient[start:stop], laplacian[start:stop] = _gradient_and_laplacian(
+                potential, samples[start:stop])
+    if not (np.isfinite(squared_gradient).all() and np.isfinite(laplacian).all()):
+        raise ValueError("x: the potential's gradient or Laplacian is not finite at some "
+                         "samples; need samples where U is twice differentiable")
+    mean_laplacian = float(laplacian.mean())
+    if mean_laplacian <= 0.0:
+        raise ValueError(f"x: mean Laplacian of U {mean_laplacian!r} is not allowed; the "
+                         "configurational temperature needs ⟨∇²U⟩ > 0")
+    ratio = float(squared_gradient.mean()) / mean_laplacian
+    blocks = np.array_split(np.arange(n), n_blocks)
+    block_g = np.array([squared_gradient[b].mean() for b in blocks])
+    block_l = np.array([laplacian[b].mean() for b in blocks])
+    # Delta method: R̂ − R ≈ (Ḡ − R L̄) / ⟨∇²U⟩, whose variance the block residuals estimate.
+    residual = block_g - ratio * block_l
+    error = float(np.sqrt(residual.var(ddof=1) / n_blocks)) / mean_laplacian
+    return ratio / kb, error / kb
+
+
+def _gradient_and_laplacian(potential: Callable[[torch.Tensor], torch.Tensor],
+                            x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """|∇U|² and ∇²U (B,) each at the rows of ``x`` (B, dim), by autograd.
+
+    Rows are independent, so the gradient of Σ_b U(x_b) is each row's ∇U, and the gradient of
+    Σ_b ∂U/∂x_{b,k} is each row's k-th Hessian column; its k-th entry summed over k is the
+    trace. dim reverse passes through one double-backward graph: on 2 CPU cores this took
+    ~14 ms per LJ55 sample (dim 162), against ~100 ms for a vmap of jacfwd(grad) per sample.
+    """
+    xg = x.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(potential(xg).sum(), xg, create_graph=True)
+    laplacian = torch.zeros(len(x), dtype=torch.float64)
+    if grad.requires_grad:  # else ∇U is constant (a linear U) and ∇²U = 0
+        for k in range(x.shape[1]):
+            (column,) = torch.autograd.grad(grad[:, k].sum(), xg, retain_graph=True,
+                                            materialize_grads=True)
+            laplacian += column[:, k].detach()
+    return grad.detach().square().sum(dim=1).numpy(), laplacian.numpy()

@@ -100,6 +100,7 @@ REGISTRIES: dict[str, str] = {
     "objective": "boltzgen.objectives:OBJECTIVES",
     "energy_backend": "boltzgen.pipeline.energy_backends:ENERGY_BACKENDS",
     "flow": "boltzgen.flows:FLOWS",
+    "coupling": "boltzgen.flow_matching:COUPLINGS",
 }
 """Axis -> ``module:REGISTRY`` of the classes a name chooses (imported on first use)."""
 
@@ -211,7 +212,7 @@ class ReferenceSettings(Strict):
     it draws from); the reference ΔF is the system's exact one where it knows f(T).
     """
 
-    _left_out_when_unset = ("md", "holdout_blocks")
+    _left_out_when_unset = ("md", "holdout_blocks", "max_holdout_samples")
 
     sampler: _registered("reference_sampler") = "mcmc"  # type: ignore[valid-type]
     n_exact_samples: PositiveInt = 20000
@@ -227,6 +228,10 @@ class ReferenceSettings(Strict):
     n_bootstraps: NonNegativeInt = 50
     mbar_max_samples_per_state: PositiveInt = 2000
     holdout_fraction: Fraction = 0.5
+    max_holdout_samples: PositiveInt | None = Field(
+        default=None, description="mcmc and exact only: keep at most this many of the "
+        "held-out samples (NLL, LBAR and the distribution metrics use them; each is mapped "
+        "through the flow's inverse); unset: all")
     holdout_blocks: PositiveInt | None = Field(
         default=None, description="md only: cut each run into this many blocks and hold out "
         "every block i with floor((i+1) h) > floor(i h), h = holdout_fraction (interleaved); "
@@ -267,7 +272,14 @@ class TrainingSettings(Strict):
         "system's symmetry operations as well as on the frame itself (ice_xi: the crystal's "
         "space group, 8; a peptide: cyclic relabellings of each methyl's or NH3+'s three "
         "hydrogens, 3^k)")
-    _left_out_when_unset = ("warm_start_steps", "symmetry_augmentation")
+    coupling: _registered("coupling") | None = Field(  # type: ignore[valid-type]
+        default=None, description="flow_matching only: how prior and data samples are paired "
+        "(independent, ot, equivariant_ot; default independent)")
+    sigma_min: NonNegativeFloat | None = Field(
+        default=None, description="flow_matching only: the width of the Gaussian around the "
+        "straight path, x_t = (1 - t) x0 + t x1 + sigma_min eps (default 0)")
+    _left_out_when_unset = ("warm_start_steps", "symmetry_augmentation", "coupling",
+                            "sigma_min")
 
 
 class SamplingSettings(Strict):
@@ -359,6 +371,13 @@ def cross_section_complaints(job: JobSettings, system: System) -> Iterator[Setti
         elif job.base.scale != 1.0:
             yield SettingError("base.scale", job.base.scale, f"flow '{job.flow.kind}' has a "
                                "normalized prior of its own, which is the base; leave it at 1")
+    objective = registry("objective").get(job.training.objective)
+    for name in ("coupling", "sigma_min"):
+        value = getattr(job.training, name)
+        if value is not None and not objective.uses_coupling:
+            yield SettingError(f"training.{name}", value, "it pairs prior and data samples "
+                               "for flow matching; leave it out for objective "
+                               f"'{job.training.objective}'")
     if job.training.symmetry_augmentation and not system.supports_symmetry_images():
         yield SettingError("training.symmetry_augmentation", True, f"system '{system.kind}' "
                            "has no known symmetry operations; allowed for systems "

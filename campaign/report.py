@@ -25,7 +25,8 @@ KEY_METRICS = ("atoms", "delta_f", "delta_f_err", "reference_delta_f", "referenc
                "md_transitions_phi", "valid_fraction",
                *_FREE_ENERGIES, "delta_f_lfep_err_bootstrap", "delta_f_lbar_err_bootstrap",
                "ess", "ess_err", "ess_backward", "ess_backward_err",
-               "nll", "forward_kl", "rdf_O_O_max_z", "rdf_O_O_max_z_noise95",
+               "nll", "forward_kl", "energy_w2", "distance_w1", "nfe", "path_length",
+               "seconds_per_sample", "rdf_O_O_max_z", "rdf_O_O_max_z_noise95",
                "rdf_O_H_max_z", "rdf_O_H_max_z_noise95",
                "mode_weight_error", "time_reference", "time_train", "time_sample", "time_energy",
                "time_estimate", "md_ns", "energy_evaluations")

@@ -23,7 +23,8 @@ SMALL = {
 # inverse then loses ~5 digits to conditioning alone (not a bug: |dx/dy| ~ 1e5). 0.25 still gives
 # bins of very unequal size, knot derivatives well away from 1 and log|det| of O(±10) (checked
 # in tests/test_science_flows.py::test_randomized_splines_use_bins_and_tails).
-RANDOM_SCALE = {"affine_coupling": 0.4, "spline_coupling": 0.25, "internal_coordinates": 0.25}
+RANDOM_SCALE = {"affine_coupling": 0.4, "spline_coupling": 0.25, "internal_coordinates": 0.25,
+                "egnn_cnf": 0.3, "hollow_cnf": 0.3, "mlp_cnf": 0.3}
 IC_SMALL = {"n_layers": 2, "hidden": 12, "n_hidden_layers": 2, "n_bins": 5}
 BOX = PeriodicBox((0.9, 0.78, 0.73))
 WITH_BOX = RigidLayout(3, BOX, pinned_positions=(0,), pinned_orientations=(0,))

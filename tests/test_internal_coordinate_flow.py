@@ -60,7 +60,7 @@ def test_the_flow_needs_a_connected_bond_graph() -> None:
                            r"molecule of >= 3 atoms whose bonds connect them all \(its Z-matrix "
                            r"comes from the bond graph\), but this system's coordinates are a "
                            r"molecule of \d atoms in Cartesian coordinates; choose one of "
-                           r"affine_coupling, spline_coupling$"):
+                           r"affine_coupling, spline_coupling, mlp_cnf$"):
             build_flow(layout, {"kind": "internal_coordinates"})
     with pytest.raises(ValueError, match=r"^layout: InternalCoordinateFlow needs a molecule"):
         InternalCoordinateFlow(VectorLayout(9))

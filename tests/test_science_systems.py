@@ -15,6 +15,7 @@ from boltzgen.systems import (
     SYSTEMS,
     DoubleWell2D,
     IceXI,
+    LennardJonesCluster,
     PeptideSystem,
     TetrahedronInField,
     make_system,
@@ -116,7 +117,7 @@ def test_dw4_invariances_and_value() -> None:
 def test_registry_and_errors() -> None:
     assert SYSTEMS == {"double_well": DoubleWell2D, "dw4": DW4,
                        "tetrahedron_field": TetrahedronInField, "ice_xi": IceXI,
-                       "peptide": PeptideSystem}
+                       "peptide": PeptideSystem, "lj": LennardJonesCluster}
     assert system_parameter_names("double_well") == ["a", "b", "c"]
     assert system_parameter_names("dw4") == ["b", "c", "d0"]
     system = make_system({"kind": "dw4", "d0": 3.0})
@@ -166,7 +167,7 @@ def test_registry_class() -> None:
     with pytest.raises(ValueError, match="B.kind is 'b'"):
         things.register("c")(B)
     assert isinstance(SYSTEMS, Registry) and SYSTEMS.names() == [
-        "double_well", "dw4", "tetrahedron_field", "ice_xi", "peptide"]
+        "double_well", "dw4", "tetrahedron_field", "ice_xi", "peptide", "lj"]
 
 
 def test_base_states() -> None:

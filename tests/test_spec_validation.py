@@ -46,6 +46,21 @@ PEPTIDE = {
 }
 
 
+PARTICLES = {
+    "name": "particles", "system": {"kind": "lj", "n_particles": 13}, "temperature": 1.0,
+    "reference": {"n_chains": 8, "n_steps": 20, "burn_in": 5},
+    "flow": {"kind": "egnn_cnf", "hidden": 8, "n_layers": 2},
+    "training": {"objective": "flow_matching", "coupling": "equivariant_ot", "steps": 2},
+}
+
+
+def _particles(**changes: object) -> dict:
+    data = PARTICLES
+    for key, value in changes.items():
+        data = _with(key.replace("__", "."), value, data)
+    return data
+
+
 def _peptide(**changes: object) -> dict:
     data = PEPTIDE
     for key, value in changes.items():
@@ -167,6 +182,30 @@ BAD_SPECS = {
     "peptide MD shorter than one frame": (
         _peptide(reference__md__production_ps=0.1, reference__md__frame_interval_ps=0.5),
         ["reference.md.production_ps", "0.1", "one frame interval"]),
+    "unknown LJ convention": (_particles(system__convention="half_pairs"),
+                              ["system.convention", "half_pairs", "ordered_pairs",
+                               "unordered_pairs"]),
+    "one LJ particle": (_particles(system__n_particles=1),
+                        ["system.n_particles", "1", "at least 2"]),
+    "LJ at zero temperature": (_particles(temperature=0.0), ["temperature", "0", "> 0"]),
+    "negative LJ temperature": (_particles(temperature=-1.0), ["temperature", "-1", "> 0"]),
+    "solver tolerance zero": (_particles(flow__atol=0.0), ["flow.atol", "0.0", "> 0"]),
+    "negative relative tolerance": (_particles(flow__rtol=-0.001),
+                                    ["flow.rtol", "-0.001", "> 0"]),
+    "hutchinson for reported likelihoods": (
+        _particles(flow__divergence="hutchinson"),
+        ["flow.divergence", "hutchinson", "exact divergence"]),
+    "EGNN on ice": (_with("flow", {"kind": "egnn_cnf"}, ICE),
+                    ["flow.kind", "egnn_cnf", "particles", "rigid_body"]),
+    "EGNN on a plain vector": (_with("flow", {"kind": "egnn_cnf"}),
+                               ["flow.kind", "egnn_cnf", "R^2", "mlp_cnf"]),
+    "flow matching without a continuous flow": (
+        _particles(flow={"kind": "affine_coupling"}),
+        ["training.objective", "flow_matching", "affine_coupling", "egnn_cnf"]),
+    "equivariant OT on a vector": (
+        _with("flow", {"kind": "mlp_cnf"}) | {"training": {
+            "objective": "flow_matching", "coupling": "equivariant_ot"}},
+        ["training.coupling", "equivariant_ot", "particles"]),
     "md on a system without a structure": (
         _with("reference", {"sampler": "md"}) | {"base": {"kind": "thermodynamic",
                                                           "temperature": 2.0}},

@@ -2,8 +2,9 @@
 
 Each case gives a system at its defaults and a few reference samples of its Boltzmann
 distribution from what the system offers: its exact sampler (tetrahedron), a tiny Metropolis run
-(double well, DW4), or its ideal structure slightly perturbed (ice XI, whose thermal samples
-need MD). A meta-test fails when a registered system has no case here.
+(double well, DW4; the LJ cluster from a perturbed lattice), or its ideal structure slightly
+perturbed (ice XI, whose thermal samples need MD). A meta-test fails when a registered system
+has no case here.
 
 Checks: the potential is finite on the reference samples and shaped like the batch, the reduced
 energy is U / (k_B T); forces F = −∇U: the autograd gradient of the potential agrees with a
@@ -30,6 +31,7 @@ from boltzgen.mcmc import replica_exchange
 from boltzgen.priors import default_prior
 from boltzgen.rigid.bodies import RigidLayout
 from boltzgen.systems import SYSTEMS, System, make_system
+from boltzgen.systems.particles import cubic_lattice
 
 logging.getLogger("genice_core").setLevel(logging.ERROR)
 
@@ -39,6 +41,19 @@ def _mcmc(system: System, temperature: float, seed: int) -> np.ndarray:
     x0 = torch.zeros(system.dim, dtype=torch.float64) + 0.5
     result = replica_exchange(system.potential, [temperature], x0, n_steps=300, burn_in=200,
                               n_chains=4, thin=50, step_size=0.3,
+                              boltzmann_constant=system.boltzmann_constant, seed=seed)
+    return result.samples[0].reshape(-1, system.dim)
+
+
+def _mcmc_cluster(system: System, temperature: float, seed: int) -> np.ndarray:
+    """As :func:`_mcmc`, started from a perturbed cubic lattice at spacing r_m (a constant
+    start puts particles on a line, close enough for r^-12 energies to dominate)."""
+    g = torch.Generator().manual_seed(seed)
+    lattice = torch.as_tensor(cubic_lattice(system.n_particles, system.spatial_dim))
+    x0 = system.from_cartesian(lattice + 0.05 * torch.randn((4, *lattice.shape), generator=g,
+                                                            dtype=torch.float64))
+    result = replica_exchange(system.potential, [temperature], x0, n_steps=300, burn_in=200,
+                              n_chains=4, thin=50, step_size=0.05,
                               boltzmann_constant=system.boltzmann_constant, seed=seed)
     return result.samples[0].reshape(-1, system.dim)
 
@@ -75,6 +90,7 @@ CASES: dict[str, tuple[dict, float, Callable[[System, float, int], np.ndarray]]]
     "tetrahedron_field": ({"kind": "tetrahedron_field"}, 300.0, _exact),
     "ice_xi": ({"kind": "ice_xi", "molecules": 16}, 100.0, _perturbed_ideal),
     "peptide": ({"kind": "peptide", "sequence": "ACE-ALA-NME"}, 300.0, _perturbed_molecule),
+    "lj": ({"kind": "lj"}, 1.0, _mcmc_cluster),
 }
 
 

@@ -12,7 +12,10 @@ layouts (:class:`boltzgen.rigid.bodies.RigidLayout`): ``rigid_body`` (torus × S
 :mod:`boltzgen.flows.rigid`) and ``rotation_vector_spline`` (the baseline that ignores the
 double cover, :mod:`boltzgen.flows.rotation_baseline`). For a molecule with bonds:
 ``internal_coordinates`` (a Boltzmann generator on the Z-matrix's bonds, angles and torsions,
-:mod:`boltzgen.flows.internal`; it owns its prior on the 3n − 6 internal coordinates). A new
+:mod:`boltzgen.flows.internal`; it owns its prior on the 3n − 6 internal coordinates).
+Continuous flows (:mod:`boltzgen.flows.cnf`, trained by flow matching or likelihood):
+``egnn_cnf`` and ``hollow_cnf`` (equivariant fields, centre-of-mass-free particles) and
+``mlp_cnf`` (the non-equivariant baseline, any Euclidean layout). A new
 kind: a :class:`Flow` subclass and one ``FLOWS.register(kind)(cls)`` line here (and a case in
 tests/test_flow_conformance.py).
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 
+from boltzgen.flows.cnf import MLPCNF, ContinuousFlow, EquivariantCNF, HollowCNF
 from boltzgen.flows.contract import FLOWS, Flow
 from boltzgen.flows.coupling import AffineCouplingFlow
 from boltzgen.flows.internal import InternalCoordinateFlow
@@ -36,6 +40,9 @@ FLOWS.register("spline_coupling")(SplineCouplingFlow)
 FLOWS.register("rigid_body")(RigidBodyFlow)
 FLOWS.register("rotation_vector_spline")(RotationVectorSplineFlow)
 FLOWS.register("internal_coordinates")(InternalCoordinateFlow)
+FLOWS.register("egnn_cnf")(EquivariantCNF)
+FLOWS.register("hollow_cnf")(HollowCNF)
+FLOWS.register("mlp_cnf")(MLPCNF)
 
 FLOW_KINDS: list[str] = FLOWS.names()
 RIGID_FLOW_KINDS: list[str] = [k for k, c in FLOWS.items() if c.accepts_layout(RigidLayout(1))]
@@ -48,6 +55,10 @@ __all__ = [
     "FLOW_KINDS",
     "RIGID_FLOW_KINDS",
     "AffineCouplingFlow",
+    "ContinuousFlow",
+    "EquivariantCNF",
+    "HollowCNF",
+    "MLPCNF",
     "Flow",
     "InternalCoordinateFlow",
     "RigidBodyFlow",

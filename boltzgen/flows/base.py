@@ -42,16 +42,19 @@ def conditioning_indices(dim: int, layer: int) -> list[int]:
     return list(range(half)) if pattern == 2 else list(range(half, dim))
 
 
-def conditioner_mlp(n_in: int, n_out: int, hidden: int, n_hidden_layers: int) -> nn.Sequential:
-    """float64 MLP n_in -> hidden (SiLU) x n_hidden_layers -> n_out, last layer zero-initialised."""
+def conditioner_mlp(n_in: int, n_out: int, hidden: int, n_hidden_layers: int,
+                    zero_last: bool = True) -> nn.Sequential:
+    """float64 MLP n_in -> hidden (SiLU) x n_hidden_layers -> n_out, last layer zero-initialised
+    (unless ``zero_last`` is False)."""
     layers: list[nn.Module] = []
     width = n_in
     for _ in range(n_hidden_layers):
         layers += [nn.Linear(width, hidden, dtype=torch.float64), nn.SiLU()]
         width = hidden
     last = nn.Linear(width, n_out, dtype=torch.float64)
-    nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
+    if zero_last:
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
     layers.append(last)
     return nn.Sequential(*layers)
 

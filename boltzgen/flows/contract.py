@@ -31,7 +31,9 @@ Class attributes a flow declares:
   a job's base (a normal base then means the flow's own normalized prior, and f_A = 0 still);
   for every other flow ``latent_dim == dim`` and the job's analytic base is its prior.
 
-Hooks with a default: ``fit_to_data(y)`` (target-side samples (M, dim)) sets whatever the flow
+Hooks with a default: ``reset_statistics()`` / ``solve_statistics()`` (what the maps since
+the reset cost: a continuous flow's NFE and path length; empty by default) and
+``fit_to_data(y)`` (target-side samples (M, dim)) sets whatever the flow
 takes from data before training, e.g. a normalization stored in buffers (so in the state_dict);
 training calls it once, with the training target samples, for a job that trains on them (not
 when it resumes from a checkpoint). By default it does nothing.
@@ -93,6 +95,16 @@ class Flow(nn.Module):
         """Set what the flow takes from target-side samples ``y`` (M, dim) before training
         (module docstring); nothing by default."""
         del y
+
+    # -- statistics of the map (continuous flows count their ODE solves) ----------------------
+    def reset_statistics(self) -> None:
+        """Forget what :meth:`solve_statistics` reports (nothing to forget by default)."""
+
+    def solve_statistics(self) -> dict[str, float]:
+        """Cost and shape of the maps computed since :meth:`reset_statistics`: a continuous
+        flow reports ``nfe`` and ``path_length`` (:mod:`boltzgen.flows.cnf`); empty by
+        default."""
+        return {}
 
     # -- the map ----------------------------------------------------------------------------
     def _run(self, x: torch.Tensor, name: str, inverse: bool

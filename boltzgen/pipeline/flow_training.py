@@ -129,7 +129,8 @@ def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData,
                            "skipped": done_before[1], "evaluations": energies.evaluations})
 
         result = train_flow(
-            flow, objective, steps, training.batch_size, training.learning_rate,
+            flow, OBJECTIVES.get(objective).from_settings(training), steps,
+            training.batch_size, training.learning_rate,
             u_a=energies.u_a, u_b=energies.u_b, sample_a=sample_a,
             data_b=target_train, seed=seed + index,
             final_learning_rate=training.final_learning_rate,

@@ -130,6 +130,7 @@ def mcmc_reference(job: JobSettings, problem: Problem) -> ReferenceData:
         else float("nan"),
         "mcmc_statistical_inefficiency_max": float(max(g for _, _, g in per_state)),
         "mcmc_target_decorrelated_samples": float(len(per_state[target_k][0])),
+        **_configurational_temperature(problem, per_state[target_k][0]),
     }
     base_train = base_test = base_pot = None
     if problem.base.temperature_ladder:
@@ -154,6 +155,27 @@ def mcmc_reference(job: JobSettings, problem: Problem) -> ReferenceData:
         ladder=ladder.tolist(),
         diagnostics=diagnostics,
     )
+
+
+def _configurational_temperature(problem: Problem, samples: np.ndarray,
+                                 at_most: int = 2000) -> dict[str, float]:
+    """``reference_configurational_temperature`` (with ``_err``) of the target's decorrelated
+    MCMC samples (at most ``at_most``), in the system's temperature units: it equals the
+    target temperature within its error when the samples are Boltzmann distributed there
+    (:func:`boltzgen.observables.configurational_temperature`). Left out where it is not
+    defined (⟨∇²U⟩ <= 0, non-finite derivatives)."""
+    from boltzgen.observables import configurational_temperature
+
+    if len(samples) < 40:
+        return {}
+    try:
+        value, error = configurational_temperature(
+            problem.system.potential, samples[:at_most],
+            problem.system.boltzmann_constant)
+    except ValueError:
+        return {}
+    return {"reference_configurational_temperature": value,
+            "reference_configurational_temperature_err": error}
 
 
 def _ladder_free_energy(problem: Problem, ladder: np.ndarray, per_state: list[Any],
@@ -413,7 +435,11 @@ def _split(
     samples, potentials, _ = state
     order = rng.permutation(len(samples))
     n_test = max(1, int(round(len(samples) * ref.holdout_fraction)))
-    test, train = order[:n_test], order[n_test:]
+    # At most max_holdout_samples of the held-out ones are kept (each costs a pull-back
+    # through the flow: for a CNF with an exact divergence, the dominant cost); the others
+    # are still left out of training.
+    kept = n_test if ref.max_holdout_samples is None else min(n_test, ref.max_holdout_samples)
+    test, train = order[:kept], order[n_test:]
     return samples[train], samples[test], potentials[train], potentials[test]
 
 

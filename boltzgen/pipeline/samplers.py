@@ -120,6 +120,10 @@ class MolecularDynamics(ReferenceSampler):
         except ValueError as exc:
             field, _, detail = str(exc).partition(": ")
             yield SettingError(f"reference.md.{field}", detail=detail)
+        if job.reference.max_holdout_samples is not None:
+            yield SettingError("reference.max_holdout_samples", job.reference.max_holdout_samples,
+                               "MD frames are held out in time blocks; leave it out for "
+                               "sampler 'md'")
         if job.reference.holdout_blocks is not None:
             try:
                 held_out_blocks(job.reference.holdout_blocks, job.reference.holdout_fraction)

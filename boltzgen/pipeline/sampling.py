@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,9 @@ class SampleSet:
     logdet_heldout: np.ndarray | None = None
     u_a_heldout: np.ndarray | None = None  # u_A in kT of those base frames
     heldout_rows: np.ndarray | None = None
+    # A continuous flow's NFE and path length (forward, and ``_inverse`` for the held-out
+    # data), and seconds per forward sample with its log-likelihood (empty: none measured).
+    flow_statistics: dict[str, float] = field(default_factory=dict)
 
 
 def sample(
@@ -64,6 +67,7 @@ def sample(
     y_b = float64_tensor(reference.target_test)
     every = None if problem.base.samples_directly else reference.base_heldout
     heldout: dict[str, Any] = {}
+    statistics: dict[str, float] = {}
     with flow.sampling_context():  # no_grad unless the flow needs autograd to map
         if every is not None:
             # Every held-out base frame once; the decorrelated ones are rows of it.
@@ -77,8 +81,14 @@ def sample(
                                                          * problem.base.temperature),
                        "heldout_rows": rows}
         else:
+            flow.reset_statistics()
+            forward_start = time.perf_counter()
             mapped, logdet = _batched(flow.forward, x, batch_size, device)
+            statistics = _statistics(flow.solve_statistics(), "",
+                                     (time.perf_counter() - forward_start) / max(1, len(x)))
+        flow.reset_statistics()
         back, logdet_inv = _batched(flow.inverse, y_b, batch_size, device)
+        statistics.update(_statistics(flow.solve_statistics(), "_inverse", None))
         u_a_back = flow.prior.reduced_energy(back).detach().numpy() if analytic else None
     return SampleSet(
         u_a=u_a.detach().numpy(),
@@ -88,8 +98,20 @@ def sample(
         logdet_inverse=logdet_inv.numpy(),
         u_a_pulled_back=u_a_back,
         seconds=time.perf_counter() - start,
+        flow_statistics=statistics,
         **heldout,
     )
+
+
+def _statistics(solves: dict[str, float], suffix: str, seconds_per_sample: float | None
+                ) -> dict[str, float]:
+    """A flow's solve statistics as metrics (``nfe``, ``path_length`` of the forward map;
+    ``nfe_inverse``, ``path_length_inverse`` of the held-out data's inverse map) and the
+    wall-clock seconds per forward sample with its log-likelihood."""
+    out = {f"{k}{suffix}": v for k, v in solves.items() if k != "solves"}
+    if seconds_per_sample is not None:
+        out["seconds_per_sample"] = seconds_per_sample
+    return out
 
 
 def _batched(fn: Any, x: torch.Tensor, batch_size: int, device: str = "cpu"

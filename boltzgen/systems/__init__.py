@@ -15,6 +15,8 @@ from boltzgen.systems.base import System
 from boltzgen.systems.double_well import DoubleWell2D
 from boltzgen.systems.dw4 import DW4
 from boltzgen.systems.ice import IceXI
+from boltzgen.systems.lennard_jones import LennardJonesCluster
+from boltzgen.systems.particles import ParticleSystem
 from boltzgen.systems.peptide import PeptideSystem
 from boltzgen.systems.tetrahedron import TetrahedronInField
 
@@ -24,12 +26,15 @@ SYSTEMS.register("dw4")(DW4)
 SYSTEMS.register("tetrahedron_field")(TetrahedronInField)
 SYSTEMS.register("ice_xi")(IceXI)
 SYSTEMS.register("peptide")(PeptideSystem)
+SYSTEMS.register("lj")(LennardJonesCluster)
 
 __all__ = [
     "DW4",
     "SYSTEMS",
     "DoubleWell2D",
     "IceXI",
+    "LennardJonesCluster",
+    "ParticleSystem",
     "PeptideSystem",
     "System",
     "TetrahedronInField",

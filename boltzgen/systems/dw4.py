@@ -26,12 +26,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 from boltzgen._checks import check_float
-from boltzgen.layouts import ParticleLayout, helmert_basis
-from boltzgen.systems.base import System
+from boltzgen.layouts import helmert_basis
+from boltzgen.systems.particles import ParticleSystem
 
 __all__ = ["DW4", "helmert_basis"]
 
@@ -39,11 +38,14 @@ N_PARTICLES = 4
 SPATIAL_DIM = 2
 
 
-_PAIRS_I, _PAIRS_J = (torch.as_tensor(a) for a in np.triu_indices(N_PARTICLES, k=1))
+class DW4(ParticleSystem):
+    """Four particles in 2-D, pair double-well potential, centre of mass removed (dim 6).
 
-
-class DW4(System):
-    """Four particles in 2-D, pair double-well potential, centre of mass removed (dim 6)."""
+    The coordinate maps, pair distances and observables are :class:`ParticleSystem`'s:
+    ``to_cartesian`` (..., 6) -> (..., 4, 2), ``from_cartesian`` (..., 4, 2) -> (..., 6),
+    ``pair_distances`` (..., 6) -> (..., 6), ``observables`` {"pair_distance" (6N,),
+    "energy" (N,)}.
+    """
 
     kind: ClassVar[str] = "dw4"
     estimand_note: ClassVar[str] = (
@@ -62,38 +64,7 @@ class DW4(System):
         #: Helmert basis H, shape (3, 4), orthonormal rows orthogonal to (1, 1, 1, 1).
         self.basis = torch.as_tensor(helmert_basis(N_PARTICLES), dtype=torch.float64)
 
-    def layout(self) -> ParticleLayout:
-        """4 particles in 2-D, centre of mass removed: the flow coordinates are the Helmert
-        coefficients (the coupling flows act on them as on R^6; an equivariant flow could map
-        them back to particles with :meth:`ParticleLayout.to_cartesian`)."""
-        return ParticleLayout(N_PARTICLES, SPATIAL_DIM, com_free=True)
-
-    def to_cartesian(self, z: torch.Tensor) -> torch.Tensor:
-        """Flow coordinates (..., 6) -> centre-of-mass-free Cartesian (..., 4, 2)."""
-        self._check_coordinates(z)
-        return self.layout().to_cartesian(z)
-
-    def from_cartesian(self, x: torch.Tensor) -> torch.Tensor:
-        """Cartesian (..., 4, 2) -> flow coordinates (..., 6); the centre of mass is dropped."""
-        return self.layout().from_cartesian(x)
-
-    def pair_distances(self, z: torch.Tensor) -> torch.Tensor:
-        """The 6 distances d_ij, i < j (row-major pair order), shape (..., 6)."""
-        x = self.to_cartesian(z)
-        i, j = _PAIRS_I.to(x.device), _PAIRS_J.to(x.device)
-        diff = x[..., i, :] - x[..., j, :]
-        return torch.linalg.vector_norm(diff, dim=-1)
-
     def potential(self, x: torch.Tensor) -> torch.Tensor:
         """U in kT units (at T = 1); flow coordinates (..., 6) -> (...)."""
         s = self.pair_distances(x) - self.d0
         return (self.c * s**4 + self.b * s**2).sum(dim=-1)
-
-    def observables(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """{"pair_distance": all 6 distances of every sample, length 6N; "energy": U, length N}."""
-        # A copy: arrays that arrive through an object store are read-only.
-        z = torch.from_numpy(np.array(self._as_samples(x), dtype=np.float64))
-        with torch.no_grad():
-            d = self.pair_distances(z)
-            energy = self.potential(z)
-        return {"pair_distance": d.reshape(-1).numpy(), "energy": energy.numpy()}
