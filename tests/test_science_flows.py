@@ -183,7 +183,7 @@ def test_spline_checks() -> None:
 
 
 def test_build_flow_and_errors() -> None:
-    assert EUCLIDEAN_FLOW_KINDS == ["affine_coupling", "spline_coupling"]
+    assert EUCLIDEAN_FLOW_KINDS == ["affine_coupling", "spline_coupling", "mlp_cnf"]
     flow = build_flow(3, {"kind": "affine_coupling", "n_layers": 2, "hidden": 8})
     assert isinstance(flow, AffineCouplingFlow) and flow.n_layers == 2
     with pytest.raises(
