@@ -86,7 +86,8 @@ def campaign_bench(spec_path: str, tracking_uri: str | None) -> dict:
     from campaign.spec import load_spec
 
     plan = make_plan(load_spec(spec_path))
-    records = [r for r in comparison_records(plan, tracking_uri) if r["status"] == "finished"]
+    records = [r for r in comparison_records(plan, tracking_uri)
+               if str(r["status"]).lower() == "finished"]
 
     def key(record: dict) -> tuple[str, str, str]:
         params = record["params"]
