@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from boltzgen.estimators import (
     importance_free_energy,
@@ -28,6 +29,7 @@ from boltzgen.pipeline.sampling import SampleSet
 from boltzgen.pipeline.states import flow_state_metrics
 from boltzgen.pipeline.structure import Curve, structure_curves
 from boltzgen.settings import JobSettings
+from boltzgen.systems.particles import ParticleSystem
 
 
 @dataclass
@@ -103,10 +105,14 @@ def estimate(
 
 
 def _observables(problem: Problem, x: np.ndarray) -> dict[str, np.ndarray]:
-    """The system's pair distances where it has them (what ``distance_w1`` compares)."""
-    if not len(x):
+    """The pair distances of a particle system (what ``distance_w1`` compares); nothing for
+    other systems, whose full observables (dihedrals, RDFs) are not computed here."""
+    system = problem.system
+    if not len(x) or not isinstance(system, ParticleSystem):
         return {}
-    return {k: v for k, v in problem.system.observables(x).items() if k == "pair_distance"}
+    with torch.no_grad():
+        distances = system.pair_distances(torch.as_tensor(np.asarray(x, dtype=np.float64)))
+    return {"pair_distance": distances.reshape(-1).numpy()}
 
 
 def _forward_metrics(log_w: np.ndarray) -> dict[str, float]:
