@@ -178,6 +178,10 @@ def make_plan(spec: CampaignSpec, *, cache: bool = True) -> Plan:
     many_blocks = isinstance(spec.grid, list)
     jobs: list[Job] = []
     seen: set[str] = set()
+    # Paths some block varies: a block that fixes one of them still shows its value, so that
+    # compare's column for that path is filled for every job.
+    varied_somewhere = {name for block in blocks for name in block.axes
+                        if isinstance(block.block[name], list)}
     for block in blocks:
         is_axis = {name: isinstance(block.block[name], list) for name in block.axes}
         expanded = BlockJobs(block, defaults, checks) if cache else _plain_jobs(
@@ -190,7 +194,8 @@ def make_plan(spec: CampaignSpec, *, cache: bool = True) -> Plan:
             # What tells the jobs apart: the axes of the block and, where blocks differ in a
             # component (a flow, a base), that component's fixed value.
             varying = {k: v for k, v in overrides.items() if is_axis[k] or (
-                many_blocks and k != "system" and isinstance(v, dict) and "kind" in v)}
+                many_blocks and (k in varied_somewhere or (
+                    k != "system" and isinstance(v, dict) and "kind" in v)))}
             jobs.append(Job(job_id=job_id, config=config, grid_values=varying,
                             molecules=system.molecule_count))
     _check_top_level(spec, blocks, checks)

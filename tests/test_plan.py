@@ -55,12 +55,16 @@ def test_grid_product_blocks_and_fixed_values() -> None:
         {"system": {"kind": "dw4"}, "base": {"kind": "thermodynamic", "temperature": 1.5},
          "temperature": [1.0, 2.0]},
         {"temperature": 1.0},  # the same job as the first block's first point: runs once
+        {"temperature": 3.0, "training.steps": 7},
     ]
     plan = _plan(data)
-    assert len(plan.jobs) == 6
+    assert len(plan.jobs) == 7
     kinds = [job.config.system.kind for job in plan.jobs]
     assert kinds.count("dw4") == 2
-    assert len({job.job_id for job in plan.jobs}) == 6
+    assert len({job.job_id for job in plan.jobs}) == 7
+    # a block's fixed value of a path that other blocks vary is shown (compare's column for it
+    # is filled); a path no block varies is not
+    assert plan.jobs[-1].grid_values == {"temperature": 3.0}
     dw4 = [job for job in plan.jobs if job.config.system.kind == "dw4"][0]
     assert dw4.config.base.temperature == 1.5
     # a block's fixed component (here its base) is shown: it tells the blocks' jobs apart
