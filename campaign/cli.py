@@ -289,14 +289,15 @@ TABLE_COLUMNS = ("atoms", "delta_f", "reference_delta_f", "delta_f_lfep", "delta
                  "delta_f_mbar", "delta_f_lfep_per_molecule", "delta_f_lbar_per_molecule",
                  "delta_f_mbar_per_molecule", "delta_f_phi", "delta_f_phi_md",
                  "md_transitions_phi", "ess", "valid_fraction", "ess_backward", "nll",
-                 "energy_w2", "distance_w1", "nfe", "path_length", "seconds_per_sample",
+                 "energy_w2", "energy_w2_capped", "distance_w1", "nfe", "path_length",
+                 "seconds_per_sample",
                  "rdf_O_O_max_z", "rdf_O_H_max_z", "md_ns", "time_train", "energy_evaluations")
 SHORT_NAMES = {"delta_f_phi": "dF_phi", "reference_delta_f": "ref_delta_f", "_per_molecule": "/mol",
                "delta_f_": "", "energy_evaluations": "n_energy", "target_temperature_k": "T (K)",
                "base_temperature_k": "T_base (K)", "molecules": "N", "rdf_": "g ",
                "_max_z": " z", "md_transitions_phi": "phi flips", "valid_fraction": "valid",
                "md_ns": "MD ns", "seconds_per_sample": "s/sample", "path_length": "path",
-               "distance_w1": "dist_W1", "energy_w2": "E_W2"}
+               "distance_w1": "dist_W1", "energy_w2_capped": "E_W2cap", "energy_w2": "E_W2"}
 
 
 def _system_cell(params: dict[str, Any]) -> str:

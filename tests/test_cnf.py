@@ -253,6 +253,30 @@ def test_energy_w2_is_w2_not_its_square() -> None:
     assert energy_w2(np.append(a, np.inf), a) == 0.0
 
 
+def test_capped_energy_w2_reads_the_bulk_and_counts_the_clashes() -> None:
+    """Two flows' energies, N(0, 1) as the data, one with 1 % of its samples at 1e10 kT
+    (clashes): the plain W2 is about sqrt(0.01) * 1e10 = 1e9 kT; the capped one moves only
+    the top 1 % of quantiles, from at least the data's 98th percentile (the clean flow's top
+    quantiles, within noise) to the cap u_max, so by the triangle inequality it is at most
+    W2_clean + sqrt(0.0101) (u_max - q_0.98) (about 0.2 kT); the clean flow's is sampling noise
+    (sd about sqrt(2 / n) = 0.014; 0.1 is 7 sigma); the clash fraction is read back exactly."""
+    from boltzgen.pipeline.distribution_metrics import energy_w2, energy_w2_capped
+
+    rng = np.random.default_rng(1)
+    data, clean = rng.normal(0.0, 1.0, 10000), rng.normal(0.0, 1.0, 10000)
+    clashing = clean.copy()
+    clashing[:100] = 1e10
+    clashing[100] = np.nan  # a failed energy counts as above the cap too
+    assert energy_w2(clashing, data) > 1e8
+    w2_clean, above_clean = energy_w2_capped(clean, data)
+    w2_clashing, above_clashing = energy_w2_capped(clashing, data)
+    assert w2_clean < 0.1
+    assert w2_clashing <= w2_clean + np.sqrt(101 / 10000) * (data.max() - np.quantile(data, 0.98))
+    assert above_clashing == pytest.approx(101 / 10000 + above_clean, abs=1e-12)
+    # a shifted flow is still told apart after capping
+    assert energy_w2_capped(clean + 3.0, data)[0] > 1.0
+
+
 def test_mcmc_reference_caps_its_held_out_set_and_reports_its_temperature() -> None:
     """``reference.max_holdout_samples`` keeps that many held-out samples (the rest of the
     held-out share stays out of training); the reference reports the configurational
@@ -290,3 +314,38 @@ def test_enumerated_permutations_agree_with_the_hungarian_algorithm() -> None:
         flow_matching.ENUMERATED_PERMUTATIONS_UP_TO = limit
     assert torch.equal(fast, slow)
     assert sorted(fast[0].tolist()) == list(range(5))
+
+
+def test_a_cnf_job_records_the_particle_metrics_with_their_conventions() -> None:
+    """A whole DW4 job in process (MCMC reference, flow matching with equivariant OT, sampling
+    with the exact divergence, estimation): every per-job metric the particle benchmarks ask
+    for is recorded, finite and within its range, and the conventions are written beside
+    them. Tiny and untrained: this checks the bookkeeping, not the quality."""
+    from boltzgen.pipeline import job_graph, run_job
+
+    settings = {"seed": 5, "temperature": 1.0, "system": {"kind": "dw4"},
+                "base": {"kind": "normal", "scale": 1.0},
+                "reference": {"ladder_size": 2, "hot_temperature_factor": 2.0, "n_chains": 32,
+                              "n_steps": 600, "burn_in": 200, "thin": 10, "step_size": 0.3,
+                              "holdout_fraction": 0.3, "max_holdout_samples": 40},
+                "flow": {"kind": "egnn_cnf", "hidden": 8, "n_layers": 2, "solver": "rk4",
+                         "n_steps": 4},
+                "training": {"objective": "flow_matching", "coupling": "equivariant_ot",
+                             "steps": 20, "batch_size": 16, "learning_rate": 0.002},
+                "sampling": {"n_samples": 64}}
+    result = run_job(job_graph(settings, "cnf-metrics", None))
+    m = result.metrics
+    assert m["n_samples"] == 64
+    assert 1 / 64 - 1e-12 <= m["ess"] <= 1.0
+    assert m["nfe"] == 16 and m["nfe_inverse"] == 16  # rk4: 4 stages x 4 steps
+    for key in ("nll", "delta_f", "energy_w2", "energy_w2_capped", "distance_w1",
+                "path_length", "path_length_inverse", "seconds_per_sample",
+                "reference_configurational_temperature"):
+        assert math.isfinite(m[key]), key
+    assert 0.0 <= m["energy_above_reference_fraction"] <= 1.0
+    assert 0.0 <= m["energy_w2_capped"] <= m["energy_w2"] + 1e-12
+    assert m["path_length"] > 0 and m["seconds_per_sample"] > 0
+    for key in ("nll_convention", "energy_w2_convention", "distance_w1_convention",
+                "nfe_convention"):
+        assert key in result.params, key
+    assert "W2 (not squared), kT" in result.params["energy_w2_convention"]

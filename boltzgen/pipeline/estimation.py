@@ -196,8 +196,9 @@ def _lbar_metrics(forward_work: np.ndarray, reverse_work: np.ndarray) -> dict[st
 
 def _notes(problem: Problem, reference: ReferenceData, metrics: Mapping[str, float]
            ) -> dict[str, str]:
-    """What the numbers mean: the estimand, the reference's method, the estimator and the
-    NLL's convention."""
+    """What the numbers mean: the estimand, the reference's method, the estimator, the NLL's
+    convention and, where recorded, those of the distribution metrics and the solver's
+    statistics (``<metric>_convention``); every note becomes a param of the job's run."""
     return {
         "estimand": problem.estimand(),
         "reference_method": reference.method,
@@ -208,14 +209,17 @@ def _notes(problem: Problem, reference: ReferenceData, metrics: Mapping[str, flo
         f"{problem.system.estimand_note}; forward_kl = nll - entropy of the target (nats)"
         if "nll" in metrics
         else "not defined",
-        **({"energy_w2": "W2 (not squared), kT, between the reduced energies of the flow's "
-            "samples as drawn and of held-out reference samples"} if "energy_w2" in metrics
-           else {}),
-        **({"distance_w1": "W1 between the pooled interatomic distances of the flow's samples "
-            "as drawn and of held-out reference samples (system length units)"}
+        **({"energy_w2_convention": "W2 (not squared), kT, between the reduced energies of "
+            "the flow's samples as drawn and of held-out reference samples; energy_w2_capped: "
+            "the same after capping every energy at the largest held-out reference energy "
+            "u_max; "
+            "energy_above_reference_fraction: the fraction of flow samples above u_max"}
+           if "energy_w2" in metrics else {}),
+        **({"distance_w1_convention": "W1 between the pooled interatomic distances of the "
+            "flow's samples as drawn and of held-out reference samples (system length units)"}
            if "distance_w1" in metrics else {}),
-        **({"nfe": "vector-field evaluations per ODE solve at the flow's solver tolerance "
-            "(mean over solves; divergence passes not counted); path_length = mean over "
+        **({"nfe_convention": "vector-field evaluations per ODE solve at the flow's solver "
+            "tolerance (mean over solves; divergence passes not counted); path_length = mean over "
             "samples of the integral of |v| dt (flow-coordinate units); seconds_per_sample = "
             "wall-clock seconds per sample with its exact log-likelihood"}
            if "nfe" in metrics else {}),

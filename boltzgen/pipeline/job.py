@@ -205,10 +205,7 @@ def job_outcome(reference: Any, trained: Any, samples: Any, report: Any) -> JobO
     metrics["energy_evaluations_estimate"] = estimate_evaluations
     metrics["energy_evaluations"] = trained.energy_evaluations + estimate_evaluations
     params = {
-        "estimand": report.notes["estimand"],
-        "reference_method": report.notes["reference_method"],
-        "estimator": report.notes["estimator"],
-        "nll_convention": report.notes["nll_convention"],
+        **report.notes,
         "reference_ladder": ",".join(f"{t:.6g}" for t in reference.ladder),
         **({"checkpoint_path": trained.checkpoint_path} if trained.checkpoint_path else {}),
     }
