@@ -17,9 +17,16 @@ Three benches, each a ratio measured in one run on this machine:
     CPU-seconds). Goal >= 3x.
 (c) ``campaign``: NFE and path length at the same solver tolerance of equivariant OT against
     independent coupling, per system and vector field, from the same campaign. Goal <= 0.6x.
+    The campaign's NFE is that of the likelihood solve, whose adaptive steps also control the
+    error of the divergence integral; ``--state-tolerances 1e-3,1e-5`` adds the NFE of the
+    sampling ODE dz/dt = v(t, z) alone (dopri5, atol = rtol = each tolerance, the trained
+    flows' checkpoints read back from MLflow, ``--state-samples`` prior draws, the same for
+    both couplings): what the straightness of the learnt paths buys a sampler that needs no
+    likelihood.
 
     python bench/bench_cnf.py divergence [--threads 1] [--out bench/results/cnf_divergence.json]
     python bench/bench_cnf.py campaign specs/particles.yaml [--tracking-uri URI]
+        [--state-tolerances 1e-3,1e-5] [--state-samples 256]
         [--out bench/results/cnf_campaign.json]
 """
 
@@ -80,14 +87,46 @@ def divergence_bench(threads: int, repeats: int) -> list[dict]:
     return rows
 
 
-def campaign_bench(spec_path: str, tracking_uri: str | None) -> dict:
+def state_nfe(checkpoint: bytes, tolerance: float, n: int) -> float:
+    """Vector-field evaluations of one dopri5 solve of dz/dt = v(t, z) from t = 0 to 1 for
+    ``n`` prior draws (seed 0), at atol = rtol = ``tolerance``; no divergence."""
+    import torch
+    from torchdiffeq import odeint
+
+    from boltzgen.pipeline.flow_training import load_flow
+
+    flow = load_flow(checkpoint)
+    z0 = flow.prior.sample(n, generator=torch.Generator().manual_seed(0))
+    calls = 0
+
+    def velocity(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return flow.velocity(t, z)
+
+    with torch.no_grad():
+        odeint(velocity, z0, torch.tensor([0.0, 1.0], dtype=z0.dtype), method="dopri5",
+               atol=tolerance, rtol=tolerance)
+    return float(calls)
+
+
+def campaign_bench(spec_path: str, tracking_uri: str | None,
+                   state_tolerances: list[float] | None = None, state_samples: int = 256
+                   ) -> dict:
+    import mlflow
+    import torch
+
     from campaign.plan import make_plan
     from campaign.report import comparison_records
     from campaign.spec import load_spec
+    from campaign.tracking import resolve_tracking_uri
+
+    torch.set_num_threads(1)  # the NFE does not depend on it; the machine may be busy
 
     plan = make_plan(load_spec(spec_path))
     records = [r for r in comparison_records(plan, tracking_uri)
                if str(r["status"]).lower() == "finished"]
+    uri = resolve_tracking_uri(tracking_uri, plan.spec.tracking.uri)
 
     def key(record: dict) -> tuple[str, str, str]:
         params = record["params"]
@@ -97,6 +136,7 @@ def campaign_bench(spec_path: str, tracking_uri: str | None) -> dict:
         return (system, params.get("flow.kind", ""), params.get("training.coupling", ""))
 
     by_key = {key(r): r["metrics"] for r in records}
+    run_ids = {key(r): r["run_id"] for r in records}
     out: dict = {"hollow_vs_egnn": [], "coupling": []}
     print("(b) effective samples per CPU-second, equivariant OT (ESS / seconds per sample)")
     for system in sorted({k[0] for k in by_key}):
@@ -135,6 +175,17 @@ def campaign_bench(spec_path: str, tracking_uri: str | None) -> dict:
               f"(ratio {row['nfe_ratio']:.2f}, goal <= 0.6); path length "
               f"{base['path_length']:.3f} -> {eot['path_length']:.3f} "
               f"(ratio {row['path_length_ratio']:.2f})")
+        for tolerance in state_tolerances or ():
+            nfe = {}
+            for coupling in ("independent", "equivariant_ot"):
+                path = mlflow.artifacts.download_artifacts(
+                    run_id=run_ids[(system, flow, coupling)],
+                    artifact_path="checkpoint/flow.pt", tracking_uri=uri)
+                nfe[coupling] = state_nfe(Path(path).read_bytes(), tolerance, state_samples)
+            ratio = nfe["equivariant_ot"] / nfe["independent"]
+            row[f"state_nfe_{tolerance:g}"] = {**nfe, "ratio": ratio}
+            print(f"        sampling ODE alone, tolerance {tolerance:g}: NFE "
+                  f"{nfe['independent']:.0f} -> {nfe['equivariant_ot']:.0f} (ratio {ratio:.2f})")
     return out
 
 
@@ -148,12 +199,16 @@ def main() -> None:
     camp = sub.add_parser("campaign")
     camp.add_argument("spec")
     camp.add_argument("--tracking-uri", default=None)
+    camp.add_argument("--state-tolerances", default="",
+                      help="comma-separated dopri5 tolerances for the sampling ODE alone")
+    camp.add_argument("--state-samples", type=int, default=256)
     camp.add_argument("--out", default=str(ROOT / "bench" / "results" / "cnf_campaign.json"))
     args = parser.parse_args()
     if args.bench == "divergence":
         result: object = divergence_bench(args.threads, args.repeats)
     else:
-        result = campaign_bench(args.spec, args.tracking_uri)
+        tolerances = [float(t) for t in args.state_tolerances.split(",") if t.strip()]
+        result = campaign_bench(args.spec, args.tracking_uri, tolerances, args.state_samples)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"written to {args.out}")
