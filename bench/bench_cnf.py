@@ -87,15 +87,13 @@ def divergence_bench(threads: int, repeats: int) -> list[dict]:
     return rows
 
 
-def state_nfe(checkpoint: bytes, tolerance: float, n: int) -> float:
+def state_nfe(flow, tolerance: float, n: int) -> float:
     """Vector-field evaluations of one dopri5 solve of dz/dt = v(t, z) from t = 0 to 1 for
-    ``n`` prior draws (seed 0), at atol = rtol = ``tolerance``; no divergence."""
+    ``n`` prior draws (seed 0) of a trained CNF, at atol = rtol = ``tolerance``; no
+    divergence."""
     import torch
     from torchdiffeq import odeint
 
-    from boltzgen.pipeline.flow_training import load_flow
-
-    flow = load_flow(checkpoint)
     z0 = flow.prior.sample(n, generator=torch.Generator().manual_seed(0))
     calls = 0
 
@@ -116,6 +114,7 @@ def campaign_bench(spec_path: str, tracking_uri: str | None,
     import mlflow
     import torch
 
+    from boltzgen.pipeline.flow_training import load_flow
     from campaign.plan import make_plan
     from campaign.report import comparison_records
     from campaign.spec import load_spec
@@ -164,24 +163,23 @@ def campaign_bench(spec_path: str, tracking_uri: str | None,
             (system, flow, "equivariant_ot"))
         if eot is None:
             continue
-        row = {"system": system, "flow": flow,
-               "nfe_independent": base["nfe"], "nfe_equivariant_ot": eot["nfe"],
-               "nfe_ratio": eot["nfe"] / base["nfe"],
-               "path_length_independent": base["path_length"],
-               "path_length_equivariant_ot": eot["path_length"],
-               "path_length_ratio": eot["path_length"] / base["path_length"]}
+        row = {"system": system, "flow": flow}
+        for metric in ("nfe", "path_length"):
+            row.update({f"{metric}_independent": base[metric],
+                        f"{metric}_equivariant_ot": eot[metric],
+                        f"{metric}_ratio": eot[metric] / base[metric]})
         out["coupling"].append(row)
         print(f"  {system:5s} {flow:9s} NFE {base['nfe']:5.1f} -> {eot['nfe']:5.1f} "
               f"(ratio {row['nfe_ratio']:.2f}, goal <= 0.6); path length "
               f"{base['path_length']:.3f} -> {eot['path_length']:.3f} "
               f"(ratio {row['path_length_ratio']:.2f})")
+        trained = {coupling: load_flow(Path(mlflow.artifacts.download_artifacts(
+            run_id=run_ids[(system, flow, coupling)], artifact_path="checkpoint/flow.pt",
+            tracking_uri=uri)).read_bytes()) for coupling in ("independent", "equivariant_ot")
+        } if state_tolerances else {}
         for tolerance in state_tolerances or ():
-            nfe = {}
-            for coupling in ("independent", "equivariant_ot"):
-                path = mlflow.artifacts.download_artifacts(
-                    run_id=run_ids[(system, flow, coupling)],
-                    artifact_path="checkpoint/flow.pt", tracking_uri=uri)
-                nfe[coupling] = state_nfe(Path(path).read_bytes(), tolerance, state_samples)
+            nfe = {coupling: state_nfe(model, tolerance, state_samples)
+                   for coupling, model in trained.items()}
             ratio = nfe["equivariant_ot"] / nfe["independent"]
             row[f"state_nfe_{tolerance:g}"] = {**nfe, "ratio": ratio}
             print(f"        sampling ODE alone, tolerance {tolerance:g}: NFE "

@@ -192,10 +192,11 @@ def make_plan(spec: CampaignSpec, *, cache: bool = True) -> Plan:
                 continue  # two blocks can name the same job; it runs once
             seen.add(job_id)
             # What tells the jobs apart: the axes of the block and, where blocks differ in a
-            # component (a flow, a base), that component's fixed value.
+            # component (a flow, a base) or fix a path another block varies, the fixed value
+            # (the system has its own column).
             varying = {k: v for k, v in overrides.items() if is_axis[k] or (
-                many_blocks and (k in varied_somewhere or (
-                    k != "system" and isinstance(v, dict) and "kind" in v)))}
+                many_blocks and k != "system" and (
+                    k in varied_somewhere or (isinstance(v, dict) and "kind" in v)))}
             jobs.append(Job(job_id=job_id, config=config, grid_values=varying,
                             molecules=system.molecule_count))
     _check_top_level(spec, blocks, checks)

@@ -212,8 +212,7 @@ def _notes(problem: Problem, reference: ReferenceData, metrics: Mapping[str, flo
         **({"energy_w2_convention": "W2 (not squared), kT, between the reduced energies of "
             "the flow's samples as drawn and of held-out reference samples; energy_w2_capped: "
             "the same after capping every energy at the largest held-out reference energy "
-            "u_max; "
-            "energy_above_reference_fraction: the fraction of flow samples above u_max"}
+            "u_max; energy_above_reference_fraction: the fraction of flow samples above u_max"}
            if "energy_w2" in metrics else {}),
         **({"distance_w1_convention": "W1 between the pooled interatomic distances of the "
             "flow's samples as drawn and of held-out reference samples (system length units)"}
