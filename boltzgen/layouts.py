@@ -84,13 +84,19 @@ def layout_from_dict(data: dict[str, Any]) -> Layout:
 @LAYOUTS.register("vector")
 @dataclasses.dataclass(frozen=True)
 class VectorLayout(Layout):
-    """``size`` coordinates in R^size, nothing more known about them."""
+    """``size`` coordinates in R^size. A system that knows its slow variables (the
+    coordinates of its metastable states) puts them first and says how many in ``slow_dim``
+    (the coarse-grained model, :mod:`boltzgen.flows.coarse_grained`, needs it); None: not
+    known."""
 
     kind: ClassVar[str] = "vector"
     size: int
+    slow_dim: int | None = None
 
     def __post_init__(self) -> None:
         check_int("dim", self.size, minimum=1)
+        if self.slow_dim is not None:
+            check_int("slow_dim", self.slow_dim, minimum=1)
 
     @property
     def dim(self) -> int:
@@ -98,7 +104,8 @@ class VectorLayout(Layout):
 
     @property
     def description(self) -> str:
-        return f"a vector in R^{self.size}"
+        slow = "" if self.slow_dim is None else f" ({self.slow_dim} slow variables first)"
+        return f"a vector in R^{self.size}{slow}"
 
 
 @lru_cache(maxsize=32)

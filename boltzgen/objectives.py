@@ -21,6 +21,7 @@ that does not require grad; :func:`boltzgen.training.train_flow` skips such step
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -109,6 +110,7 @@ class Objective:
 
     trains_on_target_data: ClassVar[bool] = False
     uses_coupling: ClassVar[bool] = False  # reads training.coupling / sigma_min (flow matching)
+    uses_tempering: ClassVar[bool] = False  # reads training.tempering (adaptive tempering)
 
     @classmethod
     def from_settings(cls, training: TrainingSettings) -> Objective:
@@ -124,6 +126,28 @@ class Objective:
              u_a: EnergyFn, u_b: EnergyFn, sample_a: Callable[[int], torch.Tensor] | None,
              data_b: torch.Tensor | Any | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def learning_rate(self, step: int, steps: int, lr0: float, lr_end: float) -> float:
+        """Step ``step``'s learning rate: by default the cosine decay from lr0 to lr_end over
+        the phase's ``steps`` (:mod:`boltzgen.training`)."""
+        return lr_end + 0.5 * (lr0 - lr_end) * (1.0 + math.cos(math.pi * step / steps))
+
+    def finished(self) -> bool:
+        """True when the phase is done before its ``steps`` are spent (an annealing schedule
+        that has reached its end); never, by default."""
+        return False
+
+    def check_budget(self, steps: int) -> None:
+        """Called when the phase has spent all its ``steps``: raise if that leaves the
+        objective short of its goal (nothing to check by default)."""
+
+    def series(self) -> dict[str, list[float]]:
+        """Named values over the phase (recorded as MLflow series); none by default."""
+        return {}
+
+    def summary(self) -> dict[str, float]:
+        """Numbers that sum up the phase (recorded as metrics); none by default."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -194,6 +218,7 @@ class MaximumLikelihood(Objective):
         return maximum_likelihood_loss(flow, data_b[idx.to(data_b.device)], u_a)
 
 
-# Flow matching registers itself in OBJECTIVES; import it so that the registry is complete
-# whatever is imported first.
+# Flow matching and adaptive tempering register themselves in OBJECTIVES; import them so that
+# the registry is complete whatever is imported first.
 import boltzgen.flow_matching  # noqa: E402, F401
+import boltzgen.tempering  # noqa: E402, F401

@@ -203,3 +203,26 @@ def energy_histograms(energies: dict[str, np.ndarray], weights: dict[str, np.nda
     ax.set_title(title)
     ax.legend(fontsize="x-small")
     return fig
+
+
+def tempering_schedule(series: dict[str, list[float]]) -> Figure:
+    """The adaptive tempering schedule (:mod:`boltzgen.tempering`): β after each accepted step
+    against the optimizer step at which it was taken (log scale), and the KL estimate at the
+    old β with its increase at the new one (nats)."""
+    fig = _new_figure(9.0, 3.4)
+    steps = np.asarray(series["tempering_at_step"])
+    ax = fig.add_subplot(1, 2, 1)
+    ax.step(steps, series["tempering_beta"], where="post", marker="o", markersize=3)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("β (inverse temperature / 1/kT)")
+    ax.set_title(f"β schedule: {len(steps)} steps to β = {series['tempering_beta'][-1]:.3g}")
+    ax = fig.add_subplot(1, 2, 2)
+    ax.plot(steps, series["tempering_kl_estimate_nats"], marker="o", markersize=3,
+            label="KL̂(q ‖ p_β) at the old β")
+    ax.plot(steps, series["tempering_kl_increase_nats"], marker="s", markersize=3,
+            label="increase at the new β")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("nats")
+    ax.legend(fontsize=7)
+    return fig

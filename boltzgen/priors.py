@@ -15,6 +15,8 @@ so the base state of a free-energy job built on a prior has f_A = −ln 1 = 0
 - ``uniform``: the normalized uniform measure on a rigid-body layout's coordinates (positions
   uniform in the periodic box, orientations uniform on S³, i.e. Haar on SO(3)), log p(x) = 0;
   pinned positions are at the origin and pinned orientations at the identity;
+- ``slow_fast``: the latent space of the coarse-grained model
+  (:mod:`boltzgen.flows.coarse_grained`): uniform on [−B, B]^k × N(0, I_{dim−k});
 - ``internal_coordinates``: the latent space of a molecule's internal-coordinate flow
   (:mod:`boltzgen.flows.internal`), 3n − 6 numbers for n atoms: N(0, I) on the first 2n − 3
   (normalised bonds and angles) times the uniform density on [−π, π)^{n−3} (torsions),
@@ -38,7 +40,8 @@ from boltzgen.registry import Registry
 from boltzgen.rigid.bodies import RigidLayout
 from boltzgen.rigid.quaternions import random_unit_quaternions
 
-__all__ = ["PRIORS", "GaussianPrior", "InternalCoordinatePrior", "Prior", "UniformRigidPrior",
+__all__ = ["PRIORS", "GaussianPrior", "InternalCoordinatePrior", "Prior", "SlowFastPrior",
+           "UniformRigidPrior",
            "default_prior", "prior_from_dict"]
 
 
@@ -199,6 +202,50 @@ class InternalCoordinatePrior(Prior):
         inside = ((torsions >= -math.pi) & (torsions < math.pi)).all(-1)
         log_p = -0.5 * (u**2).sum(-1) - self._log_norm
         return torch.where(inside, log_p, torch.full_like(log_p, -math.inf))
+
+
+@PRIORS.register("slow_fast")
+class SlowFastPrior(Prior):
+    """Uniform on [−B, B]^k (the slow latent variables) × N(0, I_{dim−k}) (the fast ones), the
+    latent space of the coarse-grained model (:mod:`boltzgen.flows.coarse_grained`):
+
+        log p(u, ε) = −k ln 2B − |ε|² / 2 − ((dim − k)/2) ln 2π   inside the box, −inf outside.
+    """
+
+    kind = "slow_fast"
+
+    def __init__(self, layout: Layout | int, slow_dim: int = 1, bound: float = 1.0) -> None:
+        super().__init__(layout)
+        self.slow_dim = check_int("slow_dim", slow_dim, minimum=1)
+        if self.slow_dim >= self.dim:
+            raise ValueError(f"slow_dim: {slow_dim!r} is not allowed; must be below the "
+                             f"dimension {self.dim} (at least one fast variable)")
+        self.bound = check_float("bound", bound, positive=True)
+        self._log_norm = (self.slow_dim * math.log(2.0 * self.bound)
+                          + 0.5 * (self.dim - self.slow_dim) * math.log(2.0 * math.pi))
+
+    def extra_repr(self) -> str:
+        return f"slow_dim={self.slow_dim}, bound={self.bound}"
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One ``torch.rand`` (n, k) mapped to [−B, B), then one ``torch.randn`` (n, dim − k)."""
+        n = check_int("n", n, minimum=1)
+        device = _device(generator)
+        uniform = torch.rand((n, self.slow_dim), generator=generator, dtype=torch.float64,
+                             device=device)
+        normal = torch.randn((n, self.dim - self.slow_dim), generator=generator,
+                             dtype=torch.float64, device=device)
+        return torch.cat([self.bound * (2.0 * uniform - 1.0), normal], dim=-1)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        slow, fast = x[..., : self.slow_dim], x[..., self.slow_dim :]
+        inside = (slow.abs() <= self.bound).all(-1)
+        log_p = -0.5 * (fast**2).sum(-1) - self._log_norm
+        return torch.where(inside, log_p, torch.full_like(log_p, -math.inf))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "slow_dim": self.slow_dim, "bound": self.bound}
 
 
 def default_prior(layout: Layout) -> Prior:

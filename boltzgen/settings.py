@@ -255,6 +255,34 @@ class FlowSettings(BaseModel):
         return dict(self.model_extra or {})
 
 
+def _unit_interval(value: float) -> float:
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise ValueError("must be a number in (0, 1]")
+    return value
+
+
+class TemperingSettings(Strict):
+    """The adaptive tempering schedule of objective ``adaptive_tempering``
+    (:mod:`boltzgen.tempering`; Stupp & Koutsourelakis 2025)."""
+
+    beta0: Annotated[Number, AfterValidator(_unit_interval)] = Field(
+        default=1e-2, description="first inverse temperature, in (0, 1] (paper: 1e-2 double "
+        "well, 1e-3 Gaussian mixture, 1e-4 alanine dipeptide)")
+    delta: PositiveFloat = Field(
+        default=0.15, description="largest accepted increase of the importance-weighted KL "
+        "estimate at the next beta, nats (paper: 0.1-0.2)")
+    shrink: Fraction = Field(default=0.6, description="factor a rejected step of beta is "
+                             "multiplied by, in (0, 1)")
+    steps_per_level: PositiveInt = Field(default=200, description="optimizer steps at each "
+                                         "beta before the next step is chosen")
+    final_steps: PositiveInt = Field(default=400, description="steps of reverse KL at beta = 1 "
+                                     "once the schedule has reached it (cosine learning rate)")
+    check_samples: PositiveInt = Field(default=2048, description="model samples of the KL "
+                                       "estimate that chooses each step (energy evaluations)")
+    min_step: PositiveFloat = Field(default=1e-6, description="a step of beta shrunk below "
+                                    "this fails the job (the schedule cannot advance)")
+
+
 class TrainingSettings(Strict):
     """How the flow is fitted (``objective``: a registered objective,
     :data:`boltzgen.objectives.OBJECTIVES`)."""
@@ -278,8 +306,11 @@ class TrainingSettings(Strict):
     sigma_min: NonNegativeFloat | None = Field(
         default=None, description="flow_matching only: the width of the Gaussian around the "
         "straight path, x_t = (1 - t) x0 + t x1 + sigma_min eps (default 0)")
+    tempering: TemperingSettings | None = Field(
+        default=None, description="adaptive_tempering only: the schedule of beta (defaults "
+        "as in TemperingSettings)")
     _left_out_when_unset = ("warm_start_steps", "symmetry_augmentation", "coupling",
-                            "sigma_min")
+                            "sigma_min", "tempering")
 
 
 class SamplingSettings(Strict):
@@ -378,6 +409,9 @@ def cross_section_complaints(job: JobSettings, system: System) -> Iterator[Setti
             yield SettingError(f"training.{name}", value, "it pairs prior and data samples "
                                "for flow matching; leave it out for objective "
                                f"'{job.training.objective}'")
+    if job.training.tempering is not None and not objective.uses_tempering:
+        yield SettingError("training.tempering", "set", "it is the schedule of objective "
+                           f"'adaptive_tempering'; leave it out for '{job.training.objective}'")
     if job.training.symmetry_augmentation and not system.supports_symmetry_images():
         yield SettingError("training.symmetry_augmentation", True, f"system '{system.kind}' "
                            "has no known symmetry operations; allowed for systems "

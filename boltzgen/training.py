@@ -31,6 +31,10 @@ class TrainingResult:
     losses: list[float]
     seconds: float
     n_skipped: int = 0  # steps skipped because the loss or the gradient norm was not finite
+    # What the objective recorded over the run (an annealing schedule): Objective.series and
+    # Objective.summary.
+    series: dict[str, list[float]] = field(default_factory=dict)
+    summary: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -47,10 +51,6 @@ class TrainingState:
     # What a changing objective (an annealed temperature) needs to go on (a state saved
     # before objectives had one lacks it: read with getattr).
     objective: dict[str, Any] = field(default_factory=dict)
-
-
-def _cosine_lr(step: int, steps: int, lr0: float, lr_end: float) -> float:
-    return lr_end + 0.5 * (lr0 - lr_end) * (1.0 + math.cos(math.pi * step / steps))
 
 
 def train_flow(
@@ -122,8 +122,13 @@ def train_flow(
                                         list(losses), n_skipped, chosen.state_dict()))
 
     for step in range(first, steps):
+        if chosen.finished():  # an annealing schedule at its end: the phase is done
+            if on_checkpoint is not None and checkpoint_every > 0 and step % checkpoint_every:
+                on_checkpoint(TrainingState(step, optimizer.state_dict(), gen.get_state(),
+                                            list(losses), n_skipped, chosen.state_dict()))
+            break
         for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, steps, lr0, lr_end)
+            group["lr"] = chosen.learning_rate(step, steps, lr0, lr_end)
         loss = chosen.loss(flow, step, batch_size, gen, u_a, u_b, sample_a, data_b)
         value = float(loss.detach())
         losses.append(value)
@@ -143,5 +148,9 @@ def train_flow(
             continue
         optimizer.step()
         checkpoint(step + 1)
+    else:
+        if not chosen.finished():
+            chosen.check_budget(steps)
     flow.train(was_training)
-    return TrainingResult(losses=losses, seconds=time.perf_counter() - start, n_skipped=n_skipped)
+    return TrainingResult(losses=losses, seconds=time.perf_counter() - start, n_skipped=n_skipped,
+                          series=chosen.series(), summary=chosen.summary())

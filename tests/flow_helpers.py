@@ -17,6 +17,8 @@ SMALL = {
     "affine_coupling": {"n_layers": 4, "hidden": 16, "n_hidden_layers": 2, "scale_clamp": 2.0},
     "spline_coupling": {"n_layers": 4, "hidden": 16, "n_hidden_layers": 2, "n_bins": 6,
                         "tail_bound": 3.0},
+    "coarse_grained": {"n_layers": 2, "hidden": 8, "n_hidden_layers": 2, "n_bins": 5,
+                       "bound": 3.0},
 }
 # Standard deviation of the random parameters. The spline's conditioner outputs go through a
 # softmax: at 0.4 some bins get slopes h/w ~ 1e-3 and a 6-D flow log|det| down to -55, whose
@@ -24,7 +26,8 @@ SMALL = {
 # bins of very unequal size, knot derivatives well away from 1 and log|det| of O(±10) (checked
 # in tests/test_science_flows.py::test_randomized_splines_use_bins_and_tails).
 RANDOM_SCALE = {"affine_coupling": 0.4, "spline_coupling": 0.25, "internal_coordinates": 0.25,
-                "egnn_cnf": 0.3, "hollow_cnf": 0.3, "mlp_cnf": 0.3}
+                "egnn_cnf": 0.3, "hollow_cnf": 0.3, "mlp_cnf": 0.3,
+                "coarse_grained": 0.25}
 IC_SMALL = {"n_layers": 2, "hidden": 12, "n_hidden_layers": 2, "n_bins": 5}
 BOX = PeriodicBox((0.9, 0.78, 0.73))
 WITH_BOX = RigidLayout(3, BOX, pinned_positions=(0,), pinned_orientations=(0,))

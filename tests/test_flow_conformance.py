@@ -33,7 +33,12 @@ import torch
 from boltzgen.flows import FLOWS, Flow, build_flow
 from boltzgen.internal_coordinates import ZMatrix
 from boltzgen.layouts import LAYOUTS, Layout, MoleculeLayout, ParticleLayout, VectorLayout
-from boltzgen.priors import GaussianPrior, InternalCoordinatePrior, UniformRigidPrior
+from boltzgen.priors import (
+    GaussianPrior,
+    InternalCoordinatePrior,
+    SlowFastPrior,
+    UniformRigidPrior,
+)
 from boltzgen.rigid.bodies import RigidLayout
 from boltzgen.rigid.quaternions import tangent_basis
 from tests.flow_helpers import (
@@ -53,7 +58,7 @@ from tests.flow_helpers import (
 # y_k + h_k ξ with ξ = (x - x_k) / w_k and h_k = w_k, exact only up to a few ulps.
 # A CNF starts with a zero field; the solver's interpolation to t = 1 rounds (a few ulps).
 IDENTITY_ATOL = {"affine_coupling": 0.0, "spline_coupling": 1e-13, "egnn_cnf": 1e-13,
-                 "hollow_cnf": 1e-13, "mlp_cnf": 1e-13}
+                 "hollow_cnf": 1e-13, "mlp_cnf": 1e-13, "coarse_grained": 1e-13}
 RIGID_SMALL = {"channels": 8, "heads": 2}
 CNF_SMALL = {"hidden": 8, "n_layers": 2, "atol": 1e-9, "rtol": 1e-9}
 CONTINUOUS_ATOL = 1e-6  # round trip and log-det of a CNF: the solver's tolerance, not ulps
@@ -153,6 +158,11 @@ def _euclidean_cases() -> dict[str, Case]:
     cases["egnn_cnf-particles"] = Case("egnn_cnf", ParticleLayout(4, 2, True), CNF_SMALL)
     cases["hollow_cnf-particles"] = Case("hollow_cnf", ParticleLayout(5, 3, True), CNF_SMALL)
     cases["mlp_cnf-vector3"] = Case("mlp_cnf", VectorLayout(3), CNF_SMALL)
+    # The coarse-grained latent model: one slow variable (a free spline), and two (couplings).
+    cases["coarse_grained-slow1"] = Case("coarse_grained", VectorLayout(3, slow_dim=1),
+                                         SMALL["coarse_grained"])
+    cases["coarse_grained-slow2"] = Case("coarse_grained", VectorLayout(4, slow_dim=2),
+                                         SMALL["coarse_grained"])
     return cases
 
 
@@ -197,7 +207,9 @@ def test_every_flow_kind_and_layout_kind_has_a_case() -> None:
     for case in CASES.values():
         flow = case.fresh()
         assert flow.latent_dim == case.latent_dim and flow.prior.dim == case.latent_dim
-        assert flow.owns_prior == (case.latent_dim != case.layout.dim)
+        # A latent space of another size is always the flow's own (the coarse-grained model
+        # owns a prior of the layout's size).
+        assert flow.owns_prior or case.latent_dim == case.layout.dim
 
 
 # -- maps and log-dets ----------------------------------------------------------------------
@@ -362,14 +374,15 @@ def test_context_none_is_accepted_and_a_context_refused(key: str) -> None:
 @pytest.mark.parametrize("key", list(CASES))
 def test_prior_and_sample_and_log_prob(key: str) -> None:
     """The flow owns its prior (Gaussian N(0, I) on Euclidean layouts, uniform on rigid
-    ones, N(0, I) × uniform torsions on internal coordinates); ``sample_and_log_prob`` pushes
+    ones, N(0, I) × uniform torsions on internal coordinates, uniform slow × N(0, I) fast
+    variables for the coarse-grained model); ``sample_and_log_prob`` pushes
     the prior's draws (same generator, same numbers) forward with log q = log p(x) − log|det J|,
     which ``log_prob`` of the samples reproduces; under ``sampling_context`` nothing needs
     grad."""
     case = CASES[key]
     flow = case.flow()
     expected = (InternalCoordinatePrior if case.internal else UniformRigidPrior if case.rigid
-                else GaussianPrior)
+                else SlowFastPrior if case.kind == "coarse_grained" else GaussianPrior)
     assert isinstance(flow.prior, expected) and flow.prior.dim == case.latent_dim
     assert flow.prior in list(flow.modules()) and not list(flow.prior.state_dict())
     # A continuous flow differentiates inside its map (the exact divergence).

@@ -14,6 +14,7 @@ from boltzgen.systems import (
     DW4,
     SYSTEMS,
     DoubleWell2D,
+    GaussianMixture,
     IceXI,
     LennardJonesCluster,
     PeptideSystem,
@@ -117,7 +118,8 @@ def test_dw4_invariances_and_value() -> None:
 def test_registry_and_errors() -> None:
     assert SYSTEMS == {"double_well": DoubleWell2D, "dw4": DW4,
                        "tetrahedron_field": TetrahedronInField, "ice_xi": IceXI,
-                       "peptide": PeptideSystem, "lj": LennardJonesCluster}
+                       "peptide": PeptideSystem, "lj": LennardJonesCluster,
+                       "gaussian_mixture": GaussianMixture}
     assert system_parameter_names("double_well") == ["a", "b", "c"]
     assert system_parameter_names("dw4") == ["b", "c", "d0"]
     system = make_system({"kind": "dw4", "d0": 3.0})
@@ -167,7 +169,7 @@ def test_registry_class() -> None:
     with pytest.raises(ValueError, match="B.kind is 'b'"):
         things.register("c")(B)
     assert isinstance(SYSTEMS, Registry) and SYSTEMS.names() == [
-        "double_well", "dw4", "tetrahedron_field", "ice_xi", "peptide", "lj"]
+        "double_well", "dw4", "tetrahedron_field", "ice_xi", "peptide", "lj", "gaussian_mixture"]
 
 
 def test_base_states() -> None:

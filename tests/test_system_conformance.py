@@ -1,8 +1,9 @@
 """One conformance suite over every registered system (:data:`boltzgen.systems.SYSTEMS`).
 
 Each case gives a system at its defaults and a few reference samples of its Boltzmann
-distribution from what the system offers: its exact sampler (tetrahedron), a tiny Metropolis run
-(double well, DW4; the LJ cluster from a perturbed lattice), or its ideal structure slightly
+distribution from what the system offers: its exact sampler (tetrahedron, Gaussian mixture), a
+tiny Metropolis run (double well, DW4; the LJ cluster from a perturbed lattice), or its ideal
+structure slightly
 perturbed (ice XI, whose thermal samples need MD). A meta-test fails when a registered system
 has no case here.
 
@@ -91,6 +92,7 @@ CASES: dict[str, tuple[dict, float, Callable[[System, float, int], np.ndarray]]]
     "ice_xi": ({"kind": "ice_xi", "molecules": 16}, 100.0, _perturbed_ideal),
     "peptide": ({"kind": "peptide", "sequence": "ACE-ALA-NME"}, 300.0, _perturbed_molecule),
     "lj": ({"kind": "lj"}, 1.0, _mcmc_cluster),
+    "gaussian_mixture": ({"kind": "gaussian_mixture"}, 1.0, _exact),
 }
 
 

@@ -15,7 +15,10 @@ double cover, :mod:`boltzgen.flows.rotation_baseline`). For a molecule with bond
 :mod:`boltzgen.flows.internal`; it owns its prior on the 3n − 6 internal coordinates).
 Continuous flows (:mod:`boltzgen.flows.cnf`, trained by flow matching or likelihood):
 ``egnn_cnf`` and ``hollow_cnf`` (equivariant fields, centre-of-mass-free particles) and
-``mlp_cnf`` (the non-equivariant baseline, any Euclidean layout). A new
+``mlp_cnf`` (the non-equivariant baseline, any Euclidean layout). For data-free training
+(Stupp & Koutsourelakis 2025): ``coarse_grained``, slow variables with a spline density, fast
+ones Gaussian given them and a learnable linear map to the coordinates
+(:mod:`boltzgen.flows.coarse_grained`; systems that declare slow variables). A new
 kind: a :class:`Flow` subclass and one ``FLOWS.register(kind)(cls)`` line here (and a case in
 tests/test_flow_conformance.py).
 """
@@ -26,6 +29,7 @@ import inspect
 from collections.abc import Mapping
 
 from boltzgen.flows.cnf import MLPCNF, ContinuousFlow, EquivariantCNF, HollowCNF
+from boltzgen.flows.coarse_grained import CoarseGrainedFlow
 from boltzgen.flows.contract import FLOWS, Flow
 from boltzgen.flows.coupling import AffineCouplingFlow
 from boltzgen.flows.internal import InternalCoordinateFlow
@@ -43,6 +47,7 @@ FLOWS.register("internal_coordinates")(InternalCoordinateFlow)
 FLOWS.register("egnn_cnf")(EquivariantCNF)
 FLOWS.register("hollow_cnf")(HollowCNF)
 FLOWS.register("mlp_cnf")(MLPCNF)
+FLOWS.register("coarse_grained")(CoarseGrainedFlow)
 
 FLOW_KINDS: list[str] = FLOWS.names()
 RIGID_FLOW_KINDS: list[str] = [k for k, c in FLOWS.items() if c.accepts_layout(RigidLayout(1))]
@@ -55,6 +60,7 @@ __all__ = [
     "FLOW_KINDS",
     "RIGID_FLOW_KINDS",
     "AffineCouplingFlow",
+    "CoarseGrainedFlow",
     "ContinuousFlow",
     "EquivariantCNF",
     "HollowCNF",

@@ -135,21 +135,11 @@ class CouplingFlow(Flow):
             blocks.append(make_coupling(conditioning_indices(dim, layer)))
         self.blocks = nn.ModuleList(blocks)
 
-    def _check_input(self, name: str, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x)}")
-        if x.ndim < 1 or x.shape[-1] != self.dim:
-            raise ValueError(
-                f"{name}: shape {tuple(x.shape)} is not allowed; need (..., {self.dim})"
-            )
-        if x.dtype != torch.float64:
-            raise TypeError(f"{name}: dtype {x.dtype} is not allowed; the flow is float64")
-
     def _run(self, x: torch.Tensor, name: str, inverse: bool
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward: the blocks in order; inverse: their inverses in reverse order; the log-dets
         summed (log|det dy/dx| forward, log|det dx/dy| = -log|det J_T(T^-1 y)| inverse)."""
-        self._check_input(name, x)
+        self._check_euclidean_input(name, x)
         logdet = x.new_zeros(x.shape[:-1])
         for block in (reversed(self.blocks) if inverse else self.blocks):
             x, ld = block.inverse(x) if inverse else block(x)

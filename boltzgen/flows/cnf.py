@@ -148,13 +148,7 @@ class ContinuousFlow(Flow):
 
     def _run(self, x: torch.Tensor, name: str, inverse: bool
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x)}")
-        if x.ndim < 1 or x.shape[-1] != self.dim:
-            raise ValueError(f"{name}: shape {tuple(x.shape)} is not allowed; need (..., "
-                             f"{self.dim})")
-        if x.dtype != torch.float64:
-            raise TypeError(f"{name}: dtype {x.dtype} is not allowed; the flow is float64")
+        self._check_euclidean_input(name, x)
         batch = x.shape[:-1]
         outs, logdets = [], []
         for chunk in torch.split(x.reshape(-1, self.dim), self.chunk_size):

@@ -111,6 +111,17 @@ class Flow(nn.Module):
              ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def _check_euclidean_input(self, name: str, x: torch.Tensor) -> None:
+        """Refuse what is not a float64 tensor of shape (..., dim) (TypeError / ValueError
+        naming ``name``): the input check of every flow on R^dim."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x)}")
+        if x.ndim < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"{name}: shape {tuple(x.shape)} is not allowed; need (..., "
+                             f"{self.dim})")
+        if x.dtype != torch.float64:
+            raise TypeError(f"{name}: dtype {x.dtype} is not allowed; the flow is float64")
+
     def _check_context(self, context: Any) -> None:
         if context is not None and not self.takes_context:
             raise ValueError(f"context: {type(self).__name__} takes no context; pass None "

@@ -159,7 +159,11 @@ def _backward_metrics(problem: Problem, reference: ReferenceData, samples: Sampl
         u_a_back = samples.u_a_pulled_back
         if len(u_a_back):  # none in a data-free job
             # −log q(y) = u_A(T⁻¹ y) − log|det J_T⁻¹(y)| for a normalized base.
-            metrics["nll"] = float(np.mean(u_a_back - samples.logdet_inverse))
+            terms = u_a_back - samples.logdet_inverse
+            metrics["nll"] = float(np.mean(terms))
+            # A flow with a bounded latent (the coarse-grained model's box) gives zero density
+            # outside its support: nll is then +inf, and this says for how many samples.
+            metrics["nll_outside_support_fraction"] = float(np.mean(np.isposinf(terms)))
     else:
         u_a_back = potentials["pulled_back"] / (
             problem.system.boltzmann_constant * problem.base.temperature

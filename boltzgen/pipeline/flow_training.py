@@ -8,7 +8,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,11 @@ class TrainedFlow:
     resumed_from_step: int = 0  # optimizer steps (all phases) taken from a progress checkpoint
     steps_run: int = 0  # optimizer steps this call computed
     energy_chunks_resent: int = 0  # energy chunks evaluated again after their evaluator died
+    # What the objectives recorded (adaptive tempering: the schedule of beta per accepted step,
+    # and the beta reached): MLflow series and metrics.
+    series: dict[str, list[float]] = field(default_factory=dict)
+    summary: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: float = math.nan  # CPU time of the training process (all threads), this call
 
 
 PROGRESS_FILE = "progress.pt"
@@ -78,7 +83,7 @@ def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData,
     """
     job = JobSettings.of(settings)
     check_injected_failure(job, "train")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     problem = Problem.from_settings(job)
     seed = stage_seed(job, "train")
     torch.manual_seed(seed)
@@ -105,12 +110,15 @@ def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData,
     phases = OBJECTIVES.get(training.objective).phases(training)
     checkpoint_every = checkpoint_every if progress.path is not None else 0
     losses: list[float] = []
+    series: dict[str, list[float]] = {}
+    summary: dict[str, float] = {}
     skipped = first_phase = resumed = 0
     if saved is not None:
         flow.load_state_dict(saved["flow"])
         generator.set_state(saved["generator"])
         losses, skipped, first_phase = saved["losses"], saved["skipped"], saved["phase"]
         energies.evaluations = saved["evaluations"]
+        series, summary = saved.get("series", {}), saved.get("summary", {})
         resumed = len(losses) + saved["state"].step
     steps_due = sum(steps for _, steps in phases)
     for index in range(first_phase, len(phases)):
@@ -123,10 +131,12 @@ def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData,
                 on_step(offset + step, steps_due, loss)
 
         def save(state: TrainingState, index: int = index,
-                 done_before: tuple[list[float], int] = done_before) -> None:
+                 done_before: tuple[list[float], int] = done_before,
+                 recorded: tuple[dict, dict] = (dict(series), dict(summary))) -> None:
             progress.save({"phase": index, "state": state, "flow": flow.state_dict(),
                            "generator": generator.get_state(), "losses": done_before[0],
-                           "skipped": done_before[1], "evaluations": energies.evaluations})
+                           "skipped": done_before[1], "evaluations": energies.evaluations,
+                           "series": recorded[0], "summary": recorded[1]})
 
         result = train_flow(
             flow, OBJECTIVES.get(objective).from_settings(training), steps,
@@ -139,11 +149,15 @@ def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData,
         )
         losses += result.losses
         skipped += result.n_skipped
+        series.update(result.series)
+        summary.update(result.summary)
     checkpoint = _checkpoint_bytes(flow, job, problem)
     path = _save_checkpoint(checkpoint, checkpoint_dir) if checkpoint_dir else None
     n_parameters = sum(p.numel() for p in flow.parameters() if p.requires_grad)
     return TrainedFlow(checkpoint, losses, time.perf_counter() - start, skipped,
-                       n_parameters, energies.evaluations, path, resumed, len(losses) - resumed)
+                       n_parameters, energies.evaluations, path, resumed, len(losses) - resumed,
+                       series=series, summary=summary,
+                       cpu_seconds=time.process_time() - cpu_start)
 
 
 class _TrainingEnergies:

@@ -12,6 +12,7 @@ them starts from them.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -204,6 +205,10 @@ def job_outcome(reference: Any, trained: Any, samples: Any, report: Any) -> JobO
     metrics["energy_evaluations_train"] = trained.energy_evaluations
     metrics["energy_evaluations_estimate"] = estimate_evaluations
     metrics["energy_evaluations"] = trained.energy_evaluations + estimate_evaluations
+    # CPU-seconds of the trainer's process (all its threads; energies computed by evaluator
+    # actors elsewhere are not in it): the cost of data-free training beside MD's.
+    metrics["time_train_cpu_seconds"] = getattr(trained, "cpu_seconds", math.nan)
+    metrics.update(getattr(trained, "summary", {}))  # e.g. the beta a tempering schedule reached
     params = {
         **report.notes,
         "reference_ladder": ",".join(f"{t:.6g}" for t in reference.ladder),
@@ -211,12 +216,17 @@ def job_outcome(reference: Any, trained: Any, samples: Any, report: Any) -> JobO
     }
     blobs = {"checkpoint/flow.pt": trained.checkpoint}
     if report.works:
-        import io
-
         buffer = io.BytesIO()
         np.savez(buffer, **report.works)
         blobs["works.npz"] = buffer.getvalue()
-    return JobOutcome(metrics=metrics, params=params, series={"train_loss": trained.losses},
+    series = {"train_loss": trained.losses, **getattr(trained, "series", {})}
+    if series.get("tempering_beta"):
+        from boltzgen.plots import tempering_schedule
+
+        buffer = io.BytesIO()
+        tempering_schedule(series).savefig(buffer, format="png")
+        blobs["plots/tempering_schedule.png"] = buffer.getvalue()
+    return JobOutcome(metrics=metrics, params=params, series=series,
                       blobs=blobs, files={"plots": list(report.plots.values())})
 
 

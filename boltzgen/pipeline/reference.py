@@ -240,16 +240,27 @@ def exact_reference(job: JobSettings, problem: Problem) -> ReferenceData:
     )
 
 
-def data_free_reference(problem: Problem) -> ReferenceData:
-    """No target samples (a data-free job); the system's exact ΔF where it knows f(T)."""
-    empty = np.zeros((0, problem.system.dim))
-    f_target = problem.system.exact_free_energy(problem.temperature)
+def data_free_reference(job: JobSettings, problem: Problem) -> ReferenceData:
+    """No target samples for training (a data-free job); the system's exact ΔF where it knows
+    f(T), and, where the system has an exact sampler, ``reference.n_exact_samples`` held-out
+    samples of the target for evaluation only (NLL, marginals, energy histograms): training
+    never sees them (``target_train`` stays empty)."""
+    system = problem.system
+    empty = np.zeros((0, system.dim))
+    f_target = system.exact_free_energy(problem.temperature)
+    test, test_u, note = empty, np.zeros(0), "no samples (data-free)"
+    if system.supports_exact_sampling() and f_target is not None:
+        test, _ = system.exact_samples(job.reference.n_exact_samples, problem.temperature,
+                                       stage_seed(job, "reference"))
+        test_u = system.potential(float64_tensor(test)).detach().numpy()
+        note = ("no training samples (data-free); held-out samples by the system's exact "
+                "sampler for evaluation only")
     return ReferenceData(
-        target_train=empty, target_test=empty, target_test_potential=np.zeros(0),
+        target_train=empty, target_test=test, target_test_potential=test_u,
         base_train=None, base_test=None, base_test_potential=None,
         reference_delta_f=f_target, reference_delta_f_err=None if f_target is None else 0.0,
-        method="exact (system quadrature); no samples (data-free)" if f_target is not None
-        else "none; no samples (data-free)", ladder=[problem.temperature])
+        method=f"exact (system quadrature); {note}" if f_target is not None
+        else f"none; {note}", ladder=[problem.temperature])
 
 
 def md_protocol(job: JobSettings, temperature: float) -> MDProtocol:

@@ -156,10 +156,12 @@ class MolecularDynamics(ReferenceSampler):
 
 @REFERENCE_SAMPLERS.register("none")
 class NoReference(ReferenceSampler):
-    """No samples of the target: a data-free job, trained from the energy alone (reverse KL
-    from a base it can draw from). ΔF is still checked against the system's exact f(T) where
-    it knows one (:func:`reference.data_free_reference`); the estimates that need target
-    samples (NLL, LBAR, backward ESS) are left out."""
+    """No samples of the target for training: a data-free job, trained from the energy alone
+    (reverse KL, adaptive tempering, from a base it can draw from). ΔF is still checked against
+    the system's exact f(T) where it knows one, and where the system has an exact sampler its
+    held-out samples serve the evaluation only (:func:`reference.data_free_reference`);
+    otherwise the estimates that need target samples (NLL, LBAR, backward ESS) are left
+    out."""
 
     @classmethod
     def complaints(cls, job: JobSettings, system: System) -> Iterator[SettingError]:
@@ -176,7 +178,8 @@ class NoReference(ReferenceSampler):
                                f"target, and training.objective '{job.training.objective}'"
                                + (" with warm_start_steps" if job.training.warm_start_steps
                                   else "") + " trains on them; use an objective that needs "
-                               "only the energy (reverse_kl without warm_start_steps)")
+                               "only the energy (reverse_kl without warm_start_steps, "
+                               "adaptive_tempering)")
         yield from super().complaints(job, system)
 
     @classmethod
@@ -184,4 +187,4 @@ class NoReference(ReferenceSampler):
             ) -> ReferenceData:
         from boltzgen.pipeline.reference import data_free_reference
 
-        return data_free_reference(problem)
+        return data_free_reference(job, problem)

@@ -14,6 +14,7 @@ from boltzgen.registry import Registry
 from boltzgen.systems.base import System
 from boltzgen.systems.double_well import DoubleWell2D
 from boltzgen.systems.dw4 import DW4
+from boltzgen.systems.gaussian_mixture import GaussianMixture
 from boltzgen.systems.ice import IceXI
 from boltzgen.systems.lennard_jones import LennardJonesCluster
 from boltzgen.systems.particles import ParticleSystem
@@ -27,11 +28,13 @@ SYSTEMS.register("tetrahedron_field")(TetrahedronInField)
 SYSTEMS.register("ice_xi")(IceXI)
 SYSTEMS.register("peptide")(PeptideSystem)
 SYSTEMS.register("lj")(LennardJonesCluster)
+SYSTEMS.register("gaussian_mixture")(GaussianMixture)
 
 __all__ = [
     "DW4",
     "SYSTEMS",
     "DoubleWell2D",
+    "GaussianMixture",
     "IceXI",
     "LennardJonesCluster",
     "ParticleSystem",

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from boltzgen._checks import check_float
+from boltzgen.layouts import VectorLayout
 from boltzgen.systems.base import System
 
 # Relative accuracy requested for Z(T); the analytic tail bound is held well below it.
@@ -95,31 +96,80 @@ class DoubleWell2D(System):
         (same on the left).
         """
         t = check_float("temperature", temperature, positive=True)
+        value, v_min = self._x1_integrals(t)
+        return -math.log(sum(value)) + v_min / t - 0.5 * math.log(2.0 * math.pi * t)
+
+    def _critical_points(self) -> np.ndarray:
         roots = np.roots([4.0 * self.a, 0.0, 2.0 * self.b, self.c])
-        crit = np.sort(roots[np.abs(roots.imag) < 1e-9].real)
+        return np.sort(roots[np.abs(roots.imag) < 1e-9].real)
+
+    def _x1_integrals(self, t: float) -> tuple[list[float], float]:
+        """The shifted integrals of exp(-(V(x1) - V_min)/T) left and right of the barrier
+        (:meth:`barrier`; the whole line split at it) and V_min (see exact_free_energy)."""
+        crit = self._critical_points()
         v_min = float(np.min(self._v(crit)))
         inflection = math.sqrt(max(0.0, -self.b / (6.0 * self.a)))
         radius = max(float(np.max(np.abs(crit))), inflection) + 1.0
+        split = self.barrier()
         from scipy import integrate  # here: every actor process imports this module
 
         while True:
-            value, _ = integrate.quad(
-                lambda s: math.exp(-(self._v(s) - v_min) / t),
-                -radius,
-                radius,
-                points=list(crit),
-                epsabs=0.0,
-                epsrel=_REL_TOL,
-                limit=500,
-            )
+            parts = [integrate.quad(lambda s: math.exp(-(self._v(s) - v_min) / t), lo, hi,
+                                    points=[p for p in crit if lo < p < hi] or None,
+                                    epsabs=0.0, epsrel=_REL_TOL, limit=500)[0]
+                     for lo, hi in ((-radius, split), (split, radius))]
             tails = sum(
                 t * math.exp(-(self._v(r) - v_min) / t) / abs(self._dv(r))
                 for r in (-radius, radius)
             )
-            if tails <= 0.1 * _REL_TOL * value:
-                break
+            if tails <= 0.1 * _REL_TOL * sum(parts):
+                return parts, v_min
             radius *= 1.5
-        return -math.log(value) + v_min / t - 0.5 * math.log(2.0 * math.pi * t)
+
+    def exact_samples(self, n: int, temperature: float, seed: int) -> tuple[np.ndarray, int]:
+        """``n`` independent samples at T: x1 by rejection from the uniform density on [−R, R]
+        (accepted with probability exp(−(V(x1) − V_min)/T) ≤ 1; R as in exact_free_energy,
+        so the mass left out is below 1e-13), x2 ~ N(0, T); also the proposals used."""
+        t = check_float("temperature", temperature, positive=True)
+        crit = self._critical_points()
+        v_min = float(np.min(self._v(crit)))
+        radius = max(float(np.max(np.abs(crit))), math.sqrt(max(0.0, -self.b / (6 * self.a))))
+        radius += 1.0
+        while sum(t * math.exp(-(self._v(r) - v_min) / t) / abs(self._dv(r))
+                  for r in (-radius, radius)) > 1e-14:
+            radius *= 1.5
+        rng = np.random.default_rng(seed)
+        accepted: list[np.ndarray] = []
+        proposals = count = 0
+        while count < n:
+            x1 = rng.uniform(-radius, radius, size=max(1024, 4 * (n - count)))
+            keep = x1[rng.random(len(x1)) < np.exp(-(self._v(x1) - v_min) / t)]
+            proposals += len(x1)
+            accepted.append(keep)
+            count += len(keep)
+        x1 = np.concatenate(accepted)[:n]
+        return np.stack([x1, math.sqrt(t) * rng.standard_normal(n)], axis=1), proposals
+
+    def barrier(self) -> float:
+        """x1 of the barrier between the two wells (the local maximum of V), or of the one
+        minimum when V has a single well."""
+        crit = self._critical_points()
+        return float(crit[1]) if len(crit) == 3 else float(crit[0])
+
+    def exact_mode_probabilities(self, temperature: float) -> np.ndarray:
+        """P(x1 < barrier), P(x1 > barrier) at T by quadrature (the modes of :meth:`mode_index`)."""
+        t = check_float("temperature", temperature, positive=True)
+        parts, _ = self._x1_integrals(t)
+        return np.asarray(parts) / sum(parts)
+
+    def mode_index(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """0 for samples left of the barrier in x1, 1 right of it."""
+        arr = self._as_samples(x)
+        return (arr[:, 0] > self.barrier()).astype(np.int64)
+
+    def layout(self) -> VectorLayout:
+        """R^2 with x1, the coordinate of the two wells, as its one slow variable."""
+        return VectorLayout(2, slow_dim=1)
 
     def observables(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """{"x1": x[:, 0], "x2": x[:, 1]} for x of shape (N, 2)."""
