@@ -93,3 +93,46 @@ def test_tempered_coarse_grained_job_records_its_schedule_and_estimates_the_free
         ess ** 0.5), metrics
     assert metrics["energy_evaluations_train"] == (
         256 * metrics["train_steps_run"] + 1024 * levels)
+
+
+def test_bad_tempering_and_coarse_grained_settings_are_refused(workdir: Path) -> None:
+    """One line naming the field, the value and what is allowed; exit code 2."""
+    good = _data_free_spec()
+    good["base"] = {"kind": "normal", "scale": 1.0}
+    good["flow"] = {"kind": "coarse_grained"}
+    good["training"] = {"objective": "adaptive_tempering", "steps": 100,
+                        "tempering": {"beta0": 0.01, "steps_per_level": 10}}
+    assert CliRunner().invoke(app, ["validate", str(write_spec(workdir, good))]).exit_code == 0
+    cases = [
+        (("training", "tempering", "beta0", 0), "training.tempering.beta0: 0 is not allowed; "
+         "must be a number in (0, 1]"),
+        (("training", "tempering", "beta0", 1.5), "training.tempering.beta0: 1.5 is not "
+         "allowed; must be a number in (0, 1]"),
+        (("training", "tempering", "delta", 0), "training.tempering.delta: 0 is not allowed; "
+         "must be a finite number > 0"),
+        (("training", "tempering", "delta", -0.1), "training.tempering.delta: -0.1"),
+        (("training", "tempering", "shrink", 1.0), "training.tempering.shrink: 1.0 is not "
+         "allowed; must be a number strictly between 0 and 1"),
+        (("training", "tempering", "shrink", 0), "training.tempering.shrink: 0"),
+        (("training", "tempering", "steps_per_level", 500),
+         "training.tempering.steps_per_level: 500 is not allowed; must be at most "
+         "training.steps (100)"),
+        (("flow", "slow_dim", 2), "flow.slow_dim: 2 is not allowed; the system declares 1 slow "
+         "variable(s), so 1 .. 1"),
+        (("system", "kind", "dw4"), "flow.kind: 'coarse_grained' needs a system that declares "
+         "slow variables"),
+    ]
+    for (section, *path, value), message in cases:
+        data = copy.deepcopy(good)
+        target = data[section]
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        result = CliRunner().invoke(app, ["validate", str(write_spec(workdir, data))])
+        assert result.exit_code == 2, (message, result.output)
+        (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+        assert line.startswith(f"error: {message}"), line
+    data = copy.deepcopy(good)
+    data["training"] = {"objective": "reverse_kl", "tempering": {"beta0": 0.1}}
+    result = CliRunner().invoke(app, ["validate", str(write_spec(workdir, data))])
+    assert result.exit_code == 2 and "training.tempering: 'set' is not allowed" in result.stderr
