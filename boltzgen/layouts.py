@@ -104,7 +104,9 @@ class VectorLayout(Layout):
 
     @property
     def description(self) -> str:
-        slow = "" if self.slow_dim is None else f" ({self.slow_dim} slow variables first)"
+        plural = "" if self.slow_dim == 1 else "s"
+        slow = ("" if self.slow_dim is None
+                else f" ({self.slow_dim} slow variable{plural} first)")
         return f"a vector in R^{self.size}{slow}"
 
 

@@ -269,6 +269,7 @@ def compare(spec: SpecPath, tracking_uri: TrackingUri = None,
                   "value ± 1 sigma)")
     for _, name in columns:
         table.add_column(name, no_wrap=True, min_width=min(len(name), 16))
+    widths = [len(name) for _, name in columns]
     for row in rows:
         cells = []
         for i, _ in columns:
@@ -279,8 +280,10 @@ def compare(spec: SpecPath, tracking_uri: TrackingUri = None,
                 cells.append(_with_error(row[i], row[err]))
             else:
                 cells.append(_fmt(row[i]))
+        widths = [max(w, len(c)) for w, c in zip(widths, cells, strict=True)]
         table.add_row(*cells)
-    Console(width=max(280, Console().width)).print(table)
+    # Wide enough that no cell is cut (a cut value reads as another number).
+    Console(width=max(280, Console().width, sum(widths) + 3 * len(widths) + 1)).print(table)
 
 
 # Metrics the table shows (each with its ``_err`` in the same cell); an estimator's own name
@@ -290,14 +293,19 @@ TABLE_COLUMNS = ("atoms", "delta_f", "reference_delta_f", "delta_f_lfep", "delta
                  "delta_f_mbar_per_molecule", "delta_f_phi", "delta_f_phi_md",
                  "md_transitions_phi", "ess", "valid_fraction", "ess_backward", "nll",
                  "energy_w2", "energy_w2_capped", "distance_w1", "nfe", "path_length",
-                 "seconds_per_sample",
-                 "rdf_O_O_max_z", "rdf_O_H_max_z", "md_ns", "time_train", "energy_evaluations")
+                 "seconds_per_sample", "mode_weight_error", "mode_weight_error_reweighted",
+                 "tempering_beta_reached", "tempering_levels",
+                 "rdf_O_O_max_z", "rdf_O_H_max_z", "md_ns", "time_train",
+                 "time_train_cpu_seconds", "energy_evaluations")
 SHORT_NAMES = {"delta_f_phi": "dF_phi", "reference_delta_f": "ref_delta_f", "_per_molecule": "/mol",
                "delta_f_": "", "energy_evaluations": "n_energy", "target_temperature_k": "T (K)",
                "base_temperature_k": "T_base (K)", "molecules": "N", "rdf_": "g ",
                "_max_z": " z", "md_transitions_phi": "phi flips", "valid_fraction": "valid",
                "md_ns": "MD ns", "seconds_per_sample": "s/sample", "path_length": "path",
-               "distance_w1": "dist_W1", "energy_w2_capped": "E_W2cap", "energy_w2": "E_W2"}
+               "distance_w1": "dist_W1", "energy_w2_capped": "E_W2cap", "energy_w2": "E_W2",
+               "mode_weight_error_reweighted": "mode_err_rw", "mode_weight_error": "mode_err",
+               "tempering_beta_reached": "beta_end", "tempering_levels": "levels",
+               "time_train_cpu_seconds": "train_cpu_s"}
 
 
 def _system_cell(params: dict[str, Any]) -> str:

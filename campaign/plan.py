@@ -192,11 +192,12 @@ def make_plan(spec: CampaignSpec, *, cache: bool = True) -> Plan:
                 continue  # two blocks can name the same job; it runs once
             seen.add(job_id)
             # What tells the jobs apart: the axes of the block and, where blocks differ in a
-            # component (a flow, a base) or fix a path another block varies, the fixed value
-            # (the system has its own column).
+            # component (a flow, a base), in a registered choice (the objective) or fix a
+            # path another block varies, the fixed value (the system has its own column).
             varying = {k: v for k, v in overrides.items() if is_axis[k] or (
                 many_blocks and k != "system" and (
-                    k in varied_somewhere or (isinstance(v, dict) and "kind" in v)))}
+                    k in varied_somewhere or k in CHOICE_PATHS
+                    or (isinstance(v, dict) and "kind" in v)))}
             jobs.append(Job(job_id=job_id, config=config, grid_values=varying,
                             molecules=system.molecule_count))
     _check_top_level(spec, blocks, checks)
@@ -207,6 +208,10 @@ def make_plan(spec: CampaignSpec, *, cache: bool = True) -> Plan:
     )
     return Plan(spec=spec, jobs=jobs, spec_hash=spec_hash, resources=resources)
 
+
+CHOICE_PATHS = frozenset({"base.kind", "reference.sampler", "training.objective",
+                          "training.coupling", "energy.backend", "flow.kind"})
+"""Paths whose value names a registered class: a block that fixes one shows it in compare."""
 
 PlannedJob = tuple[dict[str, Any], JobConfig, str, System]
 """A job of a block: its grid values (path -> value), its configuration, the canonical JSON

@@ -29,8 +29,10 @@ KEY_METRICS = ("atoms", "delta_f", "delta_f_err", "reference_delta_f", "referenc
                "energy_above_reference_fraction", "distance_w1", "nfe", "path_length",
                "seconds_per_sample", "rdf_O_O_max_z", "rdf_O_O_max_z_noise95",
                "rdf_O_H_max_z", "rdf_O_H_max_z_noise95",
-               "mode_weight_error", "time_reference", "time_train", "time_sample", "time_energy",
-               "time_estimate", "md_ns", "energy_evaluations")
+               "mode_weight_error", "mode_weight_error_reweighted", "tempering_beta_reached",
+               "tempering_levels", "time_reference", "time_train", "time_sample", "time_energy",
+               "time_estimate", "time_train_cpu_seconds", "md_ns", "energy_evaluations",
+               "energy_evaluations_train")
 # Params that say what a job computes, shown next to the grid axes where a job records them.
 KEY_PARAMS = ("molecules", "base_temperature_k", "target_temperature_k")
 STATE_OF_STATUS = {FINISHED: "finished", RUNNING: "running", FAILED: "failed", KILLED: "failed"}

@@ -140,7 +140,7 @@ def test_top_level_settings_that_the_grid_replaces_are_checked(workdir: Path) ->
     assert result.exit_code == 2, result.output
     assert result.stderr.strip() == ("error: system.kind: 'nonsense' is not a known system; "
                                      "choose one of double_well, dw4, tetrahedron_field, ice_xi, "
-                                     "peptide, lj")
+                                     "peptide, lj, gaussian_mixture")
 
 
 def test_top_level_needs_to_be_valid_only_with_what_the_grid_adds() -> None:

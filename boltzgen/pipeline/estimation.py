@@ -260,10 +260,15 @@ def _named_free_energies(problem: Problem, reference: ReferenceData, metrics: di
     return out
 
 
+_MODES_LISTED = 8  # beyond this many modes (the tetrahedron's 24) only the errors are recorded
+
+
 def _mode_metrics(problem: Problem, mapped: np.ndarray, log_w: np.ndarray) -> dict[str, float]:
     """Largest absolute error of a mode's probability: flow samples as drawn (``mode_weight_error``)
     and importance-reweighted (``..._reweighted``), against the system's exact mode weights;
-    ``..._noise`` is the largest one-sigma sampling error sqrt(p(1 − p)/N) of an exact sampler."""
+    ``..._noise`` is the largest one-sigma sampling error sqrt(p(1 − p)/N) of an exact sampler;
+    and, for a system of at most 8 modes, every mode's weight,
+    ``mode_weight_{drawn,reweighted,exact}_<mode>``."""
     exact = problem.system.exact_mode_probabilities(problem.temperature)
     if exact is None or len(mapped) == 0:
         return {}
@@ -272,10 +277,15 @@ def _mode_metrics(problem: Problem, mapped: np.ndarray, log_w: np.ndarray) -> di
     weights = normalized_weights(log_w)
     reweighted = np.bincount(labels, weights=weights, minlength=len(exact)) / max(
         weights.sum(), 1e-300)
+    per_mode = {f"mode_weight_{kind}_{index}": float(value)
+                for kind, values in (("drawn", drawn), ("reweighted", reweighted),
+                                     ("exact", exact))
+                for index, value in enumerate(values)} if len(exact) <= _MODES_LISTED else {}
     return {
         "mode_weight_error": float(np.abs(drawn - exact).max()),
         "mode_weight_error_reweighted": float(np.abs(reweighted - exact).max()),
         "mode_weight_error_noise": float(np.sqrt(exact * (1 - exact) / len(labels)).max()),
+        **per_mode,  # each mode's weight: what a collapse onto some modes looks like
     }
 
 
