@@ -215,7 +215,7 @@ def tempering_schedule(series: dict[str, list[float]]) -> Figure:
     ax.step(steps, series["tempering_beta"], where="post", marker="o", markersize=3)
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("β (inverse temperature / 1/kT)")
+    ax.set_ylabel("β (multiplies the reduced energy u = U/kT)")
     ax.set_title(f"β schedule: {len(steps)} steps to β = {series['tempering_beta'][-1]:.3g}")
     ax = fig.add_subplot(1, 2, 2)
     ax.plot(steps, series["tempering_kl_estimate_nats"], marker="o", markersize=3,

@@ -31,6 +31,9 @@ def test_data_free_job_estimates_the_exact_free_energy() -> None:
     job = make_plan(parse_spec(_data_free_spec())).jobs[0]
     graph = pipeline.job_graph(job.config_dict, job.job_id, work_dir=None)
     assert not any(task.key.startswith("md-") for task in graph.tasks)
+    # Training waits for no reference: the exact samples drawn beside are for the evaluation.
+    (train,) = [task for task in graph.tasks if task.stage == "train"]
+    assert train.inputs == {}
     outcome = pipeline.run_job(graph)
     metrics = outcome.metrics
     # Target samples reach the evaluation only (NLL, LBAR): training had none.

@@ -58,7 +58,7 @@ class TrainedFlow:
 PROGRESS_FILE = "progress.pt"
 
 
-def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData,
+def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData | None,
           device: str = "cpu",
           checkpoint_dir: str | None = None, energy: EnergyFunction | None = None,
           checkpoint_every: int = 0,
@@ -94,12 +94,14 @@ def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData,
     energies = _TrainingEnergies(problem, flow, energy)
     sample_a = _base_batches(problem, flow, reference, generator, energies, augment, device)
     if (job.flow.parameters().get("thermal_scaling") and problem.base.temperature_ladder
-            and len(reference.base_train)):
+            and reference is not None and len(reference.base_train)):
         # A harmonic crystal's ensembles at T_A and T map onto each other by scaling every
         # displacement from the mean structure by sqrt(T / T_A) (ThermalScalingLayer).
         flow.fit_thermal_scaling(float64_tensor(reference.base_train).to(device),
                                  math.sqrt(problem.temperature / problem.base.temperature))
-    target_train = float64_tensor(reference.target_train).to(device)
+    # None: a data-free job's training, which waits for no reference (job_graph).
+    target_train = (float64_tensor(reference.target_train).to(device) if reference is not None
+                    else torch.zeros((0, problem.system.dim), dtype=torch.float64, device=device))
     progress = _Progress(job, checkpoint_dir if checkpoint_every > 0 else None)
     saved = progress.load()
     if (saved is None and len(target_train)
@@ -189,7 +191,7 @@ class _TrainingEnergies:
         return self.potential(y) / self.problem.kt
 
 
-def _base_batches(problem: Problem, flow: Flow, reference: ReferenceData,
+def _base_batches(problem: Problem, flow: Flow, reference: ReferenceData | None,
                   generator: torch.Generator, energies: _TrainingEnergies, augment: bool,
                   device: str) -> Callable[[int], torch.Tensor]:
     """Batches x ~ A: drawn by the flow's prior where the base has a density it samples
@@ -202,6 +204,7 @@ def _base_batches(problem: Problem, flow: Flow, reference: ReferenceData,
             return flow.prior.sample(n, generator).to(device)
 
         return from_prior
+    assert reference is not None  # job_graph gives training the reference of such a base
     frames = float64_tensor(reference.base_train)
     pool = SymmetryImages(problem.system, frames) if augment else frames
     pool_u = None if reference.base_train_potential is None else float64_tensor(

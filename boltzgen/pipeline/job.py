@@ -63,7 +63,9 @@ def job_graph(settings: JobSettings | Mapping[str, Any], job_id: str, work_dir: 
     checkpoints = None if work_dir is None else str(Path(work_dir) / "checkpoints" / job_id)
     train = TaskSpec(
         key=stage_key("train", config), role="trainer", stage="train",
-        function=f"{MODULE}:train_task", inputs={"reference": reference.key}, cache=True,
+        function=f"{MODULE}:train_task", cache=True,
+        # A data-free job trains beside its reference (used by the evaluation alone).
+        inputs={} if trains_without_reference(job) else {"reference": reference.key},
         args={"job": job, "checkpoint_dir": checkpoints,
               "checkpoint_every": checkpoint_every},
         energy_pool=ENERGY_BACKENDS.get(job.energy.backend).pooled_in_training,
@@ -90,6 +92,16 @@ def job_graph(settings: JobSettings | Mapping[str, Any], job_id: str, work_dir: 
                         "samples": sample.key, "report": estimate.key})
 
 
+def trains_without_reference(job: JobSettings) -> bool:
+    """Whether training needs nothing of the job's reference: an objective that trains on no
+    target samples, from a base the flow samples itself (a data-free job)."""
+    from boltzgen.bases import BASES
+    from boltzgen.objectives import OBJECTIVES
+
+    return (not OBJECTIVES.get(job.training.objective).needs_target_data(job.training)
+            and BASES.get(job.base.kind).samples_directly)
+
+
 def _md_label(protocol: Any) -> str:
     """"MD 300.0 K", or for replica exchange "MD 300.0 K (replica exchange to 600 K)"."""
     ladder = protocol.replica_temperatures
@@ -107,9 +119,10 @@ def reference_task(ctx: TaskContext, job: JobSettings, work_dir: str | None,
     return run_reference(job, work_dir, ctx.threads)
 
 
-def train_task(ctx: TaskContext, job: JobSettings, reference: Any,
-               checkpoint_dir: str | None, checkpoint_every: int) -> Any:
-    """Fit the flow; energies by ``ctx.energy`` where the executor gave the energy pool."""
+def train_task(ctx: TaskContext, job: JobSettings, checkpoint_dir: str | None,
+               checkpoint_every: int, reference: Any = None) -> Any:
+    """Fit the flow; energies by ``ctx.energy`` where the executor gave the energy pool
+    (``reference``: None for a data-free job, which trains without it)."""
     from boltzgen.pipeline.flow_training import train
 
     if job.inject_failure == "trainer_process_exit":
