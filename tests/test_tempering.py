@@ -6,6 +6,7 @@ run that ends as an uninterrupted one."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,3 +126,40 @@ def test_a_resumed_schedule_ends_as_an_uninterrupted_one() -> None:
     assert result.losses == losses
     for a, b in zip(flow.parameters(), flow_b.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_trainer_killed_mid_schedule_resumes_from_its_progress_checkpoint(
+        tmp_path: Path) -> None:
+    """The job's training (pipeline.train) with progress checkpoints every 20 steps, stopped
+    at step 70 (mid-schedule: beta between beta0 and 1), then run again on the same directory:
+    it resumes from step 60 and ends with the losses, the schedule and the flow of an
+    uninterrupted run."""
+    from boltzgen.pipeline.flow_training import train
+
+    job = {"seed": 3, "temperature": 1.0, "system": {"kind": "double_well"},
+           "base": {"kind": "normal", "scale": 1.0}, "reference": {"sampler": "none"},
+           "flow": {"kind": "coarse_grained", "n_layers": 2, "hidden": 16},
+           "training": {"objective": "adaptive_tempering", "steps": 600, "batch_size": 64,
+                        "learning_rate": 0.003,
+                        "tempering": {"beta0": 0.01, "delta": 0.2, "steps_per_level": 30,
+                                      "final_steps": 40, "check_samples": 256}}}
+    whole = train(job, None, checkpoint_dir=str(tmp_path / "whole"), checkpoint_every=20)
+
+    def stop(step: int, steps: int, loss: float) -> None:
+        if step == 70:
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        train(job, None, checkpoint_dir=str(tmp_path / "cut"), checkpoint_every=20,
+              on_step=stop)
+    saved = torch.load(tmp_path / "cut" / "progress.pt", weights_only=False)
+    assert saved["state"].step == 60 and 0.01 < saved["state"].objective["beta"] < 1.0
+    resumed = train(job, None, checkpoint_dir=str(tmp_path / "cut"), checkpoint_every=20)
+    assert resumed.resumed_from_step == 60
+    assert resumed.losses == whole.losses and resumed.series == whole.series
+    assert resumed.summary == whole.summary and resumed.summary["tempering_beta_reached"] == 1
+    assert resumed.checkpoint == whole.checkpoint
