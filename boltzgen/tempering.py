@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from boltzgen.objectives import OBJECTIVES, EnergyFn, Objective, _finite_mean
+from boltzgen.objectives import OBJECTIVES, EnergyFn, Objective, reverse_kl_loss
 from boltzgen.settings import SettingError, TemperingSettings
 
 if TYPE_CHECKING:
@@ -119,13 +119,9 @@ class AdaptiveTempering(Objective):
         if step - self.level_start >= self.settings.steps_per_level:
             self._advance(flow, step, u_a, u_b, sample_a)
         beta = self.beta
-
-        def per_sample(x: torch.Tensor) -> torch.Tensor:
-            y, logdet = flow(x)
-            # log q(y) = -u_a(x) - logdet with u_a = -log p (a normalized prior)
-            return beta * u_b(y) - logdet - u_a(x)
-
-        return _finite_mean(per_sample, sample_a(batch_size))
+        # The reverse KL to the tempered target β u_B: E[β u_B(T x) − log|det J| − u_A(x)],
+        # u_A = −log p of the normalized prior, so the per-sample term is log q + β u_B.
+        return reverse_kl_loss(flow, sample_a(batch_size), u_a, lambda y: beta * u_b(y))
 
     def check_budget(self, steps: int) -> None:
         """Called when the phase's ``steps`` are spent: a schedule short of β = 1 fails."""

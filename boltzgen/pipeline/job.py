@@ -219,7 +219,8 @@ def job_outcome(reference: Any, trained: Any, samples: Any, report: Any) -> JobO
     metrics["energy_evaluations_estimate"] = estimate_evaluations
     metrics["energy_evaluations"] = trained.energy_evaluations + estimate_evaluations
     # CPU-seconds of the trainer's process (all its threads; energies computed by evaluator
-    # actors elsewhere are not in it): the cost of data-free training beside MD's.
+    # actors elsewhere are not in it): the cost of data-free training beside MD's. (getattr:
+    # a TrainedFlow cached in a work directory by an older version lacks the newer fields.)
     metrics["time_train_cpu_seconds"] = getattr(trained, "cpu_seconds", math.nan)
     metrics.update(getattr(trained, "summary", {}))  # e.g. the beta a tempering schedule reached
     params = {

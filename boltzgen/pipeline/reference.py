@@ -249,6 +249,7 @@ def data_free_reference(job: JobSettings, problem: Problem) -> ReferenceData:
     empty = np.zeros((0, system.dim))
     f_target = system.exact_free_energy(problem.temperature)
     test, test_u, note = empty, np.zeros(0), "no samples (data-free)"
+    # Only where f(T) is known: the mixture's exact sampler works at its normalised T alone.
     if system.supports_exact_sampling() and f_target is not None:
         test, _ = system.exact_samples(job.reference.n_exact_samples, problem.temperature,
                                        stage_seed(job, "reference"))

@@ -96,16 +96,17 @@ class DoubleWell2D(System):
         (same on the left).
         """
         t = check_float("temperature", temperature, positive=True)
-        value, v_min = self._x1_integrals(t)
+        value, v_min, _ = self._x1_integrals(t)
         return -math.log(sum(value)) + v_min / t - 0.5 * math.log(2.0 * math.pi * t)
 
     def _critical_points(self) -> np.ndarray:
         roots = np.roots([4.0 * self.a, 0.0, 2.0 * self.b, self.c])
         return np.sort(roots[np.abs(roots.imag) < 1e-9].real)
 
-    def _x1_integrals(self, t: float) -> tuple[list[float], float]:
+    def _x1_integrals(self, t: float) -> tuple[list[float], float, float]:
         """The shifted integrals of exp(-(V(x1) - V_min)/T) left and right of the barrier
-        (:meth:`barrier`; the whole line split at it) and V_min (see exact_free_energy)."""
+        (:meth:`barrier`; the whole line split at it), V_min and the radius R of [-R, R]
+        beyond which the tails are negligible (see exact_free_energy)."""
         crit = self._critical_points()
         v_min = float(np.min(self._v(crit)))
         inflection = math.sqrt(max(0.0, -self.b / (6.0 * self.a)))
@@ -123,21 +124,16 @@ class DoubleWell2D(System):
                 for r in (-radius, radius)
             )
             if tails <= 0.1 * _REL_TOL * sum(parts):
-                return parts, v_min
+                return parts, v_min, radius
             radius *= 1.5
 
     def exact_samples(self, n: int, temperature: float, seed: int) -> tuple[np.ndarray, int]:
         """``n`` independent samples at T: x1 by rejection from the uniform density on [−R, R]
-        (accepted with probability exp(−(V(x1) − V_min)/T) ≤ 1; R as in exact_free_energy,
-        so the mass left out is below 1e-13), x2 ~ N(0, T); also the proposals used."""
+        (accepted with probability exp(−(V(x1) − V_min)/T) ≤ 1; R the radius of
+        exact_free_energy's quadrature, so the mass left out is below 1e-13 of the whole),
+        x2 ~ N(0, T); also the proposals used."""
         t = check_float("temperature", temperature, positive=True)
-        crit = self._critical_points()
-        v_min = float(np.min(self._v(crit)))
-        radius = max(float(np.max(np.abs(crit))), math.sqrt(max(0.0, -self.b / (6 * self.a))))
-        radius += 1.0
-        while sum(t * math.exp(-(self._v(r) - v_min) / t) / abs(self._dv(r))
-                  for r in (-radius, radius)) > 1e-14:
-            radius *= 1.5
+        _, v_min, radius = self._x1_integrals(t)
         rng = np.random.default_rng(seed)
         accepted: list[np.ndarray] = []
         proposals = count = 0
@@ -159,7 +155,7 @@ class DoubleWell2D(System):
     def exact_mode_probabilities(self, temperature: float) -> np.ndarray:
         """P(x1 < barrier), P(x1 > barrier) at T by quadrature (the modes of :meth:`mode_index`)."""
         t = check_float("temperature", temperature, positive=True)
-        parts, _ = self._x1_integrals(t)
+        parts, _, _ = self._x1_integrals(t)
         return np.asarray(parts) / sum(parts)
 
     def mode_index(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
