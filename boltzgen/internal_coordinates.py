@@ -199,6 +199,22 @@ class ZMatrix:
     def n_torsions(self) -> int:
         return self.n_atoms - 3
 
+    def rotation_entry(self, b: int, c: int) -> int:
+        """The position (in ``entries``) of the torsion that carries the rotation about the
+        bond b–c: the entry (i, j, k, l) with {j, k} = {b, c} and l bonded to k, i.e. a
+        proper dihedral across the bond (the first atom placed on the far side of it; every
+        later atom on that side is placed by a sibling torsion, relative to it). Rotating the
+        molecule's two halves about b–c changes this torsion alone. ValueError where no entry
+        crosses the bond that way (b–c not a bond, or a ring bond closed by the Z-matrix)."""
+        neighbours = _neighbours(self.n_atoms, [(e[0], e[1]) for e in self.entries]
+                                 + [(self.order[0], self.order[1]),
+                                    (self.order[1], self.order[2])])
+        for position, (_, j, k, ell) in enumerate(self.entries):
+            if {j, k} == {b, c} and ell in neighbours[k]:
+                return position
+        raise ValueError(f"torsion: no Z-matrix torsion carries the rotation about atoms "
+                         f"{b}-{c}; need a bond of the molecule's tree, not a ring bond")
+
     # -- Cartesian -> internal ------------------------------------------------------------------
     def _index(self, atoms: Sequence[int], like: torch.Tensor) -> torch.Tensor:
         return _index_tensor(tuple(atoms), like.device)

@@ -191,7 +191,10 @@ class MoleculeLayout(Layout):
     """``n_atoms`` atoms, Cartesian coordinates (nm) flattened x[3 i + a]; optional topology:
     ``elements`` (one symbol per atom), ``bonds`` (pairs of atom indices), ``atom_names``
     (per atom, the force field's names: "CA", "HB1"), ``residue_indices`` (per atom, 0-based)
-    and ``residue_names`` (per residue: "ACE", "ALA"), for flows that condition on them."""
+    and ``residue_names`` (per residue: "ACE", "ALA"), for flows that condition on them;
+    ``slow_torsions``: the dihedrals (a, b, c, d) of the molecule's slow variables (a peptide's
+    backbone φ and ψ), whose rotations about the bonds b–c the coarse-grained model
+    (:mod:`boltzgen.flows.coarse_grained`) models as its slow space."""
 
     kind: ClassVar[str] = "molecule"
     n_atoms: int
@@ -200,9 +203,15 @@ class MoleculeLayout(Layout):
     atom_names: tuple[str, ...] = ()
     residue_indices: tuple[int, ...] = ()
     residue_names: tuple[str, ...] = ()
+    slow_torsions: tuple[tuple[int, int, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         check_int("n_atoms", self.n_atoms, minimum=1)
+        for torsion in self.slow_torsions:
+            if (len(torsion) != 4 or len(set(torsion)) != 4 or not all(
+                    isinstance(i, int) and 0 <= i < self.n_atoms for i in torsion)):
+                raise ValueError(f"slow_torsions: {torsion!r} is not allowed; need four distinct "
+                                 f"atom indices in 0..{self.n_atoms - 1}")
         if self.elements and (len(self.elements) != self.n_atoms or not all(
                 isinstance(e, str) and e for e in self.elements)):
             raise ValueError(f"elements: {self.elements!r} is not allowed; need one element "
@@ -235,7 +244,8 @@ class MoleculeLayout(Layout):
         return cls(int(data["n_atoms"]), tuple(data.get("elements", ())),
                    tuple(tuple(b) for b in data.get("bonds", ())),
                    tuple(data.get("atom_names", ())), tuple(data.get("residue_indices", ())),
-                   tuple(data.get("residue_names", ())))
+                   tuple(data.get("residue_names", ())),
+                   tuple(tuple(t) for t in data.get("slow_torsions", ())))
 
 
 def as_layout(layout: Layout | int) -> Layout:

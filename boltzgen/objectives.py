@@ -111,6 +111,7 @@ class Objective:
     trains_on_target_data: ClassVar[bool] = False
     uses_coupling: ClassVar[bool] = False  # reads training.coupling / sigma_min (flow matching)
     uses_tempering: ClassVar[bool] = False  # reads training.tempering (adaptive tempering)
+    trains_on_energy: ClassVar[bool] = False  # its loss reads u_B (training.energy_cap_kt)
 
     @classmethod
     def from_settings(cls, training: TrainingSettings) -> Objective:
@@ -163,6 +164,8 @@ OBJECTIVES: Registry[Objective] = Registry("objective", field="training.objectiv
 class ReverseKL(Objective):
     """The LFEP / reverse-KL loss on batches x ~ A (:func:`reverse_kl_loss`), after
     ``warm_start_steps`` maximum-likelihood steps where the settings ask for them."""
+
+    trains_on_energy: ClassVar[bool] = True
 
     @classmethod
     def phases(cls, training: TrainingSettings) -> list[tuple[str, int]]:

@@ -207,7 +207,8 @@ class InternalCoordinatePrior(Prior):
 @PRIORS.register("slow_fast")
 class SlowFastPrior(Prior):
     """Uniform on [−B, B]^k (the slow latent variables) × N(0, I_{dim−k}) (the fast ones), the
-    latent space of the coarse-grained model (:mod:`boltzgen.flows.coarse_grained`):
+    latent space of the coarse-grained model (:mod:`boltzgen.flows.coarse_grained`; for a
+    molecule of n atoms dim is 3n − 6, its internal coordinates, and B = π):
 
         log p(u, ε) = −k ln 2B − |ε|² / 2 − ((dim − k)/2) ln 2π   inside the box, −inf outside.
     """
@@ -216,6 +217,8 @@ class SlowFastPrior(Prior):
 
     def __init__(self, layout: Layout | int, slow_dim: int = 1, bound: float = 1.0) -> None:
         super().__init__(layout)
+        if isinstance(self.layout, MoleculeLayout):  # the latent of a molecule's model: the
+            self.dim = 3 * self.layout.n_atoms - 6  # 3n − 6 internal coordinates
         self.slow_dim = check_int("slow_dim", slow_dim, minimum=1)
         if self.slow_dim >= self.dim:
             raise ValueError(f"slow_dim: {slow_dim!r} is not allowed; must be below the "

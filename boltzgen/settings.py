@@ -306,6 +306,12 @@ class TrainingSettings(Strict):
     sigma_min: NonNegativeFloat | None = Field(
         default=None, description="flow_matching only: the width of the Gaussian around the "
         "straight path, x_t = (1 - t) x0 + t x1 + sigma_min eps (default 0)")
+    energy_cap_kt: PositiveFloat | None = Field(
+        default=None, description="objectives that train on the energy (reverse_kl, "
+        "adaptive_tempering) only: a reduced energy u above this cap c (kT) enters the training "
+        "loss as c + ln(1 + u - c) (the regularization of Noe et al. 2019), so that the rare "
+        "sample whose atoms overlap (u ~ 1e9 kT) neither dominates the loss nor the tempering's "
+        "KL estimates; the evaluation always uses the true energy")
     tempering: TemperingSettings | None = Field(
         default=None, description="adaptive_tempering only: the schedule of beta (defaults "
         "as in TemperingSettings)")
@@ -409,6 +415,12 @@ def cross_section_complaints(job: JobSettings, system: System) -> Iterator[Setti
             yield SettingError(f"training.{name}", value, "it pairs prior and data samples "
                                "for flow matching; leave it out for objective "
                                f"'{job.training.objective}'")
+    if job.training.energy_cap_kt is not None and not any(
+            registry("objective").get(name).trains_on_energy
+            for name, _ in objective.phases(job.training)):
+        yield SettingError("training.energy_cap_kt", job.training.energy_cap_kt, "it caps the "
+                           "energies of reverse-KL training; leave it out for objective "
+                           f"'{job.training.objective}'")
     if job.training.tempering is not None and not objective.uses_tempering:
         yield SettingError("training.tempering", "set", "it is the schedule of objective "
                            f"'adaptive_tempering'; leave it out for '{job.training.objective}'")

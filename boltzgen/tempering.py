@@ -67,6 +67,7 @@ class AdaptiveTempering(Objective):
     (module docstring), then ``final_steps`` of reverse KL at β = 1."""
 
     uses_tempering: ClassVar[bool] = True
+    trains_on_energy: ClassVar[bool] = True
 
     def __init__(self, settings: TemperingSettings) -> None:
         self.settings = settings

@@ -295,7 +295,7 @@ TABLE_COLUMNS = ("atoms", "delta_f", "reference_delta_f", "delta_f_lfep", "delta
                  "energy_w2", "energy_w2_capped", "distance_w1", "nfe", "path_length",
                  "seconds_per_sample", "mode_weight_error", "mode_weight_error_reweighted",
                  "tempering_beta_reached", "tempering_levels",
-                 "rdf_O_O_max_z", "rdf_O_H_max_z", "md_ns", "time_train",
+                 "rdf_O_O_max_z", "rdf_O_H_max_z", "md_ns", "md_seconds_all_rungs", "time_train",
                  "time_train_cpu_seconds", "energy_evaluations")
 SHORT_NAMES = {"delta_f_phi": "dF_phi", "reference_delta_f": "ref_delta_f", "_per_molecule": "/mol",
                "delta_f_": "", "energy_evaluations": "n_energy", "target_temperature_k": "T (K)",
@@ -305,7 +305,7 @@ SHORT_NAMES = {"delta_f_phi": "dF_phi", "reference_delta_f": "ref_delta_f", "_pe
                "distance_w1": "dist_W1", "energy_w2_capped": "E_W2cap", "energy_w2": "E_W2",
                "mode_weight_error_reweighted": "mode_err_rw", "mode_weight_error": "mode_err",
                "tempering_beta_reached": "beta_end", "tempering_levels": "levels",
-               "time_train_cpu_seconds": "train_cpu_s"}
+               "time_train_cpu_seconds": "train_cpu_s", "md_seconds_all_rungs": "md_s"}
 
 
 def _system_cell(params: dict[str, Any]) -> str:

@@ -79,8 +79,18 @@ class Case:
 
     @property
     def internal(self) -> bool:
-        """A flow on internal coordinates: latent 3n − 6, target 3n (canonical frame)."""
-        return self.kind == "internal_coordinates"
+        """A flow from a latent space of 3n − 6 internal coordinates to a molecule's 3n
+        Cartesian ones (canonical frame): the internal-coordinate flow, and the coarse-grained
+        model on a molecule."""
+        return isinstance(self.layout, MoleculeLayout) and FLOWS[self.kind].owns_prior
+
+    @property
+    def slow_torsions(self) -> int:
+        """Latent coordinates that come first and are torsions (the coarse-grained model of a
+        molecule: its slow variables); the rest of its latent is normal."""
+        if self.kind == "coarse_grained" and isinstance(self.layout, MoleculeLayout):
+            return len(self.layout.slow_torsions)
+        return 0
 
     @property
     def latent_dim(self) -> int:
@@ -119,6 +129,12 @@ class Case:
         if self.rigid:
             return rigid_flow_input(self.layout, n, seed)
         gen = torch.Generator().manual_seed(seed)
+        if self.slow_torsions:
+            slow = 2 * torch.pi * torch.rand((n, self.slow_torsions), generator=gen,
+                                             dtype=torch.float64) - torch.pi
+            normal = 1.5 * spread * torch.randn((n, self.latent_dim - self.slow_torsions),
+                                                generator=gen, dtype=torch.float64)
+            return torch.cat([slow, normal], -1)
         n_normal = self.latent_dim - (self.layout.n_atoms - 3 if self.internal else 0)
         normal = 1.5 * spread * torch.randn((n, n_normal), generator=gen, dtype=torch.float64)
         if not self.internal:
@@ -163,6 +179,13 @@ def _euclidean_cases() -> dict[str, Case]:
                                          SMALL["coarse_grained"])
     cases["coarse_grained-slow2"] = Case("coarse_grained", VectorLayout(4, slow_dim=2),
                                          SMALL["coarse_grained"])
+    # On a molecule: the branched one above with two slow torsions, about C0–N2 (carried by
+    # H7's entry) and C0–O3 (H4's), the rest through the internal-coordinate map.
+    cases["coarse_grained-molecule"] = Case("coarse_grained", MoleculeLayout(
+        8, ("C", "C", "N", "O", "H", "H", "H", "H"),
+        ((0, 1), (0, 2), (0, 3), (3, 4), (1, 5), (1, 6), (2, 7)),
+        slow_torsions=((1, 0, 2, 7), (1, 0, 3, 4))),
+        {k: v for k, v in SMALL["coarse_grained"].items() if k != "bound"})
     return cases
 
 
@@ -192,6 +215,7 @@ CASES: dict[str, Case] = {
 }
 EUCLIDEAN = [key for key, case in CASES.items() if not case.rigid]
 INTERNAL = [key for key, case in CASES.items() if case.internal]
+IC_FLOWS = [key for key, case in CASES.items() if case.kind == "internal_coordinates"]
 
 
 def test_every_flow_kind_and_layout_kind_has_a_case() -> None:
@@ -381,8 +405,8 @@ def test_prior_and_sample_and_log_prob(key: str) -> None:
     grad."""
     case = CASES[key]
     flow = case.flow()
-    expected = (InternalCoordinatePrior if case.internal else UniformRigidPrior if case.rigid
-                else SlowFastPrior if case.kind == "coarse_grained" else GaussianPrior)
+    expected = (SlowFastPrior if case.kind == "coarse_grained" else InternalCoordinatePrior
+                if case.internal else UniformRigidPrior if case.rigid else GaussianPrior)
     assert isinstance(flow.prior, expected) and flow.prior.dim == case.latent_dim
     assert flow.prior in list(flow.modules()) and not list(flow.prior.state_dict())
     # A continuous flow differentiates inside its map (the exact divergence).
@@ -576,7 +600,7 @@ def test_checkpoints_store_layout_and_prior_and_older_ones_load(key: str) -> Non
         load_flow(saved())
 
 
-@pytest.mark.parametrize("key", INTERNAL)
+@pytest.mark.parametrize("key", IC_FLOWS)
 def test_checkpoints_of_a_flow_that_owns_its_prior_restore_it(key: str) -> None:
     """The flow's own prior (registered, from its ``to_dict``) and its fitted buffers come back
     from a checkpoint; a base prior passed to ``load_flow`` (a checkpoint without a prior)

@@ -36,7 +36,10 @@ the reset cost: a continuous flow's NFE and path length; empty by default) and
 ``fit_to_data(y)`` (target-side samples (M, dim)) sets whatever the flow
 takes from data before training, e.g. a normalization stored in buffers (so in the state_dict);
 training calls it once, with the training target samples, for a job that trains on them (not
-when it resumes from a checkpoint). By default it does nothing.
+when it resumes from a checkpoint). By default it does nothing. ``fit_to_structure(x0)``
+(the system's own structure (dim,), e.g. a molecule's minimised one) does the same from
+the system alone, no data: training calls it first, for every job of a system that has one
+(the coarse-grained model centres its internal coordinates there).
 
 A subclass implements ``_run(x, name, inverse)`` (the map in one direction and its log-det;
 ``name`` is "x" or "y" for error messages) and calls ``Flow.__init__(layout)``.
@@ -96,6 +99,11 @@ class Flow(nn.Module):
         (module docstring); nothing by default."""
         del y
 
+    def fit_to_structure(self, x0: torch.Tensor) -> None:
+        """Set what the flow takes from the system's own structure ``x0`` (dim,) before
+        training (module docstring); nothing by default."""
+        del x0
+
     # -- statistics of the map (continuous flows count their ODE solves) ----------------------
     def reset_statistics(self) -> None:
         """Forget what :meth:`solve_statistics` reports (nothing to forget by default)."""
@@ -111,14 +119,16 @@ class Flow(nn.Module):
              ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def _check_euclidean_input(self, name: str, x: torch.Tensor) -> None:
-        """Refuse what is not a float64 tensor of shape (..., dim) (TypeError / ValueError
-        naming ``name``): the input check of every flow on R^dim."""
+    def _check_euclidean_input(self, name: str, x: torch.Tensor, size: int | None = None
+                               ) -> None:
+        """Refuse what is not a float64 tensor of shape (..., size) (TypeError / ValueError
+        naming ``name``; ``size`` defaults to dim): the input check of every flow on R^dim."""
+        size = self.dim if size is None else size
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x)}")
-        if x.ndim < 1 or x.shape[-1] != self.dim:
+        if x.ndim < 1 or x.shape[-1] != size:
             raise ValueError(f"{name}: shape {tuple(x.shape)} is not allowed; need (..., "
-                             f"{self.dim})")
+                             f"{size})")
         if x.dtype != torch.float64:
             raise TypeError(f"{name}: dtype {x.dtype} is not allowed; the flow is float64")
 

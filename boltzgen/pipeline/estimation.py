@@ -72,7 +72,7 @@ def estimate(
         metrics["reference_delta_f"] = reference.reference_delta_f
         metrics["reference_delta_f_err"] = float(reference.reference_delta_f_err or 0.0)
     reverse_work = _backward_metrics(problem, reference, samples, potentials, metrics)
-    metrics.update(_mode_metrics(problem, samples.mapped, log_w))
+    metrics.update(_mode_metrics(problem, reference, samples.mapped, log_w, valid))
     forward_work = u_b_mapped - samples.logdet - samples.u_a
     metrics.update(_lbar_metrics(forward_work, reverse_work))
     metrics.update(_named_free_energies(problem, reference, metrics))
@@ -263,29 +263,52 @@ def _named_free_energies(problem: Problem, reference: ReferenceData, metrics: di
 _MODES_LISTED = 8  # beyond this many modes (the tetrahedron's 24) only the errors are recorded
 
 
-def _mode_metrics(problem: Problem, mapped: np.ndarray, log_w: np.ndarray) -> dict[str, float]:
-    """Largest absolute error of a mode's probability: flow samples as drawn (``mode_weight_error``)
-    and importance-reweighted (``..._reweighted``), against the system's exact mode weights;
-    ``..._noise`` is the largest one-sigma sampling error sqrt(p(1 − p)/N) of an exact sampler;
-    and, for a system of at most 8 modes, every mode's weight,
-    ``mode_weight_{drawn,reweighted,exact}_<mode>``."""
-    exact = problem.system.exact_mode_probabilities(problem.temperature)
+def _mode_metrics(problem: Problem, reference: ReferenceData, mapped: np.ndarray,
+                  log_w: np.ndarray, valid: np.ndarray | None) -> dict[str, float]:
+    """Largest absolute error of a mode's probability: flow samples as drawn (``mode_weight_error``;
+    valid samples only, e.g. no D peptide) and importance-reweighted (``..._reweighted``),
+    against the system's exact mode weights, or where it has none (a peptide's Ramachandran
+    basins) against the fractions of the reference's target samples (the MD frames, train
+    and held-out); ``..._noise`` is the largest one-sigma sampling error sqrt(p(1 − p)/N) of
+    an exact sampler (not for MD frames, which are correlated); and, for a system of at most
+    8 modes, every mode's weight, ``mode_weight_{drawn,reweighted,exact or reference}_<mode>``."""
+    system = problem.system
+    exact = system.exact_mode_probabilities(problem.temperature)
+    kind = "exact"
+    if exact is None:
+        exact, kind = _reference_mode_weights(problem, reference), "reference"
     if exact is None or len(mapped) == 0:
         return {}
-    labels = problem.system.mode_index(mapped)
-    drawn = np.bincount(labels, minlength=len(exact)) / len(labels)
+    labels = system.mode_index(mapped)
+    counted = np.ones(len(labels), dtype=bool) if valid is None else valid
+    drawn = np.bincount(labels[counted], minlength=len(exact)) / max(int(counted.sum()), 1)
     weights = normalized_weights(log_w)
     reweighted = np.bincount(labels, weights=weights, minlength=len(exact)) / max(
         weights.sum(), 1e-300)
-    per_mode = {f"mode_weight_{kind}_{index}": float(value)
-                for kind, values in (("drawn", drawn), ("reweighted", reweighted),
-                                     ("exact", exact))
+    per_mode = {f"mode_weight_{name}_{index}": float(value)
+                for name, values in (("drawn", drawn), ("reweighted", reweighted), (kind, exact))
                 for index, value in enumerate(values)} if len(exact) <= _MODES_LISTED else {}
+    noise = ({"mode_weight_error_noise": float(np.sqrt(exact * (1 - exact) / len(labels)).max())}
+             if kind == "exact" else {})
     return {
         "mode_weight_error": float(np.abs(drawn - exact).max()),
         "mode_weight_error_reweighted": float(np.abs(reweighted - exact).max()),
-        "mode_weight_error_noise": float(np.sqrt(exact * (1 - exact) / len(labels)).max()),
+        **noise,
         **per_mode,  # each mode's weight: what a collapse onto some modes looks like
     }
+
+
+def _reference_mode_weights(problem: Problem, reference: ReferenceData) -> np.ndarray | None:
+    """Each mode's fraction of the reference's target samples (train and held-out), for a
+    system with modes but no exact weights; None without modes or samples."""
+    frames = [np.asarray(a) for a in (reference.target_train, reference.target_test)
+              if a is not None and len(a)]
+    if not frames:
+        return None
+    labels = problem.system.mode_index(np.concatenate(frames))
+    n_modes = problem.system.mode_count
+    if labels is None or not n_modes:
+        return None
+    return np.bincount(labels, minlength=n_modes) / len(labels)
 
 

@@ -91,7 +91,7 @@ def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData | 
     generator = torch.Generator().manual_seed(seed)
     training = job.training
     augment = bool(training.symmetry_augmentation)
-    energies = _TrainingEnergies(problem, flow, energy)
+    energies = _TrainingEnergies(problem, flow, energy, training.energy_cap_kt)
     sample_a = _base_batches(problem, flow, reference, generator, energies, augment, device)
     if (job.flow.parameters().get("thermal_scaling") and problem.base.temperature_ladder
             and reference is not None and len(reference.base_train)):
@@ -104,6 +104,10 @@ def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData | 
                     else torch.zeros((0, problem.system.dim), dtype=torch.float64, device=device))
     progress = _Progress(job, checkpoint_dir if checkpoint_every > 0 else None)
     saved = progress.load()
+    if (saved is None and problem.system.supports_ideal_coordinates()
+            and type(flow).fit_to_structure is not Flow.fit_to_structure):
+        # e.g. internal-coordinate centres at the minimised structure (no data needed)
+        flow.fit_to_structure(float64_tensor(problem.system.ideal_coordinates()).to(device))
     if (saved is None and len(target_train)
             and OBJECTIVES.get(training.objective).needs_target_data(training)):
         flow.fit_to_data(target_train)  # e.g. a normalization; a resumed state already has it
@@ -168,8 +172,10 @@ class _TrainingEnergies:
     counting the configurations sent to it. A batch drawn from an MD pool whose u_A is known
     (:func:`_base_batches` stores it in ``known``) costs no energy call."""
 
-    def __init__(self, problem: Problem, flow: Flow, energy: EnergyFunction | None) -> None:
+    def __init__(self, problem: Problem, flow: Flow, energy: EnergyFunction | None,
+                 energy_cap_kt: float | None = None) -> None:
         self.problem, self.flow, self.energy = problem, flow, energy
+        self.energy_cap_kt = energy_cap_kt  # training.energy_cap_kt
         self.evaluations = 0  # rows sent to the system's energy (OpenMM for molecules)
         self.known: dict[str, torch.Tensor] = {}  # the latest base batch and its u_A
 
@@ -188,7 +194,13 @@ class _TrainingEnergies:
         return self.potential(x) / (problem.system.boltzmann_constant * problem.base.temperature)
 
     def u_b(self, y: torch.Tensor) -> torch.Tensor:
-        return self.potential(y) / self.problem.kt
+        u = self.potential(y) / self.problem.kt
+        cap = self.energy_cap_kt
+        if cap is None:
+            return u
+        # c + ln(1 + u − c) above the cap (training.energy_cap_kt); clamped inside the log so
+        # that no NaN from the branch not taken reaches the gradient.
+        return torch.where(u > cap, cap + torch.log1p((u - cap).clamp(min=0.0)), u)
 
 
 def _base_batches(problem: Problem, flow: Flow, reference: ReferenceData | None,

@@ -99,9 +99,13 @@ class System(ABC):
         raise NotImplementedError(f"system '{self.kind}' has no starting structure")
 
     @classmethod
+    def supports_ideal_coordinates(cls) -> bool:
+        return cls.ideal_coordinates is not System.ideal_coordinates
+
+    @classmethod
     def supports_md(cls) -> bool:
         """MD needs the OpenMM form and a starting structure."""
-        return cls.supports_openmm() and cls.ideal_coordinates is not System.ideal_coordinates
+        return cls.supports_openmm() and cls.supports_ideal_coordinates()
 
     def pair_histograms(self, x: np.ndarray, n_bins: int = 60) -> dict[str, Any]:
         """Pair-distance histograms of molecular samples by element pair (radial distribution
@@ -171,6 +175,10 @@ class System(ABC):
     def mode_index(self, x: np.ndarray) -> np.ndarray | None:
         """The mode (an int) each sample (N, dim) belongs to, or None for systems without modes."""
         return None
+
+    # How many modes :meth:`mode_index` tells apart, for a system without exact mode weights
+    # (whose modes are counted in a reference's samples instead); 0: none.
+    mode_count: ClassVar[int] = 0
 
     # Name of the coordinate whose sign defines two metastable states (metrics
     # ``delta_f_<label>``), for systems with :meth:`metastable_coordinate`.

@@ -111,7 +111,9 @@ class PeptideSystem(LocalOpenMMPotential, System):
         return MoleculeLayout(top.n_atoms, tuple(top.elements), tuple(top.bonds),
                               atom_names=tuple(top.atom_names),
                               residue_indices=tuple(top.residue_indices),
-                              residue_names=tuple(top.residue_names))
+                              residue_names=tuple(top.residue_names),
+                              slow_torsions=(tuple(map(int, top.phi_atoms)),
+                                             tuple(map(int, top.psi_atoms))))
 
     def layout(self) -> MoleculeLayout:
         return self._layout
@@ -174,6 +176,27 @@ class PeptideSystem(LocalOpenMMPotential, System):
         arr = self._as_samples(x)
         top = self.topology
         return backbone_dihedrals(arr.reshape(len(arr), -1, 3), top.phi_atoms, top.psi_atoms)
+
+    # The Ramachandran basins of :meth:`mode_index`, in its order.
+    mode_names: ClassVar[tuple[str, ...]] = ("C5", "C7eq", "alphaR", "alphaL", "C7ax")
+    mode_count: ClassVar[int] = len(mode_names)
+
+    def mode_index(self, x: np.ndarray) -> np.ndarray:
+        """The Ramachandran basin of each sample (N, 3n), from its backbone (φ, ψ) in degrees:
+
+        - φ < 0: αR (2) where −120 <= ψ < 50; otherwise the extended region, split at
+          φ = −120 into C5 (0, φ < −120: β and C5) and C7eq (1, −120 <= φ < 0: C7eq and PII);
+        - φ >= 0: αL (3) where ψ >= 0, C7ax (4) where ψ < 0.
+
+        Straight lines between the basins' centres (C5 near (−155, 160), C7eq (−83, 75),
+        αR (−75, −40), αL (60, 40), C7ax (75, −65)); a sample's basin is its region, with no
+        gap left out. Non-finite samples land in C7eq; the caller masks them (invalid)."""
+        phi, psi = (np.degrees(a) for a in self.backbone_dihedrals(x))
+        alpha_r = (-120.0 <= psi) & (psi < 50.0)
+        out = np.where(phi < -120.0, 0, 1)
+        out = np.where(alpha_r, 2, out)
+        out = np.where(phi >= 0.0, np.where(psi >= 0.0, 3, 4), out)
+        return out.astype(np.int64)
 
     def metastable_coordinate(self, x: np.ndarray) -> np.ndarray:
         """φ (radians) of each sample (N, 3n); the states are φ < 0 and φ > 0."""
