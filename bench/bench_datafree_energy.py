@@ -18,6 +18,12 @@ of each kind, and the second arm's seconds over the first's are reported.
 
 Goal (the data-free issue): pool / single >= 0.9 x cores.
 
+Third arm: the same force field re-implemented in PyTorch (``energy.backend:
+torch_forcefield``, :mod:`boltzgen.forcefield_torch`; U and ∇U of the whole batch at once by
+autograd, in this process) with ``--cores`` torch threads, as a trainer with that backend
+computes its energies (no pool). Arms nested: single, pool, forcefield, forcefield, pool,
+single.
+
     python bench/bench_datafree_energy.py [--cores 2] [--batch 1024] [--repeats 5]
 """
 
@@ -95,12 +101,25 @@ def main() -> None:
     pool(batches[0][: 2 * args.cores])  # every actor builds its Context (untimed)
     actors_start = time.perf_counter() - started - ray_start
 
+    import torch
+
+    from boltzgen.pipeline.energy_backends import ENERGY_BACKENDS
+    from boltzgen.systems import make_system
+
+    torch.set_num_threads(args.cores)
+    forcefield = ENERGY_BACKENDS.get("torch_forcefield").make(
+        make_system(job.dump["system"]), job.energy)
+    forcefield(batches[0][:2])  # untimed: the parameters read from the OpenMM System
     arms = {"single_1": timed(single, batches), "pool_1": timed(pool, batches),
+            "forcefield_1": timed(forcefield, batches),
+            "forcefield_2": timed(forcefield, batches),
             "pool_2": timed(pool, batches), "single_2": timed(single, batches)}
     ray.shutdown()
     rate = {name: args.batch / statistics.median(seconds) for name, seconds in arms.items()}
     single_rate = args.batch / statistics.median(arms["single_1"] + arms["single_2"])
     pool_rate = args.batch / statistics.median(arms["pool_1"] + arms["pool_2"])
+    forcefield_rate = args.batch / statistics.median(arms["forcefield_1"]
+                                                     + arms["forcefield_2"])
     result = {
         "cores": args.cores, "batch": args.batch, "repeats": args.repeats,
         "platform": args.platform, "ray_start_s": ray_start, "actors_start_s": actors_start,
@@ -108,6 +127,9 @@ def main() -> None:
         "single_evaluations_per_second": single_rate,
         "pool_evaluations_per_second": pool_rate,
         "pool_over_single": pool_rate / single_rate,
+        "forcefield_evaluations_per_second": forcefield_rate,
+        "forcefield_over_single": forcefield_rate / single_rate,
+        "forcefield_over_pool": forcefield_rate / pool_rate,
         "goal": 0.9 * args.cores,
         "drift_single_second_over_first": statistics.median(arms["single_2"])
         / statistics.median(arms["single_1"]),
@@ -118,8 +140,11 @@ def main() -> None:
           f"{args.batch} (U and forces), {args.repeats} batches per arm")
     print(f"  one Context (1 thread):      {single_rate:8.0f} evaluations/s")
     print(f"  energy pool ({args.cores} x 1 CPU):   {pool_rate:8.0f} evaluations/s")
+    print(f"  PyTorch force field ({args.cores} threads): {forcefield_rate:8.0f} evaluations/s")
     print(f"  pool / single:               {result['pool_over_single']:8.2f}  "
           f"(goal >= {result['goal']:.2f})")
+    print(f"  force field / single:        {result['forcefield_over_single']:8.2f}, "
+          f"/ pool {result['forcefield_over_pool']:.2f}")
     print(f"  drift (second arm / first):  single {result['drift_single_second_over_first']:.2f}"
           f", pool {result['drift_pool_second_over_first']:.2f}")
     print(f"  not timed: Ray start {ray_start:.1f} s, actors and Contexts {actors_start:.1f} s")

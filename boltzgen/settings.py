@@ -316,7 +316,7 @@ class TrainingSettings(Strict):
         default=None, description="adaptive_tempering only: the schedule of beta (defaults "
         "as in TemperingSettings)")
     _left_out_when_unset = ("warm_start_steps", "symmetry_augmentation", "coupling",
-                            "sigma_min", "tempering")
+                            "sigma_min", "tempering", "energy_cap_kt")
 
 
 class SamplingSettings(Strict):

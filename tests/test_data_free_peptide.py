@@ -98,7 +98,7 @@ def test_ramachandran_basins_of_alanine_dipeptide(aldp) -> None:
     assert np.allclose(np.degrees(psi.numpy()), [s for _, s in centres.values()], atol=10)
 
 
-def _tiny_data_free_aldp() -> dict:
+def _tiny_data_free_aldp(backend: str = "openmm") -> dict:
     data = copy.deepcopy(TINY_PEPTIDES)
     data.pop("grid")
     data["flow"] = {"kind": "coarse_grained", "n_layers": 2, "hidden": 16}
@@ -106,16 +106,18 @@ def _tiny_data_free_aldp() -> dict:
                         "learning_rate": 0.001, "energy_cap_kt": 10000.0,
                         "tempering": {"beta0": 0.8, "delta": 50.0, "steps_per_level": 10,
                                       "final_steps": 10, "check_samples": 128}}
-    data["energy"] = {"backend": "openmm", "platform": "Reference"}
+    data["energy"] = {"backend": backend, "platform": "Reference"}
     return data
 
 
+@pytest.mark.parametrize("backend", ["openmm", "torch_forcefield"])
 def test_a_data_free_peptide_job_trains_beside_its_md_and_is_evaluated_against_it(
-        tmp_path: Path) -> None:
+        tmp_path: Path, backend: str) -> None:
     """Training waits for no reference (the MD is for the evaluation alone); the outcome has
     the tempering's record, ΔF_φ of the flow and of the MD, and the Ramachandran basins'
-    weights of the flow (drawn, reweighted) against the MD frames' (which sum to 1)."""
-    job = make_plan(parse_spec(_tiny_data_free_aldp())).jobs[0]
+    weights of the flow (drawn, reweighted) against the MD frames' (which sum to 1). With
+    ``torch_forcefield`` the trainer and the evaluation compute U in PyTorch."""
+    job = make_plan(parse_spec(_tiny_data_free_aldp(backend))).jobs[0]
     graph = pipeline.job_graph(job.config_dict, job.job_id, work_dir=str(tmp_path))
     (train,) = [task for task in graph.tasks if task.stage == "train"]
     assert train.inputs == {}
@@ -136,6 +138,8 @@ def test_a_data_free_peptide_job_trains_beside_its_md_and_is_evaluated_against_i
 @pytest.mark.parametrize(("path", "value", "message"), [
     (("flow", "bound"), 3.0, "flow.bound: 3.0 is not allowed for a molecule"),
     (("flow", "slow_dim"), 3, "flow.slow_dim: 3 is not allowed; the system declares 2 slow"),
+    (("system", "kind"), "double_well", "energy.backend: 'torch_forcefield' is not allowed; "
+     "system 'double_well' is not a molecule with an OpenMM force field"),
     (("training", "objective"), "maximum_likelihood",
      "training.energy_cap_kt: 10000.0 is not allowed; it caps the energies of reverse-KL "
      "training"),
@@ -150,6 +154,11 @@ def test_bad_molecular_coarse_grained_settings_are_refused(
     data[path[0]][path[1]] = value
     if value == "maximum_likelihood":
         data["training"].pop("tempering")
+    if value == "double_well":
+        data["system"] = {"kind": "double_well"}
+        data["temperature"] = 1.0
+        data["energy"] = {"backend": "torch_forcefield"}
+        data["reference"] = {"sampler": "none"}
     result = CliRunner().invoke(app, ["validate", str(write_spec(tmp_path, data))])
     assert result.exit_code == 2, result.output
     assert message in result.output

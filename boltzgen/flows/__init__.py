@@ -17,7 +17,8 @@ Continuous flows (:mod:`boltzgen.flows.cnf`, trained by flow matching or likelih
 ``egnn_cnf`` and ``hollow_cnf`` (equivariant fields, centre-of-mass-free particles) and
 ``mlp_cnf`` (the non-equivariant baseline, any Euclidean layout). For data-free training
 (Stupp & Koutsourelakis 2025): ``coarse_grained``, slow variables with a spline density, fast
-ones Gaussian given them and a learnable linear map to the coordinates
+ones Gaussian given them and a learnable linear map to the coordinates, or for a molecule
+the internal-coordinate map with its slow torsions (φ, ψ) on a torus
 (:mod:`boltzgen.flows.coarse_grained`; systems that declare slow variables). A new
 kind: a :class:`Flow` subclass and one ``FLOWS.register(kind)(cls)`` line here (and a case in
 tests/test_flow_conformance.py).

@@ -24,6 +24,11 @@ So q(x) has the exact log-density
 and the model meets the flow contract (:mod:`boltzgen.flows.contract`): ``forward`` is (u, ε)
 -> x with log|det| = Σ ln|S'| + Σ ln σ(z) + Σ s, ``inverse`` goes back by triangular solves.
 The prior's box and the slow splines are part of the model and train with it.
+
+On a molecule (a :class:`boltzgen.layouts.MoleculeLayout` with ``slow_torsions``) the slow
+variables are torsions on a torus (B = π, circular splines) and step 3 is the
+internal-coordinate map of :class:`_InternalCoordinateMap` (class docstring of
+:class:`CoarseGrainedFlow`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ returns the function (flow coordinates (B, dim) -> U (B,) in energy units and âˆ
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -37,6 +37,14 @@ class EnergyBackend:
     @classmethod
     def make(cls, system: System, energy: EnergySettings, threads: int = 1) -> EnergyFunction:
         raise NotImplementedError
+
+    @classmethod
+    def training_potential(cls, system: System, energy: EnergySettings
+                           ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A differentiable U(x) (energy units) of flow coordinates (..., dim) for a trainer
+        that computes its energies in its own process (a backend not ``pooled_in_training``);
+        None: the system's own ``potential``."""
+        return None
 
 
 ENERGY_BACKENDS: Registry[EnergyBackend] = Registry("energy backend", field="energy.backend")
@@ -80,3 +88,47 @@ class OpenMMEnergy(EnergyBackend):
         from boltzgen.openmm_bridge import openmm_energy_function
 
         return openmm_energy_function(system, energy.platform, threads)
+
+
+@ENERGY_BACKENDS.register("torch_forcefield")
+class TorchForceFieldEnergy(EnergyBackend):
+    """The system's OpenMM force field re-implemented in PyTorch
+    (:class:`boltzgen.forcefield_torch.TorchForceField`: bonds, angles, torsions, Coulomb and
+    Lennard-Jones with their 1-4 exceptions, OBC generalized Born with its surface term; no
+    cutoff), batched and differentiable, in the calling process: a trainer computes a whole
+    batch at once instead of sending one configuration per OpenMM call to the pool. For
+    systems whose flow coordinates are Cartesian positions (molecules)."""
+
+    @classmethod
+    def complaints(cls, job: JobSettings, system: System) -> Iterator[SettingError]:
+        from boltzgen.layouts import MoleculeLayout
+
+        if not system.supports_openmm() or not isinstance(system.layout(), MoleculeLayout):
+            yield SettingError("energy.backend", "torch_forcefield", f"system '{system.kind}' "
+                               "is not a molecule with an OpenMM force field; use torch or "
+                               "openmm")
+
+    @classmethod
+    def training_potential(cls, system: System, energy: EnergySettings
+                           ) -> Callable[[torch.Tensor], torch.Tensor]:
+        from boltzgen.forcefield_torch import TorchForceField
+
+        forcefield = TorchForceField(system.openmm_system())
+        n_atoms = forcefield.n_atoms
+
+        def potential(x: torch.Tensor) -> torch.Tensor:
+            return forcefield.to(x.device)(x.reshape(*x.shape[:-1], n_atoms, 3))
+
+        return potential
+
+    @classmethod
+    def make(cls, system: System, energy: EnergySettings, threads: int = 1) -> EnergyFunction:
+        potential = cls.training_potential(system, energy)
+
+        def forcefield_energy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            xt = float64_tensor(x).requires_grad_(True)
+            u = potential(xt)
+            (grad,) = torch.autograd.grad(u.sum(), xt)
+            return u.detach().numpy(), grad.numpy()
+
+        return forcefield_energy

@@ -19,6 +19,7 @@ from boltzgen.flows import Flow, build_flow
 from boltzgen.layouts import layout_from_dict
 from boltzgen.objectives import OBJECTIVES
 from boltzgen.pipeline.energies import BatchEnergy
+from boltzgen.pipeline.energy_backends import ENERGY_BACKENDS
 from boltzgen.pipeline.problem import (
     EnergyFunction,
     Problem,
@@ -91,7 +92,9 @@ def train(settings: JobSettings | Mapping[str, Any], reference: ReferenceData | 
     generator = torch.Generator().manual_seed(seed)
     training = job.training
     augment = bool(training.symmetry_augmentation)
-    energies = _TrainingEnergies(problem, flow, energy, training.energy_cap_kt)
+    energies = _TrainingEnergies(problem, flow, energy, training.energy_cap_kt,
+                                 ENERGY_BACKENDS.get(job.energy.backend).training_potential(
+                                     problem.system, job.energy) if energy is None else None)
     sample_a = _base_batches(problem, flow, reference, generator, energies, augment, device)
     if (job.flow.parameters().get("thermal_scaling") and problem.base.temperature_ladder
             and reference is not None and len(reference.base_train)):
@@ -173,16 +176,19 @@ class _TrainingEnergies:
     (:func:`_base_batches` stores it in ``known``) costs no energy call."""
 
     def __init__(self, problem: Problem, flow: Flow, energy: EnergyFunction | None,
-                 energy_cap_kt: float | None = None) -> None:
+                 energy_cap_kt: float | None = None,
+                 potential: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.problem, self.flow, self.energy = problem, flow, energy
         self.energy_cap_kt = energy_cap_kt  # training.energy_cap_kt
+        # The backend's own in-process U (torch_forcefield), else the system's potential.
+        self.own_potential = potential or problem.system.potential
         self.evaluations = 0  # rows sent to the system's energy (OpenMM for molecules)
         self.known: dict[str, torch.Tensor] = {}  # the latest base batch and its u_A
 
     def potential(self, x: torch.Tensor) -> torch.Tensor:
         self.evaluations += len(x)
         if self.energy is None:
-            return self.problem.system.potential(x)
+            return self.own_potential(x)
         return BatchEnergy.apply(x, self.energy)
 
     def u_a(self, x: torch.Tensor) -> torch.Tensor:
