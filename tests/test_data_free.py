@@ -124,6 +124,8 @@ def test_bad_tempering_and_coarse_grained_settings_are_refused(workdir: Path) ->
          "variable(s), so 1 .. 1"),
         (("system", "kind", "dw4"), "flow.kind: 'coarse_grained' needs a system that declares "
          "slow variables"),
+        (("flow", "fast_linear", True), "flow.fast_linear: True is not allowed for a vector; "
+         "its linear map W already mixes the fast variables"),
     ]
     for (section, *path, value), message in cases:
         data = copy.deepcopy(good)

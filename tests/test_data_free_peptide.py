@@ -101,7 +101,7 @@ def test_ramachandran_basins_of_alanine_dipeptide(aldp) -> None:
 def _tiny_data_free_aldp(backend: str = "openmm") -> dict:
     data = copy.deepcopy(TINY_PEPTIDES)
     data.pop("grid")
-    data["flow"] = {"kind": "coarse_grained", "n_layers": 2, "hidden": 16}
+    data["flow"] = {"kind": "coarse_grained", "n_layers": 2, "hidden": 16, "fast_linear": True}
     data["training"] = {"objective": "adaptive_tempering", "steps": 60, "batch_size": 64,
                         "learning_rate": 0.001, "energy_cap_kt": 10000.0,
                         "tempering": {"beta0": 0.8, "delta": 50.0, "steps_per_level": 10,
@@ -137,6 +137,7 @@ def test_a_data_free_peptide_job_trains_beside_its_md_and_is_evaluated_against_i
 
 @pytest.mark.parametrize(("path", "value", "message"), [
     (("flow", "bound"), 3.0, "flow.bound: 3.0 is not allowed for a molecule"),
+    (("flow", "fast_linear"), "yes", "flow.fast_linear: 'yes' is not allowed; true or false"),
     (("flow", "slow_dim"), 3, "flow.slow_dim: 3 is not allowed; the system declares 2 slow"),
     (("system", "kind"), "double_well", "energy.backend: 'torch_forcefield' is not allowed; "
      "system 'double_well' is not a molecule with an OpenMM force field"),
@@ -159,6 +160,7 @@ def test_bad_molecular_coarse_grained_settings_are_refused(
         data["temperature"] = 1.0
         data["energy"] = {"backend": "torch_forcefield"}
         data["reference"] = {"sampler": "none"}
+        data["flow"].pop("fast_linear")
     result = CliRunner().invoke(app, ["validate", str(write_spec(tmp_path, data))])
     assert result.exit_code == 2, result.output
     assert message in result.output

@@ -186,6 +186,10 @@ def _euclidean_cases() -> dict[str, Case]:
         ((0, 1), (0, 2), (0, 3), (3, 4), (1, 5), (1, 6), (2, 7)),
         slow_torsions=((1, 0, 2, 7), (1, 0, 3, 4))),
         {k: v for k, v in SMALL["coarse_grained"].items() if k != "bound"})
+    # ... and with its fast variables mixed by a learnable linear map (fast_linear).
+    cases["coarse_grained-molecule-fast-linear"] = Case(
+        "coarse_grained", cases["coarse_grained-molecule"].layout,
+        {**cases["coarse_grained-molecule"].settings, "fast_linear": True})
     return cases
 
 

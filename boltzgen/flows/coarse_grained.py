@@ -262,6 +262,11 @@ class CoarseGrainedFlow(Flow):
         bound: B, half-width of a vector's slow variables' box (their units: the system's
             coordinates, before W), > 0; default 4. Not for a molecule (its torsions' box is
             [−π, π)).
+        fast_linear: a molecule only: a learnable linear map X' = W_f X + b_f (W_f = L U as
+            W, identity at the start) of the fast variables before the internal-coordinate
+            map, so that they are a correlated Gaussian given z (bond lengths and angles of one
+            centre move together), where without it each is independent given z; log|det|
+            gains Σ s_f. A vector's W already does this.
     """
 
     accepts: ClassVar[tuple[str, ...]] = ("vector", "molecule")
@@ -278,7 +283,7 @@ class CoarseGrainedFlow(Flow):
 
     def __init__(self, layout: Layout | int, slow_dim: int | None = None, n_layers: int = 4,
                  hidden: int = 64, n_hidden_layers: int = 2, n_bins: int = 8,
-                 bound: float | None = None) -> None:
+                 bound: float | None = None, fast_linear: bool = False) -> None:
         layout = as_layout(layout)
         super().__init__(layout)
         molecule = isinstance(layout, MoleculeLayout)
@@ -295,6 +300,11 @@ class CoarseGrainedFlow(Flow):
         n_bins = check_int("n_bins", n_bins, minimum=2)
         if n_bins > MAX_BINS:
             raise ValueError(f"n_bins: {n_bins!r} is not allowed; must be <= {MAX_BINS}")
+        if not isinstance(fast_linear, bool):
+            raise ValueError(f"fast_linear: {fast_linear!r} is not allowed; true or false")
+        if fast_linear and not molecule:
+            raise ValueError("fast_linear: True is not allowed for a vector; its linear map W "
+                             "already mixes the fast variables (leave fast_linear out)")
         if molecule and bound is not None:
             raise ValueError(f"bound: {bound!r} is not allowed for a molecule; its slow "
                              "variables are torsions on [-pi, pi) (leave bound out)")
@@ -310,6 +320,7 @@ class CoarseGrainedFlow(Flow):
                                     n_hidden_layers)
         self.bijection: nn.Module = (_InternalCoordinateMap(layout, k) if isinstance(
             layout, MoleculeLayout) else _LinearBijection(self.dim, k))
+        self.fast_linear = _LinearBijection(self.fast_dim, 0) if fast_linear else None
 
     @property
     def latent_dim(self) -> int:
@@ -332,6 +343,9 @@ class CoarseGrainedFlow(Flow):
         k = self.slow_dim
         if inverse:
             z, fast, logdet = self.bijection.inverse(x)
+            if self.fast_linear is not None:
+                _, fast, ld = self.fast_linear.inverse(fast)
+                logdet = logdet + ld
             mean, log_scale = self._fast_parameters(z)
             eps = (fast - mean) * torch.exp(-log_scale)
             logdet = logdet - log_scale.sum(-1)
@@ -348,5 +362,9 @@ class CoarseGrainedFlow(Flow):
             logdet = logdet + ld
         mean, log_scale = self._fast_parameters(z)
         fast = mean + torch.exp(log_scale) * eps
+        logdet = logdet + log_scale.sum(-1)
+        if self.fast_linear is not None:
+            fast, ld = self.fast_linear(fast[..., :0], fast)
+            logdet = logdet + ld
         y, ld = self.bijection(z, fast)
-        return y, logdet + log_scale.sum(-1) + ld
+        return y, logdet + ld
