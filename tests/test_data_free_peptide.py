@@ -164,3 +164,16 @@ def test_bad_molecular_coarse_grained_settings_are_refused(
     result = CliRunner().invoke(app, ["validate", str(write_spec(tmp_path, data))])
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_a_flow_with_no_valid_sample_still_gets_its_plots(aldp, tmp_path: Path) -> None:
+    """A data-free flow can learn the mirror image (the force field is achiral): every sample
+    D, none valid. The Ramachandran and energy plots then show the MD alone, not a crash."""
+    from boltzgen.peptides.plots import energy_histogram_plot, flow_ramachandran_plot
+
+    phi, psi = aldp.backbone_dihedrals(np.zeros((0, aldp.dim)))
+    assert phi.shape == psi.shape == (0,)
+    md = (np.random.default_rng(0).uniform(-3, 3, 50), np.random.default_rng(1).uniform(-3, 3, 50))
+    assert flow_ramachandran_plot(tmp_path / "r.png", md, (phi, psi), np.zeros(0)).exists()
+    assert energy_histogram_plot(tmp_path / "e.png", np.random.default_rng(2).normal(size=50),
+                                 np.zeros(0), np.zeros(0)).exists()

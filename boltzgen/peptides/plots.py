@@ -39,9 +39,9 @@ def flow_ramachandran_plot(path: str | Path, md: tuple[np.ndarray, np.ndarray],
     weights = normalized_weights(log_w)
     fig = _new_figure(13.5, 4.0)
     axes = fig.subplots(1, 3, sharex=True, sharey=True)
+    ess = f"{100.0 * kish_ess_fraction(log_w):.1f} %" if len(log_w) else "no valid sample"
     panels = (("MD", md, None), ("flow, raw", flow, None),
-              (f"flow, reweighted (ESS {100.0 * kish_ess_fraction(log_w):.1f} %)", flow,
-               weights))
+              (f"flow, reweighted (ESS {ess})", flow, weights))
     image = None
     for ax, (label, (phi, psi), w) in zip(axes, panels, strict=True):
         keep = slice(None) if w is None else w > 0
@@ -66,7 +66,7 @@ def energy_histogram_plot(path: str | Path, md_energy_kj_per_mol: np.ndarray,
     and the flow samples reweighted by ``log_weights`` (left out when no weight is positive)."""
     flow = np.asarray(flow_energy_kj_per_mol, dtype=np.float64)
     weights = normalized_weights(np.asarray(log_weights, dtype=np.float64))
-    energies = {"MD": md_energy_kj_per_mol, "flow, raw": flow}
+    energies = {"MD": md_energy_kj_per_mol, **({"flow, raw": flow} if len(flow) else {})}
     if np.any(weights[np.isfinite(flow)] > 0):
         energies["flow, reweighted"] = flow
     fig = energy_histograms(energies, {"flow, reweighted": weights}, "kJ/mol", title)

@@ -175,7 +175,9 @@ class PeptideSystem(LocalOpenMMPotential, System):
 
         arr = self._as_samples(x)
         top = self.topology
-        return backbone_dihedrals(arr.reshape(len(arr), -1, 3), top.phi_atoms, top.psi_atoms)
+        # n atoms explicitly: a reshape with -1 fails for zero samples (all of them invalid)
+        return backbone_dihedrals(arr.reshape(len(arr), self.dim // 3, 3), top.phi_atoms,
+                                  top.psi_atoms)
 
     # The Ramachandran basins of :meth:`mode_index`, in its order.
     mode_names: ClassVar[tuple[str, ...]] = ("C5", "C7eq", "alphaR", "alphaL", "C7ax")
