@@ -98,7 +98,11 @@ def main() -> None:
               for _ in range(args.cores)]
     ray.get([actor.ready.remote() for actor in actors])
     pool = PooledEnergy(job, actors)
-    pool(batches[0][: 2 * args.cores])  # every actor builds its Context (untimed)
+    # Untimed: every actor builds its Context, then one whole batch (the first full-size
+    # calls of an actor ran ~1.7x slower than later ones: Ray's object store and the
+    # actors' buffers warming up).
+    pool(batches[0][: 2 * args.cores])
+    pool(batches[0])
     actors_start = time.perf_counter() - started - ray_start
 
     import torch
@@ -109,7 +113,8 @@ def main() -> None:
     torch.set_num_threads(args.cores)
     forcefield = ENERGY_BACKENDS.get("torch_forcefield").make(
         make_system(job.dump["system"]), job.energy)
-    forcefield(batches[0][:2])  # untimed: the parameters read from the OpenMM System
+    forcefield(batches[0])  # untimed: the parameters read from the OpenMM System
+    single(batches[0])
     arms = {"single_1": timed(single, batches), "pool_1": timed(pool, batches),
             "forcefield_1": timed(forcefield, batches),
             "forcefield_2": timed(forcefield, batches),
