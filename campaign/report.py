@@ -31,7 +31,8 @@ KEY_METRICS = ("atoms", "delta_f", "delta_f_err", "reference_delta_f", "referenc
                "rdf_O_H_max_z", "rdf_O_H_max_z_noise95",
                "mode_weight_error", "mode_weight_error_reweighted", "tempering_beta_reached",
                "tempering_levels", "time_reference", "time_train", "time_sample", "time_energy",
-               "time_estimate", "time_train_cpu_seconds", "md_ns", "energy_evaluations",
+               "time_estimate", "time_train_cpu_seconds", "md_ns", "md_seconds_all_rungs",
+               "energy_evaluations",
                "energy_evaluations_train")
 # Params that say what a job computes, shown next to the grid axes where a job records them.
 KEY_PARAMS = ("molecules", "base_temperature_k", "target_temperature_k")
