@@ -7,6 +7,12 @@ Conventions):
   (Gibbs/Jensen bound; Wirnsberger et al. 2020). With a normalized Gaussian base
   (f_A = 0) this is the data-free energy-based loss E_q[log q(y) + u_B(y)] of Noé et al. 2019
   and Stupp & Koutsourelakis 2025, from model samples only.
+- Reverse KL plus a reweighted forward KL, x ~ A, weight λ (``training.forward_kl_weight``):
+  L = E_A[-log w] + λ Σ_i w̄_i [-log q(y_i)], y_i = T x_i held fixed, w̄_i = w_i / Σ_j w_j. The
+  second term is the forward KL(B || T#A) up to a constant, estimated from the flow's own
+  samples by self-normalized importance sampling (no data). Its gradient moves probability
+  between well-separated modes directly (through log q of each mode's samples), where reverse
+  KL moves it only through the few samples that fall between them (mode weights drift slowly).
 - Flow matching (continuous flows, :mod:`boltzgen.flow_matching`): regress the flow's velocity
   onto straight paths between paired prior and data samples; no ODE, no energy.
 - Maximum likelihood / forward KL, y ~ B:  L = E_B[u_A(T^-1 y) - log|det J_{T^-1}(y)|]. When
@@ -65,6 +71,40 @@ def reverse_kl_loss(
     return _finite_mean(per_sample, x_a)
 
 
+def reverse_and_reweighted_forward_kl_loss(
+    flow: nn.Module, x_a: torch.Tensor, u_a: EnergyFn, u_b: EnergyFn, weight: float
+) -> torch.Tensor:
+    """The reverse-KL loss of :func:`reverse_kl_loss` plus ``weight`` times the reweighted
+    forward KL (module docstring), in kT, from the same batch x ~ A and its energies.
+
+    With t_i = u_B(y_i) − log|det J_T(x_i)| − u_A(x_i) = −log w_i on the finite rows:
+
+        L = mean_i t_i + weight · Σ_i softmax(−t)_i · [u_A(T⁻¹ y_i) − log|det J_T⁻¹(y_i)|],
+
+    the weights and y_i = T(x_i) detached, so the second term's gradient is the importance-
+    weighted maximum-likelihood gradient −Σ w̄_i ∇ log q(y_i) (an inverse pass of the flow).
+    Rows whose t_i or inverse term is not finite are left out of both sums.
+    """
+    y, logdet = flow(x_a)
+    terms = u_b(y) - logdet - u_a(x_a)
+    finite = torch.isfinite(terms)
+    if not bool(finite.any()):
+        return terms.detach().new_tensor(float("nan"))
+    if not bool(finite.all()):  # keep non-finite values out of the gradient (recompute)
+        x_a = x_a[finite]
+        y, logdet = flow(x_a)
+        terms = u_b(y) - logdet - u_a(x_a)
+    slow = flow.slow_log_density(y.detach())
+    if slow is not None:  # the modes' weights live in the slow density (its docstring)
+        nll = -slow
+    else:
+        x_back, logdet_inverse = flow.inverse(y.detach())
+        nll = u_a(x_back) - logdet_inverse
+    usable = torch.isfinite(nll) & torch.isfinite(terms)
+    weights = torch.softmax(-terms.detach()[usable], 0)
+    return terms.mean() + weight * (weights * nll[usable]).sum()
+
+
 def maximum_likelihood_loss(flow: nn.Module, y_b: torch.Tensor, u_a: EnergyFn) -> torch.Tensor:
     """mean over y ~ B of u_A(T^-1 y) - log|det J_{T^-1}(y)|, in kT.
 
@@ -112,6 +152,7 @@ class Objective:
     uses_coupling: ClassVar[bool] = False  # reads training.coupling / sigma_min (flow matching)
     uses_tempering: ClassVar[bool] = False  # reads training.tempering (adaptive tempering)
     trains_on_energy: ClassVar[bool] = False  # its loss reads u_B (training.energy_cap_kt)
+    reads_forward_kl_weight: ClassVar[bool] = False  # training.forward_kl_weight
 
     @classmethod
     def from_settings(cls, training: TrainingSettings) -> Objective:
@@ -163,9 +204,19 @@ OBJECTIVES: Registry[Objective] = Registry("objective", field="training.objectiv
 @OBJECTIVES.register("reverse_kl")
 class ReverseKL(Objective):
     """The LFEP / reverse-KL loss on batches x ~ A (:func:`reverse_kl_loss`), after
-    ``warm_start_steps`` maximum-likelihood steps where the settings ask for them."""
+    ``warm_start_steps`` maximum-likelihood steps where the settings ask for them; with
+    ``forward_kl_weight`` λ > 0, plus λ times the reweighted forward KL of the same batch
+    (:func:`reverse_and_reweighted_forward_kl_loss`)."""
 
     trains_on_energy: ClassVar[bool] = True
+    reads_forward_kl_weight: ClassVar[bool] = True
+
+    def __init__(self, forward_kl_weight: float | None = None) -> None:
+        self.forward_kl_weight = forward_kl_weight
+
+    @classmethod
+    def from_settings(cls, training: TrainingSettings) -> ReverseKL:
+        return cls(training.forward_kl_weight)
 
     @classmethod
     def phases(cls, training: TrainingSettings) -> list[tuple[str, int]]:
@@ -183,6 +234,9 @@ class ReverseKL(Objective):
              u_a: EnergyFn, u_b: EnergyFn, sample_a: Callable[[int], torch.Tensor] | None,
              data_b: torch.Tensor | Any | None) -> torch.Tensor:
         assert sample_a is not None  # validate() refused a missing sampler
+        if self.forward_kl_weight:
+            return reverse_and_reweighted_forward_kl_loss(
+                flow, sample_a(batch_size), u_a, u_b, self.forward_kl_weight)
         return reverse_kl_loss(flow, sample_a(batch_size), u_a, u_b)
 
 

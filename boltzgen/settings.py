@@ -315,8 +315,14 @@ class TrainingSettings(Strict):
     tempering: TemperingSettings | None = Field(
         default=None, description="adaptive_tempering only: the schedule of beta (defaults "
         "as in TemperingSettings)")
+    forward_kl_weight: PositiveFloat | None = Field(
+        default=None, description="reverse_kl (and adaptive_tempering's phase at beta = 1) "
+        "only: add this weight times the forward KL estimated from the model's own samples "
+        "by self-normalized importance weights (boltzgen.objectives."
+        "reverse_and_reweighted_forward_kl_loss): still data-free; it moves probability "
+        "between modes that reverse KL alone reaches only through the samples between them")
     _left_out_when_unset = ("warm_start_steps", "symmetry_augmentation", "coupling",
-                            "sigma_min", "tempering", "energy_cap_kt")
+                            "sigma_min", "tempering", "energy_cap_kt", "forward_kl_weight")
 
 
 class SamplingSettings(Strict):
@@ -421,6 +427,12 @@ def cross_section_complaints(job: JobSettings, system: System) -> Iterator[Setti
         yield SettingError("training.energy_cap_kt", job.training.energy_cap_kt, "it caps the "
                            "energies of reverse-KL training; leave it out for objective "
                            f"'{job.training.objective}'")
+    if job.training.forward_kl_weight is not None and not any(
+            registry("objective").get(name).reads_forward_kl_weight
+            for name, _ in objective.phases(job.training)):
+        yield SettingError("training.forward_kl_weight", job.training.forward_kl_weight,
+                           "it weights the reweighted forward KL of reverse-KL training; leave "
+                           f"it out for objective '{job.training.objective}'")
     if job.training.tempering is not None and not objective.uses_tempering:
         yield SettingError("training.tempering", "set", "it is the schedule of objective "
                            f"'adaptive_tempering'; leave it out for '{job.training.objective}'")

@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from boltzgen.objectives import OBJECTIVES, EnergyFn, Objective, reverse_kl_loss
+from boltzgen.objectives import (
+    OBJECTIVES,
+    EnergyFn,
+    Objective,
+    reverse_and_reweighted_forward_kl_loss,
+    reverse_kl_loss,
+)
 from boltzgen.settings import SettingError, TemperingSettings
 
 if TYPE_CHECKING:
@@ -68,9 +74,12 @@ class AdaptiveTempering(Objective):
 
     uses_tempering: ClassVar[bool] = True
     trains_on_energy: ClassVar[bool] = True
+    reads_forward_kl_weight: ClassVar[bool] = True
 
-    def __init__(self, settings: TemperingSettings) -> None:
+    def __init__(self, settings: TemperingSettings,
+                 forward_kl_weight: float | None = None) -> None:
         self.settings = settings
+        self.forward_kl_weight = forward_kl_weight  # training.forward_kl_weight, at every β
         self.beta = float(settings.beta0)
         self.level_start = 0  # optimizer step at which training at the current β began
         # One entry per accepted step: what the MLflow series and the schedule plot show.
@@ -85,7 +94,7 @@ class AdaptiveTempering(Objective):
 
     @classmethod
     def from_settings(cls, training: TrainingSettings) -> AdaptiveTempering:
-        return cls(training.tempering or TemperingSettings())
+        return cls(training.tempering or TemperingSettings(), training.forward_kl_weight)
 
     @classmethod
     def complaints(cls, job: JobSettings, system: System) -> Iterator[SettingError]:
@@ -122,6 +131,9 @@ class AdaptiveTempering(Objective):
         beta = self.beta
         # The reverse KL to the tempered target β u_B: E[β u_B(T x) − log|det J| − u_A(x)],
         # u_A = −log p of the normalized prior, so the per-sample term is log q + β u_B.
+        if self.forward_kl_weight:  # plus the reweighted forward KL to p_β
+            return reverse_and_reweighted_forward_kl_loss(
+                flow, sample_a(batch_size), u_a, lambda y: beta * u_b(y), self.forward_kl_weight)
         return reverse_kl_loss(flow, sample_a(batch_size), u_a, lambda y: beta * u_b(y))
 
     def check_budget(self, steps: int) -> None:

@@ -126,6 +126,9 @@ def test_bad_tempering_and_coarse_grained_settings_are_refused(workdir: Path) ->
          "slow variables"),
         (("flow", "fast_linear", True), "flow.fast_linear: True is not allowed for a vector; "
          "its linear map W already mixes the fast variables"),
+        (("training", "forward_kl_weight", 0), "training.forward_kl_weight: 0 is not allowed; "
+         "must be a finite number > 0"),
+        (("training", "forward_kl_weight", -1.0), "training.forward_kl_weight: -1.0"),
     ]
     for (section, *path, value), message in cases:
         data = copy.deepcopy(good)
@@ -141,3 +144,10 @@ def test_bad_tempering_and_coarse_grained_settings_are_refused(workdir: Path) ->
     data["training"] = {"objective": "reverse_kl", "tempering": {"beta0": 0.1}}
     result = CliRunner().invoke(app, ["validate", str(write_spec(workdir, data))])
     assert result.exit_code == 2 and "training.tempering: 'set' is not allowed" in result.stderr
+    data = copy.deepcopy(TINY_SPEC)
+    data["training"] = {"objective": "maximum_likelihood", "forward_kl_weight": 10.0}
+    result = CliRunner().invoke(app, ["validate", str(write_spec(workdir, data))])
+    assert result.exit_code == 2 and (
+        "error: training.forward_kl_weight: 10.0 is not allowed; it weights the reweighted "
+        "forward KL of reverse-KL training; leave it out for objective 'maximum_likelihood'"
+        in result.stderr), result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -10,8 +11,13 @@ import torch
 
 from boltzgen.bases import NormalBase
 from boltzgen.estimators import importance_free_energy, lfep_log_weights
-from boltzgen.flows import AffineCouplingFlow
-from boltzgen.objectives import maximum_likelihood_loss, reverse_kl_loss
+from boltzgen.flows import AffineCouplingFlow, SplineCouplingFlow
+from boltzgen.objectives import (
+    ReverseKL,
+    maximum_likelihood_loss,
+    reverse_and_reweighted_forward_kl_loss,
+    reverse_kl_loss,
+)
 from boltzgen.training import train_flow
 
 MU = torch.tensor([1.0, -0.5], dtype=torch.float64)
@@ -152,3 +158,64 @@ def test_train_flow_errors() -> None:
         train_flow(flow, "maximum_likelihood", 1, 4, 1e-3, sample_a=None, data_b=None, **common)
     with pytest.raises(ValueError, match="learning_rate: -1.0"):
         train_flow(flow, "maximum_likelihood", 1, 4, -1.0, sample_a=None, data_b=_data(5), **common)
+
+
+def test_reweighted_forward_kl_adds_the_importance_weighted_likelihood() -> None:
+    """At T = id the forward term is Σ w̄_i u_A(x_i), w̄ = softmax(u_A − u_B) (self-normalized
+    importance weights of B against A); its gradient is −Σ w̄_i ∇ log q(y_i), y_i held fixed."""
+    base = NormalBase(2)
+    flow = AffineCouplingFlow(2, n_layers=2, hidden=4)
+    x = _data(50)
+    loss = reverse_and_reweighted_forward_kl_loss(flow, x, base.reduced_energy, u_b, 0.5)
+    u_a_x = base.reduced_energy(x)
+    weights = torch.softmax(u_a_x - u_b(x), 0)
+    torch.testing.assert_close(
+        loss, (u_b(x) - u_a_x).mean() + 0.5 * (weights * u_a_x).sum())
+    loss.backward()
+    got = [p.grad.clone() for p in flow.parameters()]
+    flow.zero_grad()
+    expected = reverse_kl_loss(flow, x, base.reduced_energy, u_b)
+    x_back, logdet_inverse = flow.inverse(x)
+    (expected + 0.5 * (weights * (base.reduced_energy(x_back) - logdet_inverse)).sum()).backward()
+    for a, p in zip(got, flow.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad)
+
+
+def test_reweighted_forward_kl_corrects_mode_weights_reverse_kl_leaves() -> None:
+    """Two well-separated modes of equal weight (x1 = ±2.5, sd 0.3); a flow fitted by maximum
+    likelihood to data with weights 0.8 / 0.2. Reverse KL alone drives the weights further from
+    1/2 (its optimum weights each mode by how well the flow fits its shape, and it reaches
+    them only through the few samples between the modes); with the reweighted forward KL
+    (weight 100) they go to 1/2. Fraction of 4000 draws: sd 0.008; the training's own noise
+    (IS weights of 512 samples) moved it by up to 0.08 between checks 50 steps apart."""
+    def u_two_modes(y: torch.Tensor) -> torch.Tensor:
+        return (torch.minimum((y[:, 0] - 2.5) ** 2, (y[:, 0] + 2.5) ** 2) / (2 * 0.09)
+                + 0.5 * y[:, 1] ** 2)
+
+    gen = torch.Generator().manual_seed(5)
+    n = 4000
+    sign = torch.where(torch.rand(n, generator=gen, dtype=torch.float64) < 0.8, 1.0, -1.0)
+    data = torch.stack([2.5 * sign + 0.3 * torch.randn(n, generator=gen, dtype=torch.float64),
+                        torch.randn(n, generator=gen, dtype=torch.float64)], 1)
+    base = NormalBase(2)
+    torch.manual_seed(0)
+    start = SplineCouplingFlow(2, n_layers=4, hidden=16)
+    train_flow(start, "maximum_likelihood", 400, 256, 1e-2, u_a=base.reduced_energy,
+               u_b=u_two_modes, sample_a=None, data_b=data, seed=1)
+
+    def right_mode_fraction(flow: SplineCouplingFlow) -> float:
+        with torch.no_grad():
+            y, _ = flow(base.sample(n, torch.Generator().manual_seed(9)))
+        return float((y[:, 0] > 0).double().mean())
+
+    assert abs(right_mode_fraction(start) - 0.8) < 0.05
+    fractions = {}
+    for weight in (None, 100.0):
+        flow = copy.deepcopy(start)
+        sampler = torch.Generator().manual_seed(2)
+        train_flow(flow, ReverseKL(weight), 300, 512, 5e-3, u_a=base.reduced_energy,
+                   u_b=u_two_modes, sample_a=lambda m, g=sampler: base.sample(m, g),
+                   data_b=None)
+        fractions[weight] = right_mode_fraction(flow)
+    assert fractions[None] > 0.9, fractions
+    assert abs(fractions[100.0] - 0.5) < 0.1, fractions

@@ -333,6 +333,22 @@ class CoarseGrainedFlow(Flow):
         if isinstance(self.bijection, _InternalCoordinateMap):
             self.bijection.fit_to_structure(x0.reshape(-1, 3).to(self.bijection.bond_centre))
 
+    def slow_log_density(self, y: torch.Tensor) -> torch.Tensor:
+        """log q_slow(z) = log p_u(S⁻¹ z) + Σ_layers ln|(S⁻¹)'| of the slow splines at the slow
+        variables z of ``y`` (the bijection's inverse, without gradient). The splines map the
+        box (or torus) onto itself, so fitting this density by the reweighted forward KL
+        moves probability between modes and cannot shrink the model's support (fitting the
+        whole log q to the model's own samples would: maximum likelihood narrows a bounded
+        support to the samples' range, step after step)."""
+        self._check_euclidean_input("y", y, self.dim)
+        with torch.no_grad():
+            z = self.bijection.inverse(y)[0]
+        log_density = z.new_full(z.shape[:-1], -self.slow_dim * math.log(2.0 * self.prior.bound))
+        for layer in reversed(self.slow):
+            z, ld = layer(z, inverse=True)
+            log_density = log_density + ld
+        return log_density
+
     def _fast_parameters(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.fast(_circle_features(z) if self.molecule else z)
         return out[..., : self.fast_dim], out[..., self.fast_dim :]

@@ -104,6 +104,15 @@ class Flow(nn.Module):
         training (module docstring); nothing by default."""
         del x0
 
+    def slow_log_density(self, y: torch.Tensor) -> torch.Tensor | None:
+        """log q_slow(z(y)), the density of the variables that carry the modes' weights at
+        the slow coordinates z(y) of configurations ``y`` (batch, dim), the map from z to y
+        held fixed (no gradient through it), for the reweighted forward KL of
+        :func:`boltzgen.objectives.reverse_and_reweighted_forward_kl_loss`; None (the
+        default): the flow has no such part, and the whole log q(y) is fitted."""
+        del y
+        return None
+
     # -- statistics of the map (continuous flows count their ODE solves) ----------------------
     def reset_statistics(self) -> None:
         """Forget what :meth:`solve_statistics` reports (nothing to forget by default)."""
