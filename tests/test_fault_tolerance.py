@@ -70,11 +70,16 @@ def test_training_continues_exactly_from_its_checkpoint(tmp_path: Path) -> None:
                           checkpoint_every=20).resumed_from_step == 0
 
 
-def _processes() -> dict[int, str]:
+def _processes(marker: str | None = None) -> dict[int, str]:
+    """pid -> command line; with ``marker``, only processes whose environment contains it (a
+    test's own Ray workers inherit its launch's MLFLOW_TRACKING_URI, so another campaign on the
+    same machine is left alone)."""
     table = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
+                if marker is not None and marker.encode() not in (entry / "environ").read_bytes():
+                    continue
                 table[int(entry.name)] = (entry / "cmdline").read_bytes().replace(
                     b"\0", b" ").decode(errors="replace")
     return table
@@ -148,7 +153,8 @@ def test_killed_trainer_resumes_from_its_checkpoint_and_survives_a_killed_evalua
                             stderr=subprocess.PIPE, text=True)
 
     def busy(title: str) -> list[int]:
-        return [pid for pid, cmd in _processes().items() if cmd.startswith(title)]
+        own = _processes(_env(tmp_path)["MLFLOW_TRACKING_URI"])
+        return [pid for pid, cmd in own.items() if cmd.startswith(title)]
 
     try:
         _wait_for(lambda: progress.is_file() and _progress_step(progress) >= 2 * every, 240,
