@@ -44,16 +44,31 @@ if TYPE_CHECKING:
 EnergyFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _finite_mean(
+def _finite_terms(
     per_sample: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor
-) -> torch.Tensor:
+) -> torch.Tensor | None:
+    """The per-sample terms of the rows whose term is finite (recomputed on those rows when
+    some are not, so that no non-finite value reaches the gradient); None if none is."""
     terms = per_sample(inputs)
     finite = torch.isfinite(terms)
     if bool(finite.all()):
-        return terms.mean()
+        return terms
     if not bool(finite.any()):
-        return terms.detach().new_tensor(float("nan"))
-    return per_sample(inputs[finite]).mean()
+        return None
+    return per_sample(inputs[finite])
+
+
+def _finite_mean(
+    per_sample: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor
+) -> torch.Tensor:
+    terms = _finite_terms(per_sample, inputs)
+    return inputs.new_tensor(float("nan")) if terms is None else terms.mean()
+
+
+def _negative_log_likelihood(flow: nn.Module, y: torch.Tensor, u_a: EnergyFn) -> torch.Tensor:
+    """−log q(y) per sample, u_A(T⁻¹ y) − log|det J_T⁻¹(y)| (kT), by the flow's inverse."""
+    x, logdet_inv = flow.inverse(y)
+    return u_a(x) - logdet_inv
 
 
 def reverse_kl_loss(
@@ -83,24 +98,24 @@ def reverse_and_reweighted_forward_kl_loss(
 
     the weights and y_i = T(x_i) detached, so the second term's gradient is the importance-
     weighted maximum-likelihood gradient −Σ w̄_i ∇ log q(y_i) (an inverse pass of the flow).
-    Rows whose t_i or inverse term is not finite are left out of both sums.
+    Rows whose t_i is not finite are left out of both sums (recomputed without them, as in
+    :func:`reverse_kl_loss`); rows whose −log q is not finite, out of the forward one.
     """
-    y, logdet = flow(x_a)
-    terms = u_b(y) - logdet - u_a(x_a)
-    finite = torch.isfinite(terms)
-    if not bool(finite.any()):
-        return terms.detach().new_tensor(float("nan"))
-    if not bool(finite.all()):  # keep non-finite values out of the gradient (recompute)
-        x_a = x_a[finite]
-        y, logdet = flow(x_a)
-        terms = u_b(y) - logdet - u_a(x_a)
-    slow = flow.slow_log_density(y.detach())
-    if slow is not None:  # the modes' weights live in the slow density (its docstring)
-        nll = -slow
-    else:
-        x_back, logdet_inverse = flow.inverse(y.detach())
-        nll = u_a(x_back) - logdet_inverse
-    usable = torch.isfinite(nll) & torch.isfinite(terms)
+    mapped: dict[str, torch.Tensor] = {}
+
+    def per_sample(x: torch.Tensor) -> torch.Tensor:
+        y, logdet = flow(x)
+        mapped["y"] = y  # of the rows kept, for the forward term
+        return u_b(y) - logdet - u_a(x)
+
+    terms = _finite_terms(per_sample, x_a)
+    if terms is None:
+        return x_a.new_tensor(float("nan"))
+    y = mapped["y"].detach()
+    slow = flow.slow_log_density(y)
+    # the modes' weights live in the slow density where the flow has one (its docstring)
+    nll = -slow if slow is not None else _negative_log_likelihood(flow, y, u_a)
+    usable = torch.isfinite(nll)
     weights = torch.softmax(-terms.detach()[usable], 0)
     return terms.mean() + weight * (weights * nll[usable]).sum()
 
@@ -113,11 +128,7 @@ def maximum_likelihood_loss(flow: nn.Module, y_b: torch.Tensor, u_a: EnergyFn) -
     ``y_b`` (batch, dim) data from B; ``u_a`` reduced energy of A, (batch, dim) -> (batch,).
     """
 
-    def per_sample(y: torch.Tensor) -> torch.Tensor:
-        x, logdet_inv = flow.inverse(y)
-        return u_a(x) - logdet_inv
-
-    return _finite_mean(per_sample, y_b)
+    return _finite_mean(lambda y: _negative_log_likelihood(flow, y, u_a), y_b)
 
 
 class Objective:

@@ -316,7 +316,7 @@ class TrainingSettings(Strict):
         default=None, description="adaptive_tempering only: the schedule of beta (defaults "
         "as in TemperingSettings)")
     forward_kl_weight: PositiveFloat | None = Field(
-        default=None, description="reverse_kl (and adaptive_tempering's phase at beta = 1) "
+        default=None, description="reverse_kl and adaptive_tempering (at every beta) "
         "only: add this weight times the forward KL estimated from the model's own samples "
         "by self-normalized importance weights (boltzgen.objectives."
         "reverse_and_reweighted_forward_kl_loss): still data-free; it moves probability "
