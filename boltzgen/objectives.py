@@ -72,34 +72,23 @@ def _negative_log_likelihood(flow: nn.Module, y: torch.Tensor, u_a: EnergyFn) ->
 
 
 def reverse_kl_loss(
-    flow: nn.Module, x_a: torch.Tensor, u_a: EnergyFn, u_b: EnergyFn
+    flow: nn.Module, x_a: torch.Tensor, u_a: EnergyFn, u_b: EnergyFn,
+    forward_kl_weight: float | None = None,
 ) -> torch.Tensor:
-    """mean over x ~ A of -log w = u_B(T x) - log|det J_T(x)| - u_A(x), in kT (upper bound on ΔF).
+    """mean over x ~ A of t = -log w = u_B(T x) - log|det J_T(x)| - u_A(x), in kT (upper bound
+    on ΔF); with ``forward_kl_weight`` λ, plus λ times the reweighted forward KL of the same
+    batch (module docstring):
 
-    ``x_a`` (batch, dim) samples of A; ``u_a``, ``u_b`` reduced energies (batch, dim) -> (batch,).
-    """
-
-    def per_sample(x: torch.Tensor) -> torch.Tensor:
-        y, logdet = flow(x)
-        return u_b(y) - logdet - u_a(x)
-
-    return _finite_mean(per_sample, x_a)
-
-
-def reverse_and_reweighted_forward_kl_loss(
-    flow: nn.Module, x_a: torch.Tensor, u_a: EnergyFn, u_b: EnergyFn, weight: float
-) -> torch.Tensor:
-    """The reverse-KL loss of :func:`reverse_kl_loss` plus ``weight`` times the reweighted
-    forward KL (module docstring), in kT, from the same batch x ~ A and its energies.
-
-    With t_i = u_B(y_i) − log|det J_T(x_i)| − u_A(x_i) = −log w_i on the finite rows:
-
-        L = mean_i t_i + weight · Σ_i softmax(−t)_i · [u_A(T⁻¹ y_i) − log|det J_T⁻¹(y_i)|],
+        L = mean_i t_i + λ · Σ_i softmax(−t)_i · [u_A(T⁻¹ y_i) − log|det J_T⁻¹(y_i)|],
 
     the weights and y_i = T(x_i) detached, so the second term's gradient is the importance-
-    weighted maximum-likelihood gradient −Σ w̄_i ∇ log q(y_i) (an inverse pass of the flow).
-    Rows whose t_i is not finite are left out of both sums (recomputed without them, as in
-    :func:`reverse_kl_loss`); rows whose −log q is not finite, out of the forward one.
+    weighted maximum-likelihood gradient −Σ w̄_i ∇ log q(y_i) (an inverse pass of the flow;
+    of the slow part alone where the flow has one, :meth:`Flow.slow_log_density`).
+
+    ``x_a`` (batch, dim) samples of A; ``u_a``, ``u_b`` reduced energies (batch, dim) -> (batch,).
+    Rows whose t_i is not finite are left out of both sums (recomputed without them, so no
+    non-finite value reaches the gradient); rows whose −log q is not finite, out of the
+    forward one; NaN if no row is finite.
     """
     mapped: dict[str, torch.Tensor] = {}
 
@@ -111,13 +100,15 @@ def reverse_and_reweighted_forward_kl_loss(
     terms = _finite_terms(per_sample, x_a)
     if terms is None:
         return x_a.new_tensor(float("nan"))
+    if not forward_kl_weight:
+        return terms.mean()
     y = mapped["y"].detach()
     slow = flow.slow_log_density(y)
     # the modes' weights live in the slow density where the flow has one (its docstring)
     nll = -slow if slow is not None else _negative_log_likelihood(flow, y, u_a)
     usable = torch.isfinite(nll)
     weights = torch.softmax(-terms.detach()[usable], 0)
-    return terms.mean() + weight * (weights * nll[usable]).sum()
+    return terms.mean() + forward_kl_weight * (weights * nll[usable]).sum()
 
 
 def maximum_likelihood_loss(flow: nn.Module, y_b: torch.Tensor, u_a: EnergyFn) -> torch.Tensor:
@@ -216,8 +207,7 @@ OBJECTIVES: Registry[Objective] = Registry("objective", field="training.objectiv
 class ReverseKL(Objective):
     """The LFEP / reverse-KL loss on batches x ~ A (:func:`reverse_kl_loss`), after
     ``warm_start_steps`` maximum-likelihood steps where the settings ask for them; with
-    ``forward_kl_weight`` λ > 0, plus λ times the reweighted forward KL of the same batch
-    (:func:`reverse_and_reweighted_forward_kl_loss`)."""
+    ``forward_kl_weight`` λ > 0, plus λ times the reweighted forward KL of the same batch."""
 
     trains_on_energy: ClassVar[bool] = True
     reads_forward_kl_weight: ClassVar[bool] = True
@@ -245,10 +235,7 @@ class ReverseKL(Objective):
              u_a: EnergyFn, u_b: EnergyFn, sample_a: Callable[[int], torch.Tensor] | None,
              data_b: torch.Tensor | Any | None) -> torch.Tensor:
         assert sample_a is not None  # validate() refused a missing sampler
-        if self.forward_kl_weight:
-            return reverse_and_reweighted_forward_kl_loss(
-                flow, sample_a(batch_size), u_a, u_b, self.forward_kl_weight)
-        return reverse_kl_loss(flow, sample_a(batch_size), u_a, u_b)
+        return reverse_kl_loss(flow, sample_a(batch_size), u_a, u_b, self.forward_kl_weight)
 
 
 @OBJECTIVES.register("maximum_likelihood")

@@ -318,9 +318,9 @@ class TrainingSettings(Strict):
     forward_kl_weight: PositiveFloat | None = Field(
         default=None, description="reverse_kl and adaptive_tempering (at every beta) "
         "only: add this weight times the forward KL estimated from the model's own samples "
-        "by self-normalized importance weights (boltzgen.objectives."
-        "reverse_and_reweighted_forward_kl_loss): still data-free; it moves probability "
-        "between modes that reverse KL alone reaches only through the samples between them")
+        "by self-normalized importance weights (boltzgen.objectives.reverse_kl_loss): "
+        "still data-free; it moves probability between modes that reverse KL alone reaches "
+        "only through the samples between them")
     _left_out_when_unset = ("warm_start_steps", "symmetry_augmentation", "coupling",
                             "sigma_min", "tempering", "energy_cap_kt", "forward_kl_weight")
 

@@ -37,13 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from boltzgen.objectives import (
-    OBJECTIVES,
-    EnergyFn,
-    Objective,
-    reverse_and_reweighted_forward_kl_loss,
-    reverse_kl_loss,
-)
+from boltzgen.objectives import OBJECTIVES, EnergyFn, Objective, reverse_kl_loss
 from boltzgen.settings import SettingError, TemperingSettings
 
 if TYPE_CHECKING:
@@ -130,11 +124,10 @@ class AdaptiveTempering(Objective):
             self._advance(flow, step, u_a, u_b, sample_a)
         beta = self.beta
         # The reverse KL to the tempered target β u_B: E[β u_B(T x) − log|det J| − u_A(x)],
-        # u_A = −log p of the normalized prior, so the per-sample term is log q + β u_B.
-        if self.forward_kl_weight:  # plus the reweighted forward KL to p_β
-            return reverse_and_reweighted_forward_kl_loss(
-                flow, sample_a(batch_size), u_a, lambda y: beta * u_b(y), self.forward_kl_weight)
-        return reverse_kl_loss(flow, sample_a(batch_size), u_a, lambda y: beta * u_b(y))
+        # u_A = −log p of the normalized prior, so the per-sample term is log q + β u_B; with
+        # forward_kl_weight, plus the reweighted forward KL to p_β.
+        return reverse_kl_loss(flow, sample_a(batch_size), u_a, lambda y: beta * u_b(y),
+                               self.forward_kl_weight)
 
     def check_budget(self, steps: int) -> None:
         """Called when the phase's ``steps`` are spent: a schedule short of β = 1 fails."""

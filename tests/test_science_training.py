@@ -15,7 +15,6 @@ from boltzgen.flows import AffineCouplingFlow, SplineCouplingFlow
 from boltzgen.objectives import (
     ReverseKL,
     maximum_likelihood_loss,
-    reverse_and_reweighted_forward_kl_loss,
     reverse_kl_loss,
 )
 from boltzgen.training import train_flow
@@ -166,7 +165,7 @@ def test_reweighted_forward_kl_adds_the_importance_weighted_likelihood() -> None
     base = NormalBase(2)
     flow = AffineCouplingFlow(2, n_layers=2, hidden=4)
     x = _data(50)
-    loss = reverse_and_reweighted_forward_kl_loss(flow, x, base.reduced_energy, u_b, 0.5)
+    loss = reverse_kl_loss(flow, x, base.reduced_energy, u_b, forward_kl_weight=0.5)
     u_a_x = base.reduced_energy(x)
     weights = torch.softmax(u_a_x - u_b(x), 0)
     torch.testing.assert_close(

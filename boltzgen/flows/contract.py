@@ -108,7 +108,7 @@ class Flow(nn.Module):
         """log q_slow(z(y)), the density of the variables that carry the modes' weights at
         the slow coordinates z(y) of configurations ``y`` (batch, dim), the map from z to y
         held fixed (no gradient through it), for the reweighted forward KL of
-        :func:`boltzgen.objectives.reverse_and_reweighted_forward_kl_loss`; None (the
+        :func:`boltzgen.objectives.reverse_kl_loss` with a forward-KL weight; None (the
         default): the flow has no such part, and the whole log q(y) is fitted."""
         del y
         return None
